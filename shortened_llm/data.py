@@ -1,0 +1,182 @@
+"""Datasets by name, from the offline pack (``$SHORTENED_LLM_DATA``) or the Hugging Face hub.
+
+The pack is laid out like ``shared/data`` (see its SOURCES.md). Its known gaps: public-domain
+books stand in for BookCorpus, Alpaca has 1000 records, HellaSwag lacks ctx_a/ctx_b.
+Without the pack, the same names load the datasets the official code uses from the hub
+(or its local cache when ``HF_DATASETS_OFFLINE=1``).
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = ["DATASETS", "data_dir", "load_texts", "load_records", "calibration_batches", "set_offline_if_pack"]
+
+
+def data_dir() -> Path | None:
+    """The offline pack, if ``SHORTENED_LLM_DATA`` points to one."""
+    value = os.environ.get("SHORTENED_LLM_DATA")
+    return Path(value).expanduser().resolve() if value else None
+
+
+def set_offline_if_pack() -> None:
+    """With the pack in use nothing should wait on a network: tell HF libraries so."""
+    if data_dir() is not None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+# ---- local readers: one per file layout in the pack ---------------------------------------
+
+def _wikitext_rows(path: Path) -> list[str]:
+    # SOURCES.md: one HF row per line, empty rows stored as " \n"
+    return [line if line.strip() else "" for line in path.read_text().splitlines(keepends=True)]
+
+
+def _ptb_sentences(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines()]
+
+
+def _book_passages(folder: Path, min_chars: int = 2000) -> list[str]:
+    """Books cut into passages of whole paragraphs, each at least ``min_chars`` long.
+
+    BookCorpus rows are pieces of novels; the official sampler draws rows that are at
+    least ``seq_len`` tokens long, so our rows are long enough to hold a 128-token window.
+    """
+    passages = []
+    for book in sorted(folder.glob("*.txt")):
+        current = []
+        for para in book.read_text().split("\n\n"):
+            para = " ".join(para.split())
+            if not para:
+                continue
+            current.append(para)
+            if sum(map(len, current)) >= min_chars:
+                passages.append("\n\n".join(current))
+                current = []
+    return passages
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _json_list(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    local: str  # path inside the pack
+    read: Callable[[Path], list]
+    hub: tuple  # load_dataset(*hub_args, split=split)
+    split: str
+    field: str | None  # text field of a hub row (None: rows are records)
+    note: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "wikitext2": DatasetSpec("wikitext2/wiki.test.raw", _wikitext_rows, ("wikitext", "wikitext-2-raw-v1"), "test", "text"),
+    "ptb": DatasetSpec("ptb/ptb.valid.txt", _ptb_sentences, ("ptb_text_only", "penn_treebank"), "validation", "sentence"),
+    "bookcorpus": DatasetSpec(
+        "books", _book_passages, ("bookcorpus",), "train", "text",
+        note="the pack substitutes public-domain novels for BookCorpus",
+    ),
+    "c4": DatasetSpec(
+        "cpt/c4_en_train_00000_first1000.jsonl", lambda p: [r["text"] for r in _jsonl(p)],
+        ("allenai/c4",), "train", "text", note="pack: first 1000 rows of en/c4-train.00000-of-01024",
+    ),
+    "alpaca": DatasetSpec(
+        "alpaca/alpaca_data_cleaned_first1000.json", _json_list, ("yahma/alpaca-cleaned",), "train", None,
+        note="pack: first 1000 records",
+    ),
+}
+
+
+def _unknown(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, DATASETS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"Unknown dataset {name!r}.{hint} Available: {', '.join(sorted(DATASETS))}")
+
+
+@functools.lru_cache(maxsize=16)
+def _load(name: str, pack: Path | None) -> tuple:
+    spec = DATASETS[name]
+    if pack is not None:
+        path = pack / spec.local
+        if path.exists():
+            return tuple(spec.read(path))
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset(*spec.hub, split=spec.split)
+    except Exception as err:  # the hub raises many types; all mean "not available here"
+        where = f"{pack / spec.local} does not exist" if pack else "SHORTENED_LLM_DATA is not set"
+        raise FileNotFoundError(
+            f"dataset {name!r} is not available: {where}, and the Hugging Face hub dataset "
+            f"{'/'.join(spec.hub)} (split {spec.split!r}) could not be loaded ({type(err).__name__}: {err}). "
+            "Point SHORTENED_LLM_DATA to the offline pack, or go online / fill the HF cache."
+        ) from None
+    return tuple(rows[spec.field]) if spec.field else tuple(dict(r) for r in rows)
+
+
+def load_texts(name: str) -> list[str]:
+    """The text rows of a dataset (WikiText-2 test rows, PTB validation sentences, ...)."""
+    if name not in DATASETS:
+        raise _unknown(name)
+    rows = _load(name, data_dir())
+    if rows and not isinstance(rows[0], str):
+        raise ValueError(f"dataset {name!r} holds records, not texts: use load_records")
+    return list(rows)
+
+
+def load_records(name: str) -> list[dict]:
+    """Records of a structured dataset (``alpaca``: instruction, input, output)."""
+    if name not in DATASETS:
+        raise _unknown(name)
+    return [dict(r) for r in _load(name, data_dir())]
+
+
+def calibration_batches(
+    tokenizer,
+    n_samples: int = 10,
+    seq_len: int = 128,
+    seed: int = 1234,
+    dataset: str = "bookcorpus",
+    bos_every: bool = False,
+) -> torch.Tensor:
+    """``(n_samples, seq_len)`` token ids drawn as the official ``get_examples`` draws them.
+
+    Pick a random row long enough for a window (never the same row twice), then a random
+    ``seq_len`` window of its tokens. ``bos_every`` puts BOS first in every sample (Gemma).
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise ValueError(f"n_samples={n_samples} must be >= 1 and seq_len={seq_len} >= 2 (one predicted token)")
+    if bos_every and tokenizer.bos_token_id is None:
+        raise ValueError("bos_every=True but the tokenizer has no BOS token")
+    rows = load_texts(dataset)
+    rng = random.Random(seed)
+    samples, used = [], set()
+    for _ in range(n_samples):
+        for _attempt in range(100 * len(rows)):
+            i = rng.randrange(len(rows))
+            ids = tokenizer(rows[i], add_special_tokens=not bos_every).input_ids
+            if len(ids) >= seq_len and i not in used:
+                used.add(i)
+                break
+        else:
+            raise ValueError(f"dataset {dataset!r} has fewer than {n_samples} rows with >= {seq_len} tokens")
+        j = rng.randint(0, len(ids) - seq_len)
+        window = ids[j : j + seq_len]
+        if bos_every:
+            window = [tokenizer.bos_token_id] + window[:-1]
+        samples.append(window)
+    return torch.tensor(samples, dtype=torch.long)  # (n_samples, seq_len)

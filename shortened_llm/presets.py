@@ -1,0 +1,83 @@
+"""Named budgets: ``tiny`` (tests, seconds), ``smoke`` (embedded model on a laptop CPU, minutes),
+``paper`` (the paper's settings for 7B/13B models on a GPU).
+
+A preset is a frozen dataclass; any field can be overridden by name:
+``get_preset("smoke", eval_segments=50)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+__all__ = ["Preset", "PRESETS", "get_preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str = field(default="custom", metadata={"help": "label shown in tables and figures"})
+    # block scoring
+    calib_samples: int = field(default=10, metadata={"help": "paper: 10 BookCorpus samples"})
+    calib_seq_len: int = field(default=128, metadata={"help": "paper: 128 tokens per sample"})
+    seed: int = field(default=1234, metadata={"help": "paper: seed 1234 for calibration sampling"})
+    # pruning
+    ratio: float = field(default=0.2, metadata={"help": "share of blocks removed; paper: 20% and 35%"})
+    ratios: tuple[float, ...] = field(default=(0.2, 0.35), metadata={"help": "ratios swept in notebook 02"})
+    keep_first: int = field(default=4, metadata={"help": "the '+' rule: blocks at the start never removed"})
+    keep_last: int = field(default=2, metadata={"help": "the '+' rule: blocks at the end never removed"})
+    # perplexity
+    eval_seq_len: int = field(default=128, metadata={"help": "paper: 128-token segments"})
+    eval_segments: int | None = field(default=None, metadata={"help": "None = whole test set"})
+    eval_batch_size: int = field(default=8, metadata={"help": "segments per forward pass"})
+    # zero-shot
+    zero_shot_limit: int | None = field(default=None, metadata={"help": "documents per task; None = all"})
+    # retraining
+    lora_steps: int | None = field(default=None, metadata={"help": "None = paper's 2 epochs"})
+    cpt_steps: int | None = field(default=None, metadata={"help": "optimizer steps of continued pretraining"})
+    # efficiency
+    batch_sizes: tuple[int, ...] = field(default=(1, 16, 64, 256), metadata={"help": "generation batch sizes"})
+    new_tokens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "forced output lengths"})
+    prompt_len: int = field(default=32, metadata={"help": "prompt tokens before generation"})
+    repeats: int = field(default=3, metadata={"help": "timed runs after warm-up"})
+
+    def __post_init__(self):
+        if self.calib_samples < 1 or self.calib_seq_len < 2:
+            raise ValueError(f"calib_samples={self.calib_samples} must be >= 1 and calib_seq_len={self.calib_seq_len} >= 2")
+        for r in (self.ratio, *self.ratios):
+            if not 0 < r < 1:
+                raise ValueError(f"ratio {r} must be in (0, 1): it is the share of blocks to remove")
+        if self.keep_first < 0 or self.keep_last < 0:
+            raise ValueError("keep_first and keep_last must be >= 0")
+        if self.eval_segments is not None and self.eval_segments < 1:
+            raise ValueError(f"eval_segments={self.eval_segments} must be >= 1 or None")
+        if self.zero_shot_limit is not None and self.zero_shot_limit < 1:
+            raise ValueError(f"zero_shot_limit={self.zero_shot_limit} must be >= 1 or None")
+        if min(self.batch_sizes) < 1 or min(self.new_tokens) < 1 or self.prompt_len < 1 or self.repeats < 1:
+            raise ValueError("batch_sizes, new_tokens, prompt_len and repeats must all be >= 1")
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny", calib_samples=2, calib_seq_len=32, eval_segments=4, eval_batch_size=4,
+        ratios=(0.2,), zero_shot_limit=4, lora_steps=2, cpt_steps=2,
+        batch_sizes=(1, 2), new_tokens=(4,), prompt_len=8, repeats=1,
+    ),
+    "smoke": Preset(
+        name="smoke", eval_segments=100, ratios=(0.1, 0.2, 0.35), zero_shot_limit=50, lora_steps=30, cpt_steps=30,
+        batch_sizes=(1, 4, 16), new_tokens=(32,), repeats=3,
+    ),
+    "paper": Preset(name="paper", cpt_steps=None),
+}
+
+
+def get_preset(preset: "str | Preset" = "smoke", **overrides) -> Preset:
+    """A named preset, with ``overrides`` replacing fields (``None`` values are ignored)."""
+    if isinstance(preset, Preset):
+        base = preset
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise ValueError(f"Unknown preset {preset!r}. Available: {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(overrides) - {f.name for f in fields(Preset)}
+    if unknown:
+        raise ValueError(f"Unknown preset field(s) {sorted(unknown)}. Fields: {', '.join(f.name for f in fields(Preset))}")
+    return replace(base, **overrides)
