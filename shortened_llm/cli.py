@@ -1,0 +1,161 @@
+"""``shortened-llm``: the notebooks' steps from a shell, chaining the same package calls.
+
+    shortened-llm score --model smollm2-135m --criterion taylor --out scores.csv
+    shortened-llm prune --model smollm2-135m --criterion ppl --ratio 0.2 --out runs/x/pruned
+    shortened-llm eval ppl --model runs/x/pruned --dataset wikitext2 --max-segments 100
+    shortened-llm reproduce --preset smoke
+
+Each subcommand is a small function; ``add_*`` functions declare its arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---- score / prune --------------------------------------------------------------------------
+
+def _calibration(args, tokenizer, model):
+    from .data import calibration_batches
+    from .models import family_of
+    from .presets import get_preset
+
+    preset = get_preset(args.preset)
+    return calibration_batches(
+        tokenizer, n_samples=args.calib_samples or preset.calib_samples, seq_len=preset.calib_seq_len,
+        seed=preset.seed, bos_every=family_of(model).bos_every,
+    )
+
+
+def _add_scoring_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="embedded name, local dir or hub id")
+    p.add_argument("--criterion", default="ppl", help="ppl, taylor, magnitude, ... ('+' keeps first 4 / last 2 blocks)")
+    p.add_argument("--preset", default="paper", help="budget preset for calibration (tiny, smoke, paper)")
+    p.add_argument("--calib-samples", type=int, default=None, help="override the preset's calibration samples")
+
+
+def cmd_score(args) -> int:
+    from .artifacts import save_scores
+    from .importance import block_importance, split_criterion
+    from .models import load_model
+
+    split_criterion(args.criterion)  # fail on a bad name before loading anything
+    model, tokenizer = load_model(args.model)
+    scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion)
+    save_scores(args.out, scores)
+    _print_json({"criterion": args.criterion, "out": args.out, "scores": scores.tolist()})
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .artifacts import load_scores
+    from .importance import PLUS_RULE, block_importance, blocks_to_remove, split_criterion
+    from .models import load_model, num_blocks, save_model
+    from .prune import num_blocks_for_ratio, remove_blocks
+
+    _, plus = split_criterion(args.criterion)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out!r} already exists: pass --overwrite to replace it")
+    model, tokenizer = load_model(args.model)
+    n = num_blocks_for_ratio(num_blocks(model), args.ratio)
+    if args.scores:
+        scores = load_scores(args.scores)
+    else:
+        scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion)
+    keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
+    removed = blocks_to_remove(scores, n, **keep)
+    remove_blocks(model, removed, criterion=args.criterion, ratio=args.ratio, scores=scores)
+    save_model(model, tokenizer, out, overwrite=args.overwrite)
+    _print_json({"criterion": args.criterion, "ratio": args.ratio, "removed_blocks": removed,
+                 "num_blocks": num_blocks(model), "out": str(out)})
+    return 0
+
+
+# ---- eval -----------------------------------------------------------------------------------
+
+def cmd_eval_ppl(args) -> int:
+    import time
+
+    from .evaluate import default_bos, perplexity
+    from .models import count_params, load_model
+
+    model, tokenizer = load_model(args.model)
+    bos = args.bos or default_bos(model)
+    t0 = time.perf_counter()
+    ppl = perplexity(model, tokenizer, args.dataset, seq_len=args.seq_len, bos=bos,
+                     max_segments=args.max_segments, batch_size=args.batch_size)
+    _print_json({"model": args.model, "dataset": args.dataset, "ppl": ppl, "seq_len": args.seq_len, "bos": bos,
+                 "max_segments": args.max_segments, "params": count_params(model),
+                 "seconds": round(time.perf_counter() - t0, 2)})
+    return 0
+
+
+# ---- reproduce ------------------------------------------------------------------------------
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import run_notebooks
+
+    executed = run_notebooks(preset=args.preset, model=args.model, run_dir=args.run_dir,
+                             only=args.only, figures_dir=args.figures_dir)
+    _print_json({"executed": [str(p) for p in executed]})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shortened-llm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score every block and write block,score CSV")
+    _add_scoring_args(p)
+    p.add_argument("--out", required=True, help="CSV path (columns block,score)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("prune", help="remove the least important blocks and save a plain HF model")
+    _add_scoring_args(p)
+    p.add_argument("--ratio", type=float, default=0.2, help="share of blocks to remove, in (0, 1)")
+    p.add_argument("--scores", default=None, help="precomputed scores CSV (skips scoring)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    q = eval_sub.add_parser("ppl", help="perplexity with the paper's protocol; prints JSON")
+    q.add_argument("--model", default="smollm2-135m")
+    q.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "ptb"])
+    q.add_argument("--seq-len", type=int, default=128)
+    q.add_argument("--bos", default=None, choices=["once", "per-segment"], help="default: the model family's")
+    q.add_argument("--max-segments", type=int, default=None)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("reproduce", help="run every notebook with papermill (figures/ and runs/)")
+    p.add_argument("--preset", default="smoke")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--run-dir", default=None, help="default: runs/<preset>")
+    p.add_argument("--figures-dir", default="figures", help="where the run's figures are copied")
+    p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 01 03")
+    p.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, IndexError, KeyError) as err:
+        print(f"shortened-llm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

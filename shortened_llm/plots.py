@@ -1,0 +1,75 @@
+"""Seaborn figures the notebooks show; each returns its Figure and can save it under ``run_dir``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+if not os.environ.get("DISPLAY") and "ipykernel" not in os.environ.get("MPLBACKEND", "") and not os.environ.get("JPY_PARENT_PID"):
+    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+__all__ = ["save_figure", "plot_block_scores", "plot_reference_curve", "plot_ppl_bars"]
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def save_figure(fig, name: str, run_dir: str | os.PathLike | None) -> Path | None:
+    """``run_dir/figures/<name>.png`` (the reproduce command copies them to figures/)."""
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_block_scores(scores: Sequence[float], criterion: str, removed: Sequence[int] = (), log: bool = False, ax=None):
+    """Bars of one criterion's per-block scores; the blocks a pruning would drop in red."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3.2))
+    df = pd.DataFrame({"block": range(len(scores)), "score": list(map(float, scores))})
+    df["fate"] = ["removed" if b in set(removed) else "kept" for b in df.block]
+    sns.barplot(df, x="block", y="score", hue="fate", palette={"kept": "#4c72b0", "removed": "#c44e52"},
+                dodge=False, ax=ax)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(f"Block importance: {criterion} (higher = more important)")
+    ax.tick_params(axis="x", labelsize=8)
+    return ax.figure
+
+
+def plot_reference_curve(ours: Sequence[float], reference: pd.DataFrame, label: str = "ours", ax=None):
+    """Calibration PPL with block i removed, against normalised depth i / (L - 1), log scale.
+
+    ``reference`` has columns model, removed_block, calibration_ppl (official_block_ppl.csv).
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 4))
+    for model, df in reference.groupby("model"):
+        depth = df.removed_block / df.removed_block.max()
+        ax.plot(depth, df.calibration_ppl, lw=1, alpha=0.7, label=model)
+    n = len(ours)
+    ax.plot([i / (n - 1) for i in range(n)], ours, "k-o", lw=2.5, ms=4, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("normalised depth of the removed block")
+    ax.set_ylabel("calibration PPL without it")
+    ax.legend(fontsize=8, ncol=2)
+    return ax.figure
+
+
+def plot_ppl_bars(table: pd.DataFrame, x: str = "model", y: str = "ppl", hue: str | None = "dataset", ax=None, log: bool = True):
+    """Grouped bars of perplexities (one bar per model x dataset), value on top."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 4))
+    sns.barplot(table, x=x, y=y, hue=hue, ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.1f", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("")
+    return ax.figure

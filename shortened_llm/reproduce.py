@@ -1,0 +1,58 @@
+"""Run every notebook with papermill: the main job behind ``make reproduce``.
+
+Notebooks share one ``run_dir`` so each reuses what the previous ones saved (scores,
+pruned models, retrained models). Executed copies go to ``run_dir/notebooks/``, figures
+to ``run_dir/figures/`` and then to ``figures/`` for the README.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+__all__ = ["NOTEBOOKS_DIR", "notebook_paths", "run_notebook", "run_notebooks"]
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = REPO / "notebooks"
+
+
+def notebook_paths(folder: Path = NOTEBOOKS_DIR, only: list[str] | None = None) -> list[Path]:
+    paths = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        paths = [p for p in paths if any(p.name.startswith(o) for o in only)]
+        if not paths:
+            raise ValueError(f"no notebook in {folder} matches {only}")
+    return paths
+
+
+def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str | None = None) -> Path:
+    """Execute one notebook into ``out_dir``; raise papermill's error (with the cell) on failure."""
+    import papermill as pm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.name
+    pm.execute_notebook(
+        str(path), str(out), parameters=parameters, cwd=str(path.parent),
+        kernel_name=kernel_name or "python3", progress_bar=False, log_output=False,
+    )
+    return out
+
+
+def run_notebooks(preset: str = "smoke", model: str = "smollm2-135m", run_dir: str | os.PathLike | None = None,
+                  only: list[str] | None = None, figures_dir: str | os.PathLike | None = "figures",
+                  folder: Path = NOTEBOOKS_DIR) -> list[Path]:
+    run_dir = Path(run_dir or REPO / "runs" / preset).resolve()
+    executed = []
+    for path in notebook_paths(folder, only):
+        t0 = time.perf_counter()
+        print(f"[reproduce] {path.name} (preset={preset}) ...", flush=True)
+        executed.append(run_notebook(path, run_dir / "notebooks", {"model": model, "preset": preset, "run_dir": str(run_dir)}))
+        print(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if figures_dir is not None and (run_dir / "figures").is_dir():
+        target = Path(figures_dir)
+        target = target if target.is_absolute() else REPO / target
+        target.mkdir(parents=True, exist_ok=True)
+        for fig in (run_dir / "figures").glob("*.png"):
+            shutil.copy2(fig, target / fig.name)
+    return executed

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random Llama for fast unit tests, the embedded model for integration."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# The offline pack: CI sets SHORTENED_LLM_DATA; a checkout beside shared/ finds it too
+os.environ.setdefault("SHORTENED_LLM_DATA", str((ROOT.parent / "shared" / "data").resolve()))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_tiny_llama(num_layers: int = 4, seed: int = 0, vocab_size: int = 128, **overrides):
+    """A random Llama with GQA small enough that every test on it takes milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def random_ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, 128, (3, 16), generator=g)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M; converted once per cache dir."""
+    from shortened_llm import load_model
+
+    return load_model("smollm2-135m", device="cpu")
