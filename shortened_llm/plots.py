@@ -5,10 +5,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-if not os.environ.get("DISPLAY") and "ipykernel" not in os.environ.get("MPLBACKEND", "") and not os.environ.get("JPY_PARENT_PID"):
-    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
