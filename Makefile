@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PRESET ?= smoke
 MODEL ?= smollm2-135m
+# absolute, because notebooks run with notebooks/ as their working directory
+export SHORTENED_LLM_DATA ?= $(abspath ../shared/data)
 
 .PHONY: install reproduce test lab clean
 
@@ -23,13 +25,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 reproduce: install
-	SHORTENED_LLM_DATA=$${SHORTENED_LLM_DATA:-../shared/data} $(BIN)/shortened-llm reproduce --preset $(PRESET) --model $(MODEL)
+	$(BIN)/shortened-llm reproduce --preset $(PRESET) --model $(MODEL)
 
 test: install
-	SHORTENED_LLM_DATA=$${SHORTENED_LLM_DATA:-../shared/data} $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 lab: install
-	SHORTENED_LLM_DATA=$${SHORTENED_LLM_DATA:-../shared/data} $(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/
 
 clean:
 	rm -rf runs/ .pytest_cache
