@@ -32,6 +32,25 @@ class Preset:
     # retraining
     lora_steps: int | None = field(default=None, metadata={"help": "None = paper's 2 epochs"})
     cpt_steps: int | None = field(default=None, metadata={"help": "optimizer steps of continued pretraining"})
+    lora_rank: int = field(default=8, metadata={"help": "paper: r=8"})
+    lora_alpha: int = field(default=16, metadata={"help": "paper: alpha=16"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "paper: 0.05"})
+    lora_targets: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        metadata={"help": "paper: all seven projections of a Llama block"})
+    lora_epochs: float = field(default=2.0, metadata={"help": "paper: 2 epochs (used when lora_steps is None)"})
+    lora_lr: float = field(default=1e-4, metadata={"help": "paper: 1e-4"})
+    lora_batch: int = field(default=64, metadata={"help": "paper: 64 sequences per optimizer step (all processes)"})
+    lora_micro_batch: int = field(default=4, metadata={"help": "paper: 4 per forward pass; the rest is accumulation"})
+    lora_cutoff: int = field(default=256, metadata={"help": "paper: prompts cut to 256 tokens"})
+    lora_val_size: int = field(default=2000, metadata={"help": "held-out records; official: 2000 (capped at 10% of the data)"})
+    lora_warmup_steps: int = field(default=100, metadata={"help": "official: 100 (capped at 10% of the steps)"})
+    cpt_lr: float = field(default=1e-4, metadata={"help": "peak learning rate of the cosine schedule (our choice)"})
+    cpt_batch: int = field(default=64, metadata={"help": "blocks per optimizer step (all processes)"})
+    cpt_micro_batch: int = field(default=4, metadata={"help": "blocks per forward pass per process"})
+    cpt_block_size: int = field(default=256, metadata={"help": "tokens per packed training block"})
+    cpt_warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up"})
+    retrain_save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (for resume)"})
     # efficiency
     batch_sizes: tuple[int, ...] = field(default=(1, 16, 64, 256), metadata={"help": "generation batch sizes"})
     new_tokens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "forced output lengths"})
@@ -52,16 +71,23 @@ class Preset:
             raise ValueError(f"zero_shot_limit={self.zero_shot_limit} must be >= 1 or None")
         if min(self.batch_sizes) < 1 or min(self.new_tokens) < 1 or self.prompt_len < 1 or self.repeats < 1:
             raise ValueError("batch_sizes, new_tokens, prompt_len and repeats must all be >= 1")
+        for name in ("lora_cutoff", "cpt_block_size", "lora_batch", "lora_micro_batch", "cpt_batch", "cpt_micro_batch", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny", calib_samples=2, calib_seq_len=32, eval_segments=4, eval_batch_size=4,
         ratios=(0.2,), zero_shot_limit=4, lora_steps=2, cpt_steps=2,
+        lora_batch=4, lora_micro_batch=2, lora_cutoff=64, lora_val_size=8, cpt_batch=4, cpt_micro_batch=2,
+        cpt_block_size=64, retrain_save_steps=1000,
         batch_sizes=(1, 2), new_tokens=(4,), prompt_len=8, repeats=1,
     ),
     "smoke": Preset(
         name="smoke", eval_segments=100, ratios=(0.1, 0.2, 0.35), zero_shot_limit=50, lora_steps=30, cpt_steps=30,
+        lora_batch=8, lora_micro_batch=4, lora_cutoff=128, lora_val_size=50, cpt_batch=8, cpt_micro_batch=4,
+        cpt_block_size=128, retrain_save_steps=10,
         batch_sizes=(1, 4, 16), new_tokens=(32,), repeats=3,
     ),
     "paper": Preset(name="paper", cpt_steps=None),
