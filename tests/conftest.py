@@ -45,3 +45,12 @@ def embedded():
     from shortened_llm import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, embedded):
+    """A tiny random Llama saved with the embedded tokenizer: runs the CLI on real text in seconds."""
+    from shortened_llm import save_model
+
+    model = make_tiny_llama(num_layers=6, vocab_size=len(embedded[1]))
+    return save_model(model, embedded[1], tmp_path_factory.mktemp("tiny") / "tiny-llama")
