@@ -8,6 +8,7 @@ config's per-layer lists follow the removal, so ``save_pretrained`` then
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
@@ -75,22 +76,92 @@ def check_blocks(blocks: Iterable[int], n_blocks: int) -> list[int]:
 
 
 def _renumber(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
-    """Give each kept block's attention its new KV-cache slot (cache layers are indexed by position)."""
-    attn_path = family_of(model).attn
+    """Give each kept block its new KV-cache slot: cache layers are indexed by position.
+
+    The family says which modules of a block hold ``layer_idx`` (the attention; Gemma-3's
+    block too). A stale index would make a survivor read and write another block's cache.
+    """
+    family = family_of(model)
     for new_idx, block in enumerate(blocks):
-        attn = _get_path(block, attn_path)
-        if hasattr(attn, "layer_idx"):
-            attn.layer_idx = new_idx
-        if hasattr(block, "layer_idx"):
-            block.layer_idx = new_idx
+        for path in family.index_paths:
+            module = _get_path(block, path) if path else block
+            if not hasattr(module, "layer_idx"):
+                raise AttributeError(
+                    f"{type(module).__name__} at {path or '<block>'!r} has no layer_idx: "
+                    f"FAMILIES[{model.config.model_type!r}] does not match this transformers version"
+                )
+            module.layer_idx = new_idx
+
+
+def _period(layer_types: Sequence[str]) -> int | None:
+    """k such that every k-th block (and only those) is global, as Gemma-3 writes its pattern."""
+    n = len(layer_types)
+    for k in range(1, n + 2):
+        if list(layer_types) == ["sliding_attention" if (i + 1) % k else "full_attention" for i in range(n)]:
+            return k
+    return None
+
+
+def _config_keys(config, family) -> list[str]:
+    """Every config attribute a removal may change (see ``_subset_config``)."""
+    keys = ["num_hidden_layers", *family.layer_lists, *family.first_k_counts, *family.layer_periods]
+    return keys + ["_heterogeneity_spec"]  # transformers' per_layer_config (per-layer head counts, sizes)
+
+
+def _config_snapshot(config, family) -> dict:
+    return {k: copy.deepcopy(config.__dict__[k]) for k in _config_keys(config, family) if k in config.__dict__}
+
+
+def _config_restore(config, family, snapshot: dict) -> None:
+    for k in _config_keys(config, family):
+        if k in snapshot:
+            config.__dict__[k] = snapshot[k]
+        else:
+            config.__dict__.pop(k, None)
 
 
 def _subset_config(config, keep: Sequence[int], n_before: int) -> None:
-    """Update ``num_hidden_layers`` and every per-layer list (``layer_types``, per-layer head counts)."""
-    for name, value in list(vars(config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == n_before and name not in ("architectures",):
-            setattr(config, name, type(value)(value[i] for i in keep))
+    """Make the config describe the kept blocks only, per the family's table entry.
+
+    - ``num_hidden_layers`` = number of kept blocks;
+    - per-block lists (``layer_types``) keep the kept blocks' entries, so a Gemma-2/3 block keeps
+      its sliding or global attention and its cache layer type;
+    - first-k counts (Qwen's ``max_window_layers``) count the kept blocks that were below k, so
+      the list the config would rebuild from them is the same;
+    - periods (Gemma-3's ``sliding_window_pattern``) stay only if still true, else are dropped;
+    - a heterogeneous ``per_layer_config`` (transformers' per-layer overrides, e.g. head counts)
+      moves each kept block's overrides to its new index.
+    Only the listed attributes change: a list that merely has ``n_before`` entries (a Llama-3
+    ``eos_token_id`` list in a 3-block model) is left alone.
+    """
+    family = family_of(config)
+    for name in family.layer_lists:
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if len(value) != n_before:
+            raise ValueError(f"config.{name} has {len(value)} entries but the model has {n_before} blocks")
+        setattr(config, name, type(value)(value[i] for i in keep))
+    for name in family.first_k_counts:
+        k = getattr(config, name, None)
+        if k is not None:
+            setattr(config, name, sum(1 for i in keep if i < k))
+    layer_types = getattr(config, "layer_types", None)
+    for name in family.layer_periods:
+        if name in config.__dict__:
+            period = _period(layer_types) if layer_types is not None else None
+            if period is None:
+                del config.__dict__[name]
+            else:
+                config.__dict__[name] = period
+    spec = config.__dict__.get("_heterogeneity_spec")
     config.num_hidden_layers = len(keep)
+    if spec is not None:
+        config.per_layer_config = None
+        moved = {new: copy.deepcopy(spec.per_layer_overrides[old])
+                 for new, old in enumerate(keep) if old in spec.per_layer_overrides}
+        if moved:
+            config.per_layer_config = moved
 
 
 def _apply(model: nn.Module, keep: Sequence[int]) -> None:
@@ -136,15 +207,13 @@ def skipping_blocks(model: nn.Module, blocks: Iterable[int]):
     old_blocks = get_blocks(inner)
     n = len(old_blocks)
     blocks = check_blocks(blocks, n)
-    saved_config = {k: v for k, v in vars(inner.config).items() if isinstance(v, (list, tuple)) and len(v) == n}
-    saved_n = inner.config.num_hidden_layers
+    family = family_of(inner)
+    saved = _config_snapshot(inner.config, family)
     keep = [i for i in range(n) if i not in set(blocks)]
     try:
         _apply(inner, keep)
         yield model
     finally:
         set_blocks(inner, old_blocks)
+        _config_restore(inner.config, family, saved)
         _renumber(inner, old_blocks)
-        for k, v in saved_config.items():
-            setattr(inner.config, k, v)
-        inner.config.num_hidden_layers = saved_n
