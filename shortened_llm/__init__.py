@@ -4,6 +4,7 @@ from .evaluate import perplexity
 from .importance import block_importance, blocks_to_remove
 from .models import DEFAULT_MODEL, load_model, save_model
 from .prune import remove_blocks
+from .zeroshot import PAPER_TASKS, zero_shot
 
 __version__ = "0.1.0"
 __all__ = [
@@ -17,4 +18,6 @@ __all__ = [
     "blocks_to_remove",
     "remove_blocks",
     "perplexity",
+    "zero_shot",
+    "PAPER_TASKS",
 ]

@@ -3,6 +3,8 @@
     shortened-llm score --model smollm2-135m --criterion taylor --out scores.csv
     shortened-llm prune --model smollm2-135m --criterion ppl --ratio 0.2 --out runs/x/pruned
     shortened-llm eval ppl --model runs/x/pruned --dataset wikitext2 --max-segments 100
+    shortened-llm eval zeroshot --model runs/x/pruned --tasks piqa boolq --limit 100
+    shortened-llm retrain lora --model runs/x/pruned --out runs/x/retrained/lora --max-steps 30
     shortened-llm reproduce --preset smoke
 
 Each subcommand is a small function; ``add_*`` functions declare its arguments.
@@ -99,6 +101,40 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_eval_zeroshot(args) -> int:
+    from .models import load_model
+    from .zeroshot import PAPER_TASKS, check_tasks, zero_shot
+
+    check_tasks(args.tasks or PAPER_TASKS)  # fail on a bad name before loading anything
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit} must be >= 1 (documents per task), or omitted for all")
+    model, tokenizer = load_model(args.model)
+    table = zero_shot(model, tokenizer, tasks=args.tasks or PAPER_TASKS, limit=args.limit, batch_size=args.batch_size)
+    _print_json({"model": args.model, "limit": args.limit, "results": table.to_dict(orient="records")})
+    return 0
+
+
+# ---- retrain --------------------------------------------------------------------------------
+
+def cmd_retrain(args) -> int:
+    """LoRA, CPT or CPT then LoRA; runs unchanged under torchrun / accelerate launch."""
+    from .retrain import continued_pretrain, cpt_then_lora, lora_retrain
+
+    common = dict(out_dir=args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
+                  resume=not args.no_resume)
+    if args.method == "lora":
+        result = lora_retrain(args.model, data=args.data or "alpaca", max_steps=args.max_steps, **common)
+    elif args.method == "cpt":
+        result = continued_pretrain(args.model, data=args.data or "c4", max_steps=args.max_steps, **common)
+    else:
+        result = cpt_then_lora(args.model, cpt_steps=args.max_steps, lora_steps=args.max_steps, **common)
+    losses = [row["loss"] for row in result.log if "loss" in row]
+    _print_json({"method": result.method, "out": str(result.out_dir), "steps": result.steps,
+                 "seconds": round(result.seconds, 2), "first_loss": losses[0] if losses else None,
+                 "last_loss": losses[-1] if losses else None})
+    return 0
+
+
 # ---- reproduce ------------------------------------------------------------------------------
 
 def cmd_reproduce(args) -> int:
@@ -137,6 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-segments", type=int, default=None)
     q.add_argument("--batch-size", type=int, default=8)
     q.set_defaults(func=cmd_eval_ppl)
+    q = eval_sub.add_parser("zeroshot", help="zero-shot accuracy with lm-eval (offline pack if set); prints JSON")
+    q.add_argument("--model", default="smollm2-135m")
+    q.add_argument("--tasks", nargs="+", default=None, help="default: the paper's seven tasks")
+    q.add_argument("--limit", type=int, default=None, help="first N documents of each task (default: all)")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.set_defaults(func=cmd_eval_zeroshot)
+
+    p = sub.add_parser("retrain", help="LoRA, continued pretraining, or CPT then LoRA; saves a plain HF model")
+    p.add_argument("method", choices=["lora", "cpt", "cpt-lora"])
+    p.add_argument("--model", required=True, help="pruned model dir (or embedded name / hub id)")
+    p.add_argument("--out", required=True, help="output model dir (appears only when training finished)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    p.add_argument("--preset", default="smoke", help="budget preset (tiny, smoke, paper)")
+    p.add_argument("--data", default=None, help="dataset name or JSON/JSONL file (default: alpaca for LoRA, c4 for CPT)")
+    p.add_argument("--seed", type=int, default=None, help="default: the preset's seed")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in <out>.checkpoints/")
+    p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("reproduce", help="run every notebook with papermill (figures/ and runs/)")
     p.add_argument("--preset", default="smoke")

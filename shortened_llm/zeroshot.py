@@ -1,0 +1,215 @@
+"""Zero-shot accuracy as the paper reports it (Section 4, Table 2), through lm-eval.
+
+Seven tasks, lm-eval's stock prompts, targets and metrics; the paper reports ``acc_norm``
+for HellaSwag, ARC-Challenge and OpenBookQA and ``acc`` for the rest. The scoring is
+lm-eval's own (``HFLM`` wraps the in-memory model): nothing here re-implements it.
+
+Where the data comes from:
+- with the offline pack (``$SHORTENED_LLM_DATA``), our task YAMLs in ``shortened_llm/tasks/``
+  ``include:`` the stock YAML and change only ``dataset_path/dataset_kwargs`` and the splits.
+  ``include`` needs a real path and the pack's location is known only at run time, so the
+  YAMLs are templates (``$stock``, ``$data``) rendered into a temporary directory;
+- without it, lm-eval's stock task names (hub download or HF cache).
+
+HellaSwag in the pack is a lossy substitute (no ctx_a/ctx_b split, see its SOURCES.md):
+tables mark it with ``note="pack-substitute"``.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .data import data_dir, set_offline_if_pack
+
+__all__ = [
+    "PAPER_TASKS",
+    "REPORTED_METRIC",
+    "PACK_SUBSTITUTES",
+    "zero_shot",
+    "zero_shot_table",
+    "check_tasks",
+    "task_manager",
+    "stock_tasks_dir",
+    "average_row",
+]
+
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+# Paper, Table 2 footnote: length-normalised accuracy where lm-eval's README recommends it
+REPORTED_METRIC = {
+    "boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc",
+    "arc_easy": "acc", "arc_challenge": "acc_norm", "openbookqa": "acc_norm",
+}
+# Tasks whose pack file differs from the hub data, and why (shown in every table)
+PACK_SUBSTITUTES = {"hellaswag": "pack-substitute"}
+
+
+def stock_tasks_dir() -> Path:
+    """lm-eval's own ``lm_eval/tasks`` folder, whose YAMLs ours include."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).resolve().parent
+
+
+def check_tasks(tasks) -> list[str]:
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError(f"tasks=[] is empty: pass one or more of {', '.join(PAPER_TASKS)}")
+    for name in tasks:
+        if name not in REPORTED_METRIC:
+            close = difflib.get_close_matches(str(name), PAPER_TASKS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"Unknown zero-shot task {name!r}.{hint} Available: {', '.join(PAPER_TASKS)}")
+    return tasks
+
+
+def _render(tasks: list[str], pack: Path, out: Path) -> None:
+    """Write our YAMLs for ``tasks`` into ``out`` with the stock and pack paths filled in."""
+    stock = stock_tasks_dir()
+    for value, what in ((stock, "lm-eval's tasks dir"), (pack, "SHORTENED_LLM_DATA")):
+        if '"' in str(value) or "\\" in str(value):
+            raise ValueError(f"{what} path {str(value)!r} contains a quote or backslash: move it to a plain path")
+    for name in tasks:
+        data_file = pack / "zeroshot" / f"{name}.jsonl"
+        if not data_file.is_file():
+            raise FileNotFoundError(
+                f"zero-shot task {name!r}: {data_file} does not exist. Point SHORTENED_LLM_DATA to the "
+                "offline pack (it holds zeroshot/<task>.jsonl), or unset it to use lm-eval's hub datasets."
+            )
+        template = Template(resources.files("shortened_llm.tasks").joinpath(f"{name}.yaml").read_text())
+        (out / f"{name}.yaml").write_text(template.substitute(stock=stock, data=pack))
+
+
+@contextmanager
+def task_manager(tasks=PAPER_TASKS, pack: Path | None | str = "env"):
+    """Yield an lm-eval ``TaskManager`` that resolves ``tasks`` by their stock names.
+
+    ``pack="env"`` reads ``$SHORTENED_LLM_DATA``; with a pack our offline YAMLs are the only
+    tasks indexed (so ``boolq`` is ours, not the hub one), without one the stock tasks are.
+    """
+    from lm_eval.tasks import TaskManager
+
+    tasks = check_tasks(tasks)
+    pack = data_dir() if pack == "env" else (Path(pack) if pack is not None else None)
+    if pack is None:
+        yield TaskManager(verbosity="ERROR")
+        return
+    set_offline_if_pack()
+    with tempfile.TemporaryDirectory(prefix="shortened_llm_tasks-") as tmp:
+        _render(tasks, pack, Path(tmp))
+        yield TaskManager(include_path=tmp, include_defaults=False, verbosity="ERROR")
+
+
+def _lm(model, tokenizer, batch_size):
+    """lm-eval's HF wrapper around the in-memory model (no reload, no copy)."""
+    from lm_eval.models.huggingface import HFLM
+
+    if isinstance(model, HFLM):
+        return model
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def average_row(table: pd.DataFrame) -> dict:
+    """Mean of the reported metrics; its stderr treats the tasks as independent."""
+    stderrs = table["stderr"].astype(float)
+    se = math.sqrt((stderrs**2).sum()) / len(table) if stderrs.notna().all() else float("nan")
+    limits = sorted({str(v) for v in table["limit"]})
+    return {"task": "average", "metric": "mean", "value": float(table["value"].mean()), "stderr": se,
+            "limit": limits[0] if len(limits) == 1 else "/".join(limits), "n_docs": int(table["n_docs"].sum()),
+            "seconds": float(table["seconds"].sum()), "source": ",".join(sorted(set(table["source"]))),
+            "note": ""}
+
+
+def zero_shot(model, tokenizer=None, tasks=PAPER_TASKS, limit: int | None = None, batch_size: int | str = 16,
+              average: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Zero-shot accuracy on ``tasks`` with lm-eval; one row per task (and an ``average`` row).
+
+    Columns: task, metric (the paper's), value, stderr, limit (``None`` = all documents),
+    n_docs, seconds (wall time of that task), source (``pack`` or ``hub``), note.
+    ``limit`` takes the first N documents of each task, as lm-eval's ``--limit`` does.
+    Tasks run one at a time so each gets its own wall time.
+    """
+    import lm_eval
+
+    tasks = check_tasks(tasks)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r} must be a whole number >= 1 (documents per task) or None for all")
+    lm = _lm(model, tokenizer, batch_size)
+    source = "pack" if data_dir() is not None else "hub"
+    rows = []
+    with task_manager(tasks) as manager:
+        for name in tqdm(tasks, desc="zero-shot", unit="task", disable=not progress):
+            t0 = time.perf_counter()
+            out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
+                                          num_fewshot=0, log_samples=False, verbosity="ERROR")
+            seconds = time.perf_counter() - t0
+            metric = REPORTED_METRIC[name]
+            result = out["results"][name]
+            stderr = result.get(f"{metric}_stderr,none")
+            rows.append({
+                "task": name, "metric": metric, "value": float(result[f"{metric},none"]),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
+                "limit": limit, "n_docs": int(out["n-samples"][name]["effective"]), "seconds": round(seconds, 2),
+                "source": source, "note": PACK_SUBSTITUTES.get(name, "") if source == "pack" else "",
+            })
+    table = pd.DataFrame(rows)
+    if average:
+        table = pd.concat([table, pd.DataFrame([average_row(table)])], ignore_index=True)
+    return table
+
+
+# ---- a resumable results table over several models -----------------------------------------
+
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    from .artifacts import atomic_write_text
+
+    atomic_write_text(path, table.to_csv(index=False))
+
+
+def zero_shot_table(models: dict, out_csv, tasks=PAPER_TASKS, limit: int | None = None, batch_size: int | str = 16,
+                    progress: bool = True) -> pd.DataFrame:
+    """Zero-shot rows for every ``model label -> loader()`` x task, appended to ``out_csv`` as they finish.
+
+    A loader returns ``(model, tokenizer)``. Rows already in ``out_csv`` with the same label,
+    task and limit are kept, not recomputed, so an interrupted background run resumes where it
+    stopped. Tasks are the outer loop: a run cut short still compares every model on the
+    tasks it finished. A loader that raises ``LookupError`` (e.g. a criterion not available
+    yet) is skipped for that task and tried again on the next one.
+    """
+    tasks = check_tasks(tasks)
+    out_csv = Path(out_csv)
+    done = pd.read_csv(out_csv, keep_default_na=False) if out_csv.exists() else pd.DataFrame()
+    key = "all" if limit is None else str(limit)
+
+    def have(label, task):
+        return len(done) and ((done["model"] == label) & (done["task"] == task) & (done["limit"].astype(str) == key)).any()
+
+    loaded: dict = {}
+    for task in tasks:
+        for label, loader in models.items():
+            if have(label, task):
+                continue
+            if label not in loaded:
+                try:
+                    loaded[label] = loader()
+                except LookupError as err:
+                    print(f"zero_shot_table: skipping {label!r} on {task!r} for now: {err}")
+                    continue
+            model, tokenizer = loaded[label]
+            row = zero_shot(model, tokenizer, tasks=[task], limit=limit, batch_size=batch_size,
+                            average=False, progress=progress).assign(model=label)
+            row["limit"] = key
+            done = pd.concat([done, row], ignore_index=True)
+            _write_csv(done, out_csv)
+    return done
