@@ -29,6 +29,7 @@ class Preset:
     eval_batch_size: int = field(default=8, metadata={"help": "segments per forward pass"})
     # zero-shot
     zero_shot_limit: int | None = field(default=None, metadata={"help": "documents per task; None = all"})
+    zero_shot_tasks: tuple[str, ...] | None = field(default=None, metadata={"help": "None = the paper's seven tasks"})
     # retraining
     lora_steps: int | None = field(default=None, metadata={"help": "None = paper's 2 epochs"})
     cpt_steps: int | None = field(default=None, metadata={"help": "optimizer steps of continued pretraining"})
@@ -79,7 +80,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny", calib_samples=2, calib_seq_len=32, eval_segments=4, eval_batch_size=4,
-        ratios=(0.2,), zero_shot_limit=4, lora_steps=2, cpt_steps=2,
+        ratios=(0.2,), zero_shot_limit=4, zero_shot_tasks=("winogrande",), lora_steps=2, cpt_steps=2,
         lora_batch=4, lora_micro_batch=2, lora_cutoff=64, lora_val_size=8, cpt_batch=4, cpt_micro_batch=2,
         cpt_block_size=64, retrain_save_steps=1000,
         batch_sizes=(1, 2), new_tokens=(4,), prompt_len=8, repeats=1,
