@@ -1,0 +1,47 @@
+"""Every notebook runs end to end under papermill at preset ``tiny``, into a temp run_dir.
+
+One shared run_dir per session, as in a real reproduction: later notebooks reuse what earlier
+ones saved, and each must also work alone (its train-or-load cells compute what is missing).
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from shortened_llm.reproduce import NOTEBOOKS_DIR, notebook_paths, run_notebook
+
+NOTEBOOKS = notebook_paths(NOTEBOOKS_DIR)
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 3, "the lessons live in notebooks/NN_*.ipynb"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_at_tiny(path, run_dir):
+    out = run_notebook(path, run_dir / "notebooks", {"model": "smollm2-135m", "preset": "tiny", "run_dir": str(run_dir)})
+    nb = json.loads(Path(out).read_text())
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors[0]
+    assert any(run_dir.joinpath("figures").glob(f"{path.name[:2]}_*.png")), "each lesson saves at least one figure"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_committed_clean_and_shaped_like_a_lesson(path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs before committing"
+    params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1, "exactly one cell tagged 'parameters'"
+    names = {line.split("=")[0].strip() for line in "".join(params[0]["source"]).splitlines() if "=" in line}
+    assert names == {"model", "preset", "run_dir"}
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert text.lstrip().startswith(f"# {path.name[:2]} ·"), "title '# NN · Title'"
+    assert "## Summary" in text and "## Exercises" in text

