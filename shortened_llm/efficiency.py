@@ -1,0 +1,314 @@
+"""Generation latency, throughput, memory and GPU utilisation (paper, Section 4.3 and Figure 1).
+
+The official scripts force the output length (``min_new_tokens = max_new_tokens``, so EOS
+never ends a sequence early) and time whole ``generate`` calls after a warm-up; we do the
+same. Two numbers matter and pull in different directions:
+
+- **latency** (seconds per batch): at batch 1 decoding is a chain of small, sequential
+  steps, one per block per token, so removing blocks (depth) shortens the chain while
+  thinner blocks (width) barely do;
+- **throughput** (tokens/s = batch x new tokens / latency): at large batches the matrix
+  products dominate, and any parameter reduction helps.
+
+Timing uses CUDA events on GPU (the GPU runs asynchronously; a host clock would time the
+launches) and ``time.perf_counter`` on CPU. Memory is ``torch.cuda.max_memory_allocated``
+on GPU. On CPU there is no allocator counter, so we sample the process's resident set
+size (RSS) in a thread and report its peak growth over the level measured just before
+the first (warm-up) call; ``ru_maxrss`` is used too, but only when it rose during the
+call, since it is a process-lifetime high-water mark that never decreases. GPU
+utilisation is sampled with nvidia-ml-py (``pynvml``) in a thread on NVIDIA GPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from typing import Callable, Iterable, Mapping
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .models import count_params
+
+__all__ = [
+    "measure_generation",
+    "sweep_generation",
+    "speedup_table",
+    "memory_table",
+    "weights_mb",
+    "is_oom",
+]
+
+MB = 2**20
+
+
+# ---- samplers: a thread that calls ``read()`` every ``period`` seconds ----------------------
+
+class _Sampler:
+    """Collect ``read()`` values in a daemon thread while the ``with`` block runs."""
+
+    def __init__(self, read: Callable[[], float], period: float = 0.01):
+        self.read, self.period, self.values = read, period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.values.append(float(self.read()))
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):
+            self.values.append(float(self.read()))
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (psutil when installed, else /proc)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _nvml_reader(device: torch.device) -> tuple[Callable[[], float], Callable[[], None]] | None:
+    """A function returning the GPU's utilisation in percent, or None without nvidia-ml-py / NVIDIA."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return None
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        props = torch.cuda.get_device_properties(device)
+        uuid = getattr(props, "uuid", None)
+        if uuid is not None:  # robust to CUDA_VISIBLE_DEVICES reordering
+            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+    except Exception:  # noqa: BLE001 - a missing driver must not stop a measurement
+        return None
+    return (lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu), pynvml.nvmlShutdown
+
+
+def is_oom(err: BaseException) -> bool:
+    """CUDA out-of-memory, or a CPU allocation failure (both mean: this setting does not fit)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def weights_mb(model) -> float:
+    """Bytes of parameters and buffers, in MiB (what the model alone occupies)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors) / MB
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+class _Timer:
+    """CUDA events on GPU (asynchronous kernels), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _generate_fn(model, ids: torch.Tensor, new_tokens: int):
+    """One forced-length greedy ``generate`` call: min = max new tokens, so EOS cannot stop it."""
+    from transformers import GenerationConfig
+
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else model.config.eos_token_id
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=eos, pad_token_id=pad, use_cache=True)
+    mask = torch.ones_like(ids)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        if out.shape[1] != ids.shape[1] + new_tokens:  # internal invariant of the forced length
+            raise AssertionError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {new_tokens}")
+        return out
+
+    return run
+
+
+def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tokens: int = 128, warmup: int = 1,
+                       repeats: int = 3, seed: int = 0, prefill: bool = True) -> dict:
+    """Time ``repeats`` forced-length ``generate`` calls after ``warmup`` untimed ones.
+
+    Prompts are random token ids (timings do not depend on the text). Returns one row:
+    ``latency_s`` (median seconds per batch) and ``latency_min_s``, ``tokens_per_s``
+    (batch x new tokens / median latency), with ``prefill=True`` also ``prefill_s`` (a
+    1-token generate: the prompt pass) and ``decode_tokens_per_s`` (tokens after the
+    first, over the time after the prefill), ``weights_mb``, ``peak_mem_mb`` (GPU:
+    ``max_memory_allocated``, weights included; CPU: weights + ``peak_growth_mb``, the peak
+    RSS growth over the level before the warm-up), ``gpu_util_mean``/``gpu_util_max``
+    (percent, NVIDIA with nvidia-ml-py only; NaN otherwise), ``mem_source`` and ``device``.
+    """
+    _check_positive(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r} must be an integer >= 0")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=g).to(device)
+    run, first = _generate_fn(model, ids, new_tokens), _generate_fn(model, ids, 1)
+    timer = _Timer(device)
+    _free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0, maxrss0 = _rss_bytes(), _maxrss_bytes()
+    nvml = _nvml_reader(device)
+    with _Sampler(_rss_bytes) as rss:
+        for _ in range(warmup):
+            run()
+        with _Sampler(nvml[0], period=0.05) if nvml else contextlib.nullcontext() as util:
+            times = [timer(run) for _ in range(repeats)]
+        prefill_times = [timer(first) for _ in range(repeats)] if prefill else []
+    if nvml:
+        nvml[1]()
+    latency = statistics.median(times)
+    w_mb = weights_mb(model)
+    if device.type == "cuda":
+        peak_mb, mem_source = torch.cuda.max_memory_allocated(device) / MB, "cuda_max_memory_allocated"
+        growth_mb = peak_mb - w_mb
+    else:
+        peak_rss = max(rss.values)
+        maxrss1 = _maxrss_bytes()
+        if maxrss1 > maxrss0:  # the lifetime high-water mark rose during this call: it is this call's peak
+            peak_rss = max(peak_rss, maxrss1)
+        growth_mb = max(peak_rss - rss0, 0) / MB
+        peak_mb, mem_source = w_mb + growth_mb, "rss_growth_sampled"
+    row = {
+        "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+        "latency_s": latency, "latency_min_s": min(times), "tokens_per_s": batch_size * new_tokens / latency,
+        "params": count_params(model), "weights_mb": w_mb, "peak_mem_mb": peak_mb, "peak_growth_mb": growth_mb,
+        "mem_source": mem_source,
+        "gpu_util_mean": statistics.fmean(util.values) if nvml and util.values else float("nan"),
+        "gpu_util_max": max(util.values) if nvml and util.values else float("nan"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "status": "ok",
+    }
+    if prefill:
+        row["prefill_s"] = statistics.median(prefill_times)
+        decode_s = latency - row["prefill_s"]
+        row["decode_tokens_per_s"] = batch_size * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else float("nan")
+    return row
+
+
+def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = (1,), new_tokens: Iterable[int] = (128,),
+                     prompt_len: int = 32, warmup: int = 1, repeats: int = 3, rounds: int = 1, seed: int = 0,
+                     progress: bool = True) -> pd.DataFrame:
+    """A tidy table (one row per model x batch x output length x round) of ``measure_generation``.
+
+    Models are measured interleaved for every setting (dense, depth, width, dense, ...), so a
+    slow spell of a shared machine hits all of them alike; ``rounds`` repeats the
+    interleaving. A setting that runs out of memory is recorded with ``status="oom"`` and
+    the sweep goes on.
+    """
+    batch_sizes, new_tokens = sorted(batch_sizes), list(new_tokens)
+    if not models:
+        raise ValueError("models is empty: pass a mapping like {'dense': model, 'depth': pruned}")
+    for b in batch_sizes:
+        _check_positive(batch_size=b)
+    for n in new_tokens:
+        _check_positive(new_tokens=n)
+    _check_positive(rounds=rounds)
+    settings = [(r, n, b, name) for r in range(rounds) for n in new_tokens for b in batch_sizes for name in models]
+    rows, oom_at = [], {}
+    for r, n, b, name in tqdm(settings, desc="generation sweep", unit="run", disable=not progress):
+        model = models[name]
+        base = {"model": name, "round": r, "batch_size": b, "new_tokens": n, "prompt_len": prompt_len,
+                "params": count_params(model), "weights_mb": weights_mb(model)}
+        if b >= oom_at.get((name, n), float("inf")):  # a batch no larger already ran out of memory
+            rows.append({**base, "status": "oom (skipped)"})
+            continue
+        try:
+            row = measure_generation(model, b, prompt_len, n, warmup, repeats, seed)
+        except Exception as err:  # noqa: BLE001 - only memory errors are recorded, others re-raised
+            if not is_oom(err):
+                raise
+            _free(next(model.parameters()).device)
+            oom_at[(name, n)] = min(b, oom_at.get((name, n), b))
+            rows.append({**base, "status": "oom"})
+            continue
+        rows.append({**base, **row})
+    return pd.DataFrame(rows)
+
+
+def _summary(df: pd.DataFrame) -> pd.DataFrame:
+    ok = df[df.status == "ok"]
+    return (ok.groupby(["model", "batch_size", "new_tokens"], as_index=False)
+              .agg(latency_s=("latency_s", "median"), latency_min_s=("latency_min_s", "min"),
+                   tokens_per_s=("tokens_per_s", "median")))
+
+
+def speedup_table(df: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
+    """Per model and setting: latency speedup over ``baseline`` (median of rounds; and best-of, min/min)."""
+    if baseline not in set(df.model):
+        raise ValueError(f"baseline={baseline!r} is not a model in the table: {sorted(set(df.model))}")
+    s = _summary(df)
+    base = s[s.model == baseline][["batch_size", "new_tokens", "latency_s", "latency_min_s"]]
+    s = s.merge(base, on=["batch_size", "new_tokens"], suffixes=("", "_base"))
+    s["speedup_median"] = s.latency_s_base / s.latency_s
+    s["speedup_min"] = s.latency_min_s_base / s.latency_min_s
+    return s.drop(columns=["latency_s_base", "latency_min_s_base"]).sort_values(["new_tokens", "batch_size", "model"])
+
+
+def memory_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Weights and peak memory per model and batch size (OOM settings shown as such)."""
+    cols = [c for c in ("model", "batch_size", "new_tokens", "params", "weights_mb", "peak_mem_mb", "peak_growth_mb",
+                        "mem_source", "status") if c in df]
+    agg = {c: "max" for c in ("params", "weights_mb", "peak_mem_mb", "peak_growth_mb") if c in df}
+    agg.update({c: "first" for c in ("mem_source", "status") if c in df})
+    return df[cols].groupby(["model", "batch_size", "new_tokens"], as_index=False).agg(agg)
