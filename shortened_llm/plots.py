@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["save_figure", "plot_block_scores", "plot_reference_curve", "plot_ppl_bars"]
+__all__ = ["save_figure", "plot_block_scores", "plot_reference_curve", "plot_ppl_bars", "plot_generation_sweep"]
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -69,3 +69,23 @@ def plot_ppl_bars(table: pd.DataFrame, x: str = "model", y: str = "ppl", hue: st
         ax.set_yscale("log")
     ax.set_xlabel("")
     return ax.figure
+
+
+def plot_generation_sweep(table: pd.DataFrame, new_tokens: int | None = None):
+    """Latency and throughput against batch size, one line per model (efficiency sweep, notebook 07).
+
+    ``table`` is ``efficiency.sweep_generation``'s output; rows not ``status == "ok"`` (OOM) are left out.
+    """
+    df = table[table.status == "ok"]
+    if new_tokens is not None:
+        df = df[df.new_tokens == new_tokens]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    sns.lineplot(df, x="batch_size", y="latency_s", hue="model", marker="o", estimator="median", errorbar=None, ax=ax1)
+    sns.lineplot(df, x="batch_size", y="tokens_per_s", hue="model", marker="o", estimator="median", errorbar=None, ax=ax2)
+    for ax, title in ((ax1, "latency per batch (s), lower is better"), (ax2, "throughput (tokens/s), higher is better")):
+        ax.set_xscale("log", base=2)
+        ax.set_title(title)
+        ax.set_xlabel("batch size")
+    device = ", ".join(sorted(set(df.get("device", pd.Series(["?"])).astype(str))))
+    fig.suptitle(f"generation, {', '.join(map(str, sorted(set(df.new_tokens))))} new tokens, {device}")
+    return fig
