@@ -1,0 +1,237 @@
+"""What a person sees: JupyterLab, the Voila app and the course site, driven in a real Chromium.
+
+Papermill runs prove the notebooks execute; these tests prove the widgets answer in a
+browser. Each server is started by ``shortened_llm.serve`` on a free port with a random
+token and stopped by the fixture, also when the test fails. Screenshots go to
+``runs/browser/``. Browser: Debian's ``chromium`` (``bash .ci/setup-browser.sh``) driven by
+Playwright with ``executable_path`` (Playwright's own browser download does not work
+offline). Without Chromium the tests skip on a developer's machine and fail in CI.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from shortened_llm import serve
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "runs" / "browser"
+CHROMIUM = os.environ.get("SHORTENED_LLM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+INSTALL = "run `bash .ci/setup-browser.sh` (apt-get install -y chromium) and `pip install playwright` (in the dev extra)"
+# The explorer the tests drive; SHORTENED_LLM_EXPLORER_NB points at another notebook with the same widgets.
+EXPLORER_PREFIX = "02_"
+# Text the notebook's explorer prints: "... blocks ... [3, 7, 9]" and "PPL ... 41.2"
+BLOCKS_RE = re.compile(r"block[s]?\b[^\[\n]*\[([\d,\s]+)\]", re.I)
+PPL_RE = re.compile(r"\bPPL\b(?:[^\n:=]*[:=])?\s*(\d+(?:\.\d+)?)", re.I)
+# draw every cell, not only those on screen, so the explorer is in the page wherever it sits
+ALL_CELLS_IN_DOM = {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"}}
+ERROR_MARKERS = ("Traceback (most recent call last)", "Error displaying widget", "Failed to load model class")
+
+pytestmark = pytest.mark.browser
+
+
+def _missing_tool(msg: str):
+    """Skip only on a developer's machine (CI unset) when the browser is missing; fail in CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{msg}: {INSTALL}")
+    pytest.skip(f"{msg}: {INSTALL}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing_tool("playwright (Python) is not installed")
+    if not Path(CHROMIUM).exists():
+        _missing_tool(f"Chromium not found at {CHROMIUM} (SHORTENED_LLM_CHROMIUM overrides the path)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(120_000)
+    yield pg
+    context.close()
+
+
+def _explorer_notebook() -> Path:
+    override = os.environ.get("SHORTENED_LLM_EXPLORER_NB")
+    if override:
+        return Path(override)
+    found = sorted((ROOT / "notebooks").glob(f"{EXPLORER_PREFIX}*.ipynb"))
+    if not found:
+        pytest.fail(f"no notebooks/{EXPLORER_PREFIX}*.ipynb to drive: the explorer notebook is missing "
+                    "(SHORTENED_LLM_EXPLORER_NB can point at another one)")
+    return found[0]
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """The explorer notebook as papermill --prepare-only -p preset tiny writes it (nothing executed)."""
+    src = _explorer_notebook()
+    app_dir = tmp_path / "app"
+    run_dir = tmp_path / "run"
+    params = {"preset": "tiny", "run_dir": str(run_dir)}
+    [nb] = serve.prepare_notebooks([src.name], app_dir, params, folder=src.parent)
+    return nb
+
+
+def _shot(page, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=False)
+    return path
+
+
+@contextlib.contextmanager
+def _shot_on_failure(page, name: str):
+    """A failing test leaves a picture of what the browser showed: runs/browser/<name>-failure.png."""
+    try:
+        yield
+    except BaseException:
+        try:
+            _shot(page, f"{name}-failure")
+        finally:
+            raise
+
+
+# ---- the explorer, shared by JupyterLab and Voila -------------------------------------------
+
+def _ratio_slider(scope):
+    """The slider whose label says ratio (ipywidgets 8 draws sliders with noUiSlider)."""
+    slider = scope.locator(".widget-slider, .jupyter-widget-slider, .widget-hslider").filter(
+        has=scope.locator(".widget-label", has_text=re.compile("ratio", re.I)))
+    slider.first.wait_for(state="visible")
+    return slider.first
+
+
+def _explorer_text(slider) -> str:
+    """Text of the output that belongs to the widget box holding ``slider``."""
+    box = slider.locator("xpath=ancestor::*[contains(@class,'widget-box') or contains(@class,'jupyter-widget-Box')][last()]")
+    return box.first.inner_text() if box.count() else slider.locator("xpath=../..").inner_text()
+
+
+def _parse(text: str) -> tuple[str | None, str | None]:
+    blocks = BLOCKS_RE.search(text)
+    ppl = PPL_RE.search(text)
+    return (blocks.group(1).replace(" ", "") if blocks else None, ppl.group(1) if ppl else None)
+
+
+def _wait_parsed(slider, timeout: float = 120.0, differs_from: tuple | None = None) -> tuple[tuple, float]:
+    """Poll the explorer's text until it shows blocks and a PPL (different from ``differs_from``)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        got = _parse(_explorer_text(slider))
+        if all(got) and (differs_from is None or got != differs_from):
+            return got, time.perf_counter() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"the explorer did not show blocks and a PPL{' that changed' if differs_from else ''} "
+                         f"within {timeout:.0f} s; it shows:\n{_explorer_text(slider)[-1500:]}")
+
+
+def _press(slider, key: str) -> str:
+    handle = slider.locator(".noUi-handle").first
+    before = handle.get_attribute("aria-valuenow") or handle.get_attribute("aria-valuetext")
+    handle.focus()
+    handle.press(key)
+    return before
+
+
+def _exercise_explorer(page, app: str) -> dict:
+    """Keyboard on the ratio slider: uncached change, back (cached), forward again (cached)."""
+    slider = _ratio_slider(page)
+    first, _ = _wait_parsed(slider)
+    _shot(page, f"{app}-before")
+    timings = {}
+    _press(slider, "ArrowRight")
+    second, timings["uncached_s"] = _wait_parsed(slider, differs_from=first)
+    assert second[0] != first[0], f"the removed blocks did not change with the ratio: {first} -> {second}"
+    assert second[1] != first[1], f"the PPL did not change with the ratio: {first} -> {second}"
+    _press(slider, "ArrowLeft")
+    back, timings["cached_back_s"] = _wait_parsed(slider, differs_from=second)
+    assert back == first, f"going back to the first ratio shows {back}, not {first}"
+    _press(slider, "ArrowRight")
+    again, timings["cached_s"] = _wait_parsed(slider, differs_from=first)
+    assert again == second, f"the cached answer {again} differs from the computed one {second}"
+    _shot(page, f"{app}-after")
+    return timings
+
+
+def _assert_no_error_shown(page, where: str):
+    text = page.locator("body").inner_text()
+    for marker in ERROR_MARKERS:
+        assert marker not in text, f"{where} shows {marker!r}:\n{text[max(0, text.find(marker) - 800):][:2000]}"
+
+
+def _record(name: str, data: dict):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    (SHOTS / f"{name}.json").write_text(json.dumps(data, indent=2))
+    print(f"\n[{name}] {json.dumps(data)}")
+
+
+# ---- JupyterLab -------------------------------------------------------------------------------
+
+def _wait_all_executed(page, n_code: int, timeout: float = 240.0):
+    """Every code cell's prompt shows a number (not '[*]' nor empty)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        prompts = page.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
+        done = [p for p in prompts if re.search(r"\[\d+\]", p)]
+        if len(prompts) >= n_code and len(done) == len(prompts):
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"not every cell ran within {timeout:.0f} s: prompts {prompts}")
+
+
+def test_jupyterlab_explorer_by_keyboard(page, prepared, tmp_path):
+    t0 = time.perf_counter()
+    n_code = sum(c["cell_type"] == "code" for c in json.loads(prepared.read_text())["cells"])
+    with serve.start_lab(prepared.parent, log_dir=tmp_path / "logs", settings=ALL_CELLS_IN_DOM) as server:
+        with _shot_on_failure(page, "jupyterlab"):
+            page.goto(server.url(f"/lab/tree/{prepared.name}"))
+            page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible")
+            page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"\|\s*Idle")).first.wait_for(state="visible")
+            # Run > Run All Cells, through the menu bar as a person would
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+            _wait_all_executed(page, n_code)
+            timings = _exercise_explorer(page, "jupyterlab")
+            _assert_no_error_shown(page, "JupyterLab")
+            page.keyboard.press("Control+s")
+            page.wait_for_timeout(1500)
+            shot = _shot(page, "jupyterlab")
+    saved = json.loads(prepared.read_text())
+    errors = [o for c in saved["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"saved notebook has error outputs: {errors[0]['ename']}: {errors[0]['evalue']}"
+    _record("jupyterlab", {**timings, "test_s": round(time.perf_counter() - t0, 1), "screenshot": str(shot)})
+
+
+# ---- Voila ------------------------------------------------------------------------------------
+
+def test_voila_explorer_by_keyboard(page, prepared, tmp_path):
+    t0 = time.perf_counter()
+    with serve.start_voila(prepared.parent, log_dir=tmp_path / "logs") as server:
+        with _shot_on_failure(page, "voila"):
+            page.goto(server.url("/"))
+            page.get_by_role("link", name=re.compile(re.escape(prepared.stem))).first.click()
+            timings = _exercise_explorer(page, "voila")
+            _assert_no_error_shown(page, "Voila")
+            assert page.locator(".jp-InputArea, .jp-CodeMirrorEditor").count() == 0, "Voila shows code cells"
+            shot = _shot(page, "voila")
+    _record("voila", {**timings, "test_s": round(time.perf_counter() - t0, 1), "screenshot": str(shot)})
