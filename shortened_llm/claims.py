@@ -5,65 +5,265 @@ and the numbers behind it, read from the run directory (``runs/<run>/eval/*.csv`
 ``efficiency/*.csv``) and from the committed zero-shot table under ``results/``. A claim
 whose runs are missing says so instead of guessing.
 
-It also holds the one place that finds or builds the run's models
-(``load_or_prune``), so the notebook and the background zero-shot job prune the same way.
+``run_models`` lists the run's models as lazy loaders (dense, pruned through
+``retrain.pruned_model``, retrained), so the notebook and the zero-shot job see the same set.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-__all__ = ["load_or_prune", "run_model_dirs", "Claim", "CLAIMS", "claims_table"]
+__all__ = ["run_models", "ppl_table", "PAPER_PAIRS", "relative_change", "Claim", "CLAIMS", "claims_table", "load_run_tables"]
 
 
 # ---- the run's models -----------------------------------------------------------------------
 
-def load_or_prune(run_dir, criterion: str, ratio: float | None = None, model: str = "smollm2-135m",
-                  preset="smoke", device=None):
-    """``(model, tokenizer)`` pruned by ``criterion`` at ``ratio``: loaded from
-    ``run_dir/pruned/<criterion>-<ratio>`` when there, else scored, pruned and saved there.
+def _zero(ratio: float) -> str:
+    return f"{ratio:.2f}"
 
-    Calibration follows the preset (paper and smoke: 10 samples x 128 tokens, seed 1234);
-    a "+" criterion protects the preset's first/last blocks.
+
+def run_models(run_dir, criteria=("ppl", "taylor+"), ratio: float = 0.2, model: str = "smollm2-135m",
+               preset="smoke") -> dict[str, Callable]:
+    """Label -> loader of ``(model, tokenizer)`` for the dense model, the pruned ones and the
+    retrained ones saved under ``run_dir/retrained/*``; loaders so nothing loads until needed.
+
+    Pruned models are train-or-load through ``retrain.pruned_model``. A retrained dir holding
+    a full model loads as is; one holding a LoRA adapter goes onto the pruned model it was
+    trained on (``apply_adapter`` refuses the others).
     """
-    from .artifacts import pruned_dir
-    from .data import calibration_batches
-    from .importance import block_importance, blocks_to_remove, split_criterion
-    from .models import family_of, load_model, num_blocks, save_model
-    from .presets import get_preset
-    from .prune import num_blocks_for_ratio, remove_blocks
+    from .models import load_model
+    from .retrain import pruned_model
 
-    preset = get_preset(preset)
-    ratio = preset.ratio if ratio is None else ratio
-    _, plus = split_criterion(criterion)  # unknown criterion: fail before any work
-    out = pruned_dir(run_dir, criterion, ratio)
-    if (out / "config.json").exists():
-        return load_model(out, device=device)
-    net, tokenizer = load_model(model, device=device)
-    calib = calibration_batches(tokenizer, n_samples=preset.calib_samples, seq_len=preset.calib_seq_len,
-                                seed=preset.seed, bos_every=family_of(net).bos_every)
-    scores = block_importance(net, calib, criterion)
-    keep = {"keep_first": preset.keep_first, "keep_last": preset.keep_last} if plus else {}
-    removed = blocks_to_remove(scores, num_blocks_for_ratio(num_blocks(net), ratio), **keep)
-    remove_blocks(net, removed, criterion=criterion, ratio=ratio, scores=scores)
-    try:
-        save_model(net, tokenizer, out)
-    except FileExistsError:  # another process saved the same pruning meanwhile: use theirs
-        return load_model(out, device=device)
-    return net, tokenizer
+    loaders: dict[str, Callable] = {"dense": lambda: load_model(model)}
+    for c in criteria:
+        loaders[f"{c}-{_zero(ratio)}"] = (lambda c=c: pruned_model(model, run_dir, ratio, preset, criterion=c))
+    for d in sorted(Path(run_dir).glob("retrained/*")):
+        if d.is_dir() and not d.name.startswith("."):
+            loaders[f"retrained/{d.name}"] = (lambda d=d: _load_retrained(d, run_dir))
+    return loaders
 
 
-def run_model_dirs(run_dir) -> dict[str, Path]:
-    """Label -> model dir for every pruned and retrained model saved under ``run_dir``."""
+def _load_retrained(path: Path, run_dir):
+    from .models import load_model
+    from .retrain import apply_adapter
+
+    if (path / "config.json").exists():
+        return load_model(path)
+    for base in sorted(Path(run_dir).glob("pruned/*/config.json")):
+        model, tokenizer = load_model(base.parent)
+        try:
+            return apply_adapter(model, path), tokenizer
+        except ValueError:
+            continue
+    raise FileNotFoundError(f"{path} holds neither a model (config.json) nor an adapter that fits a model in "
+                            f"{Path(run_dir) / 'pruned'}: rerun the retraining notebook")
+
+
+# ---- the run's tables -------------------------------------------------------------------------
+
+def ppl_table(models: dict, out_csv=None, seq_len: int = 128, max_segments: int | None = None,
+              batch_size: int = 8, datasets=("wikitext2", "ptb"), bos_protocols=("once", "per-segment")) -> pd.DataFrame:
+    """Perplexity of every ``label -> (model, tokenizer)`` under both BOS protocols (``evaluate.perplexity``).
+
+    With ``out_csv`` the table is read back when it already holds every row with the same
+    ``max_segments`` (train-or-load) and written otherwise.
+    """
+    from .evaluate import perplexity
+
+    seg = "all" if max_segments is None else str(max_segments)
+    if out_csv is not None and Path(out_csv).exists():
+        old = pd.read_csv(out_csv, keep_default_na=False)
+        old = old[old.max_segments.astype(str) == seg]
+        if len(old) == len(models) * len(datasets) * len(bos_protocols) and set(old.model) == set(models):
+            return old.assign(ppl=old.ppl.astype(float)).reset_index(drop=True)
+    rows = []
+    for label, (model, tokenizer) in models.items():
+        for dataset in datasets:
+            for bos in bos_protocols:
+                value = perplexity(model, tokenizer, dataset, seq_len=seq_len, bos=bos, max_segments=max_segments,
+                                   batch_size=batch_size, progress=False)
+                rows.append({"model": label, "dataset": dataset, "bos": bos, "ppl": value, "max_segments": seg})
+    table = pd.DataFrame(rows)
+    if out_csv is not None:
+        from .artifacts import atomic_write_text
+
+        atomic_write_text(out_csv, table.to_csv(index=False))
+    return table
+
+
+# The paper's LoRA-retrained 20% models and the dense model each was pruned from
+PAPER_PAIRS = {
+    "st-llama-1-5.5b-ppl": "llama-1-7b", "st-llama-1-5.5b-taylor": "llama-1-7b",
+    "st-vicuna-v1.3-5.5b-ppl": "vicuna-7b-v1.3", "st-vicuna-v1.3-5.5b-taylor": "vicuna-7b-v1.3",
+}
+
+
+def relative_change(ours: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Percent change of PPL from each dense model: ours (``ppl_table``, BOS once) next to the paper's.
+
+    Model sizes differ (135M vs 7B), so only the change from each one's own dense model compares.
+    The paper publishes no zero-shot numbers for its dense LLaMA-1/Vicuna, so the figure is PPL only.
+    """
+    rows = []
+    once = ours[ours.bos == "once"]
+    for dataset in ("wikitext2", "ptb"):
+        d = once[once.dataset == dataset].set_index("model").ppl.astype(float)
+        for label in d.index.drop("dense", errors="ignore"):
+            rows.append({"model": label, "source": "ours (no retraining)" if not label.startswith("retrained")
+                         else "ours (retrained)", "dataset": dataset, "change_pct": 100 * (d[label] / d["dense"] - 1)})
+        ref = reference.set_index("model")[f"{dataset}_ppl"]
+        for pruned, dense in PAPER_PAIRS.items():
+            if pruned in ref.index and dense in ref.index:
+                rows.append({"model": pruned, "source": "paper (LoRA-retrained)", "dataset": dataset,
+                             "change_pct": 100 * (ref[pruned] / ref[dense] - 1)})
+    return pd.DataFrame(rows)
+
+
+# ---- the claims ---------------------------------------------------------------------------------
+
+MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    paper: str  # what the paper says, in a line
+    check: Callable[..., tuple[str, str]]  # (ppl, zeroshot, efficiency) -> (held?, numbers)
+
+
+def _ppl(ppl: pd.DataFrame | None, label: str, dataset="wikitext2", bos="once") -> float | None:
+    if ppl is None or ppl.empty:
+        return None
+    rows = ppl[(ppl.model == label) & (ppl.dataset == dataset) & (ppl.bos == bos)]
+    return float(rows.ppl.iloc[0]) if len(rows) else None
+
+
+def _avg(zs: pd.DataFrame | None, label: str) -> tuple[float, float, str] | None:
+    """(mean accuracy over the task rows, its stderr, limit) of one model, if all its tasks are there."""
+    if zs is None or zs.empty:
+        return None
+    rows = zs[(zs.model == label) & (zs.task != "average")]
+    from .zeroshot import PAPER_TASKS
+
+    if set(rows.task) != set(PAPER_TASKS):
+        return None
+    se = math.sqrt((rows.stderr.astype(float) ** 2).sum()) / len(rows)
+    return float(rows.value.mean()), se, "/".join(sorted({str(v) for v in rows["limit"]}))
+
+
+def _held(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def _ppl_best(ppl, zs, eff):
+    pruned = sorted({m for m in ([] if ppl is None else ppl.model) if m.endswith(("-0.20",)) and not m.startswith("retrained")})
+    values = {m: _ppl(ppl, m) for m in pruned}
+    values = {m: v for m, v in values.items() if v is not None}
+    if "ppl-0.20" not in values or len(values) < 2:
+        return MISSING, "needs WikiText-2 PPL of ppl-0.20 and another 20% pruned model (notebook 06 computes them)"
+    best = min(values, key=values.get)
+    return _held(best == "ppl-0.20"), ", ".join(f"{m}: {v:.1f}" for m, v in values.items()) + " (WikiText-2, BOS once)"
+
+
+def _taylor_best_zero_shot(ppl, zs, eff):
+    a, b = _avg(zs, "taylor+-0.20"), _avg(zs, "ppl-0.20")
+    if a is None or b is None:
+        return MISSING, "needs all seven zero-shot tasks for taylor+-0.20 and ppl-0.20"
+    diff, se = a[0] - b[0], math.sqrt(a[1] ** 2 + b[1] ** 2)
+    held = _held(diff > 0) + (" (within noise)" if abs(diff) < 2 * se else "")
+    return held, (f"avg acc taylor+: {100 * a[0]:.1f} ± {100 * a[1]:.1f}, ppl: {100 * b[0]:.1f} ± {100 * b[1]:.1f} "
+                  f"(limit {a[2]} docs/task)")
+
+
+def _retrained(ppl, method: str) -> dict[str, float]:
+    if ppl is None or ppl.empty:
+        return {}
+    labels = sorted({m for m in ppl.model if m.startswith("retrained/") and m.split("/", 1)[1].split("-")[0] == method})
+    return {m: v for m in labels if (v := _ppl(ppl, m)) is not None}
+
+
+def _lora_recovers(ppl, zs, eff):
+    lora = _retrained(ppl, "lora")
+    base = {m: _ppl(ppl, m) for m in ("ppl-0.20", "taylor+-0.20")}
+    base = {m: v for m, v in base.items() if v is not None}
+    if not lora or not base:
+        return MISSING, "needs retrained/lora* under run_dir (notebook 04) and the pruned models' PPL"
+    worst_base = min(base.values())
+    best = min(lora.values())
+    return _held(best < worst_base), (", ".join(f"{m}: {v:.1f}" for m, v in lora.items()) + " vs pruned "
+                                      + ", ".join(f"{m}: {v:.1f}" for m, v in base.items()))
+
+
+def _cpt_beats_lora(ppl, zs, eff):
+    lora, cpt = _retrained(ppl, "lora"), _retrained(ppl, "cpt")
+    if not lora or not cpt:
+        return MISSING, "needs retrained/lora* and retrained/cpt* at the same (severe) ratio under run_dir"
+    return _held(min(cpt.values()) < min(lora.values())), ", ".join(f"{m}: {v:.1f}" for m, v in {**cpt, **lora}.items())
+
+
+def _depth_faster(ppl, zs, eff):
+    if eff is None or eff.empty or not {"model", "batch_size", "latency_s"} <= set(eff.columns):
+        return MISSING, "needs run_dir/efficiency/*.csv with batch-1 latency of depth- and width-pruned models (notebook 05)"
+    rows = eff[(eff.batch_size == 1) & (eff.get("status", "ok") == "ok")]
+    lat = rows.groupby("model").latency_s.median()
+    depth = lat[[m for m in lat.index if str(m).startswith("depth")]]
+    width = lat[[m for m in lat.index if str(m).startswith("width")]]
+    if depth.empty or width.empty:
+        return MISSING, f"efficiency table has no 'depth*' and 'width*' models at batch 1 (models: {', '.join(map(str, lat.index))})"
+    dense = lat.get("dense")
+    ref = f", dense: {dense * 1000:.0f} ms" if dense is not None else ""
+    return _held(depth.min() < width.min()), (f"batch-1 latency depth: {depth.min() * 1000:.0f} ms, "
+                                              f"width: {width.min() * 1000:.0f} ms{ref}")
+
+
+CLAIMS = [
+    Claim("ppl_best_ppl", "The PPL criterion gives the lowest perplexity after pruning (Table 2)", _ppl_best),
+    Claim("taylor_best_zero_shot", "Taylor+ gives the best zero-shot average at 20% (Table 2)", _taylor_best_zero_shot),
+    Claim("lora_recovers_ppl", "LoRA retraining recovers much of the lost perplexity (Section 4)", _lora_recovers),
+    Claim("cpt_beats_lora", "CPT beats LoRA at severe pruning ratios (Section 5)", _cpt_beats_lora),
+    Claim("depth_faster_batch1", "Depth pruning beats width pruning in batch-1 generation speed (Figure 1)", _depth_faster),
+]
+
+
+def claims_table(ppl: pd.DataFrame | None = None, zeroshot: pd.DataFrame | None = None,
+                 efficiency: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per claim: claim, paper, held (yes / no / missing), numbers.
+
+    ``ppl``: columns model, dataset, bos, ppl. ``zeroshot``: model, task, value, stderr, limit
+    (``zero_shot_table``'s CSV). ``efficiency``: model, batch_size, latency_s (``sweep_generation``).
+    Model labels: ``dense``, ``<criterion>-<ratio>`` (``ppl-0.20``), ``retrained/<method>``.
+    """
+    rows = []
+    for claim in CLAIMS:
+        held, numbers = claim.check(ppl, zeroshot, efficiency)
+        rows.append({"claim": claim.name, "paper": claim.paper, "held": held, "numbers": numbers})
+    return pd.DataFrame(rows)
+
+
+def load_run_tables(run_dir, results_dir=None) -> dict[str, pd.DataFrame | None]:
+    """The tables ``claims_table`` reads: ``run_dir/eval/ppl.csv``; of ``run_dir/eval/zeroshot.csv``
+    and the committed ``results_dir/zeroshot_*.csv``, the one with more documents per task;
+    every ``run_dir/efficiency/*.csv`` with a latency column."""
     run_dir = Path(run_dir)
-    found = {}
-    for kind in ("pruned", "retrained"):
-        for d in sorted((run_dir / kind).glob("*")):
-            if (d / "config.json").exists():
-                found[f"{kind}/{d.name}"] = d
-    return found
+
+    def read(path):
+        return pd.read_csv(path, keep_default_na=False, na_values=[""]) if Path(path).exists() else None
+
+    candidates = [read(run_dir / "eval" / "zeroshot.csv")]
+    if results_dir is not None:
+        candidates += [read(p) for p in sorted(Path(results_dir).glob("zeroshot_*.csv"))]
+    candidates = [t for t in candidates if t is not None and len(t)]
+    zeroshot = max(candidates, key=_docs_per_task, default=None)
+    eff = [t for p in sorted(run_dir.glob("efficiency/*.csv")) if "latency_s" in (t := pd.read_csv(p)).columns]
+    return {"ppl": read(run_dir / "eval" / "ppl.csv"), "zeroshot": zeroshot,
+            "efficiency": pd.concat(eff, ignore_index=True) if eff else None}
+
+
+def _docs_per_task(table: pd.DataFrame) -> float:
+    """Fewest documents any task of the table used (``limit`` "all" counts as infinite)."""
+    limits = [math.inf if str(v) in ("all", "None", "") else float(v) for v in table["limit"]]
+    return min(limits) if limits else 0.0
