@@ -126,3 +126,57 @@ def test_cli_rejects_unknown_task(capsys):
 
     assert main(["eval", "zeroshot", "--tasks", "bolq"]) == 2
     assert "Did you mean 'boolq'" in capsys.readouterr().err
+
+
+# ---- the claims table ---------------------------------------------------------------------------
+
+def _ppl_rows(values: dict) -> "pd.DataFrame":
+    import pandas as pd
+
+    return pd.DataFrame([{"model": m, "dataset": "wikitext2", "bos": "once", "ppl": v} for m, v in values.items()])
+
+
+def _zs_rows(acc: dict, stderr: float = 0.01, limit=500):
+    import pandas as pd
+
+    return pd.DataFrame([{"model": m, "task": t, "value": a, "stderr": stderr, "limit": limit}
+                         for m, a in acc.items() for t in PAPER_TASKS])
+
+
+def test_claims_say_missing_without_runs():
+    from shortened_llm.claims import CLAIMS, claims_table
+
+    table = claims_table()
+    assert list(table.claim) == [c.name for c in CLAIMS]
+    assert (table.held == "missing").all() and table.numbers.str.len().gt(0).all()
+
+
+def test_claims_follow_the_numbers():
+    import pandas as pd
+
+    from shortened_llm.claims import claims_table
+
+    ppl = _ppl_rows({"dense": 20.0, "ppl-0.20": 30.0, "taylor+-0.20": 45.0, "retrained/lora": 25.0, "retrained/cpt": 22.0})
+    eff = pd.DataFrame({"model": ["dense", "depth-0.20", "width-0.20"], "batch_size": [1, 1, 1],
+                        "latency_s": [1.0, 0.8, 0.99]})
+    held = claims_table(ppl, _zs_rows({"taylor+-0.20": 0.50, "ppl-0.20": 0.40}), eff).set_index("claim").held
+    assert held.to_dict() == {"ppl_best_ppl": "yes", "taylor_best_zero_shot": "yes", "lora_recovers_ppl": "yes",
+                              "cpt_beats_lora": "yes", "depth_faster_batch1": "yes"}
+    # reversed numbers flip the verdicts; a gap under two standard errors is flagged as noise
+    ppl = _ppl_rows({"ppl-0.20": 50.0, "taylor+-0.20": 45.0, "retrained/lora": 60.0, "retrained/cpt": 70.0})
+    zs = _zs_rows({"taylor+-0.20": 0.40, "ppl-0.20": 0.41}, stderr=0.05, limit=25)
+    table = claims_table(ppl, zs, eff.assign(latency_s=[1.0, 0.99, 0.8])).set_index("claim")
+    assert table.held.to_dict() == {"ppl_best_ppl": "no", "taylor_best_zero_shot": "no (within noise)",
+                                    "lora_recovers_ppl": "no", "cpt_beats_lora": "no", "depth_faster_batch1": "no"}
+    assert "limit 25" in table.numbers["taylor_best_zero_shot"]
+
+
+def test_load_run_tables_prefers_more_documents(tmp_path):
+    from shortened_llm.claims import load_run_tables
+
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    _zs_rows({"dense": 0.5}, limit=4).to_csv(tmp_path / "run" / "eval" / "zeroshot.csv", index=False)
+    (tmp_path / "results").mkdir()
+    _zs_rows({"dense": 0.6}, limit=25).to_csv(tmp_path / "results" / "zeroshot_m.csv", index=False)
+    assert set(load_run_tables(tmp_path / "run", tmp_path / "results")["zeroshot"]["limit"]) == {25}
+    assert set(load_run_tables(tmp_path / "run")["zeroshot"]["limit"]) == {4}
