@@ -46,12 +46,13 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_score(args) -> int:
     from .artifacts import save_scores
-    from .importance import block_importance, split_criterion
+    from .importance import block_importance, criterion_options, split_criterion
     from .models import load_model
 
     split_criterion(args.criterion)  # fail on a bad name before loading anything
     model, tokenizer = load_model(args.model)
-    scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion)
+    scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion,
+                              **criterion_options(args.criterion, args.n))
     save_scores(args.out, scores)
     _print_json({"criterion": args.criterion, "out": args.out, "scores": scores.tolist()})
     return 0
@@ -59,7 +60,7 @@ def cmd_score(args) -> int:
 
 def cmd_prune(args) -> int:
     from .artifacts import load_scores
-    from .importance import PLUS_RULE, block_importance, blocks_to_remove, split_criterion
+    from .importance import PLUS_RULE, block_importance, blocks_to_remove, check_removable, criterion_options, split_criterion
     from .models import load_model, num_blocks, save_model
     from .prune import num_blocks_for_ratio, remove_blocks
 
@@ -69,11 +70,13 @@ def cmd_prune(args) -> int:
         raise FileExistsError(f"--out {args.out!r} already exists: pass --overwrite to replace it")
     model, tokenizer = load_model(args.model)
     n = num_blocks_for_ratio(num_blocks(model), args.ratio)
+    keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
+    check_removable(num_blocks(model), n, **keep)  # before any scoring work
     if args.scores:
         scores = load_scores(args.scores)
     else:
-        scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion)
-    keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
+        scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion,
+                                  **criterion_options(args.criterion, n))
     removed = blocks_to_remove(scores, n, **keep)
     remove_blocks(model, removed, criterion=args.criterion, ratio=args.ratio, scores=scores)
     save_model(model, tokenizer, out, overwrite=args.overwrite)
@@ -153,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score every block and write block,score CSV")
     _add_scoring_args(p)
     p.add_argument("--out", required=True, help="CSV path (columns block,score)")
+    p.add_argument("--n", type=int, default=None, help="blocks to remove, for criteria that need it (sleb, angular)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("prune", help="remove the least important blocks and save a plain HF model")
