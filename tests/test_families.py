@@ -208,16 +208,25 @@ def test_skipping_blocks_restores_config_and_indices(name):
 
 # ---- criteria, perplexity, BOS ---------------------------------------------------------------
 
+_SCORED: dict = {}  # one model per family, shared by its criteria: each must leave it as it found it
+
+
+def _scored_model(name):
+    if name not in _SCORED:
+        model = tiny_random_model(name, num_layers=4)
+        ids = _ids(t=16)
+        _SCORED[name] = (model, ids, _logits(model, ids), model.config.to_dict())
+    return _SCORED[name]
+
+
 @pytest.mark.parametrize("criterion", sorted(CRITERIA))
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_every_criterion_scores_every_block_and_leaves_the_model_intact(name, criterion):
-    model = tiny_random_model(name, num_layers=4)
-    ids = _ids(t=16)
-    before, config_before = _logits(model, ids), model.config.to_dict()
+    model, ids, logits_before, config_before = _scored_model(name)
     scores = block_importance(model, ids, criterion)
     assert scores.shape == (4,) and torch.isfinite(torch.as_tensor(scores)).all()
     assert model.config.to_dict() == config_before
-    assert torch.equal(_logits(model, ids), before)
+    assert torch.equal(_logits(model, ids), logits_before)
     for p in model.parameters():
         assert p.grad is None  # gradient criteria clean up after themselves
 
@@ -243,13 +252,13 @@ def test_perplexity_follows_the_family_bos_and_accepts_an_override(name, word_to
     bos_every = family_of(model).bos_every
     assert bos_every == name.startswith("gemma")
     assert default_bos(model) == ("per-segment" if bos_every else "once")
-    kw = {"seq_len": 16, "max_segments": 2, "progress": False}
+    kw = {"dataset": "ptb", "seq_len": 16, "max_segments": 2, "progress": False}
     ppl_default = perplexity(model, tok, **kw)
     ppl_same = perplexity(model, tok, bos=default_bos(model), **kw)
     other = "once" if bos_every else "per-segment"
     ppl_other = perplexity(model, tok, bos=other, **kw)
     assert 1 < ppl_default < 10 * len(tok) and ppl_default == ppl_same and ppl_other != ppl_default
-    segments = ppl_segments(tok, "wikitext2", 16, default_bos(model), max_segments=2)
+    segments = ppl_segments(tok, "ptb", 16, default_bos(model), max_segments=2)
     assert bool((segments[:, 0] == tok.bos_token_id).all()) == bos_every
     # pruned model: still a finite perplexity
     remove_blocks(model, [1])
