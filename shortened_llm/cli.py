@@ -5,6 +5,7 @@
     shortened-llm eval ppl --model runs/x/pruned --dataset wikitext2 --max-segments 100
     shortened-llm eval zeroshot --model runs/x/pruned --tasks piqa boolq --limit 100
     shortened-llm retrain lora --model runs/x/pruned --out runs/x/retrained/lora --max-steps 30
+    shortened-llm export gguf --model runs/x/pruned --out runs/x/pruned-q8_0.gguf --quant q8_0
     shortened-llm reproduce --preset smoke
 
 Each subcommand is a small function; ``add_*`` functions declare its arguments.
@@ -138,6 +139,21 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+# ---- export ---------------------------------------------------------------------------------
+
+def cmd_export_gguf(args) -> int:
+    from .export import export_gguf, file_size_mb, read_gguf_metadata
+
+    try:
+        out = export_gguf(args.model, args.out, quant=args.quant, overwrite=args.overwrite)
+    except (PermissionError, IsADirectoryError, ImportError) as err:
+        print(f"shortened-llm: error: {err}", file=sys.stderr)
+        return 2
+    _print_json({"out": str(out), "quant": args.quant, "size_mb": round(file_size_mb(out), 1),
+                 **read_gguf_metadata(out)})
+    return 0
+
+
 # ---- reproduce ------------------------------------------------------------------------------
 
 def cmd_reproduce(args) -> int:
@@ -195,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in <out>.checkpoints/")
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("export", help="export a (pruned) model for other runtimes")
+    export_sub = p.add_subparsers(dest="export_command", required=True)
+    q = export_sub.add_parser("gguf", help="GGUF for llama.cpp, quantised by llama.cpp; prints JSON")
+    q.add_argument("--model", required=True, help="HF model dir (e.g. runs/smoke/pruned/ppl-0.20) or embedded name")
+    q.add_argument("--out", required=True, help="output .gguf file")
+    q.add_argument("--quant", default="f16", help="f32, f16 (gguf only); q8_0, q4_k_m, ... (need the llamacpp extra)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("reproduce", help="run every notebook with papermill (figures/ and runs/)")
     p.add_argument("--preset", default="smoke")

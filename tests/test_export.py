@@ -1,0 +1,157 @@
+"""GGUF export: metadata of a pruned model, bad input, and (with llama.cpp installed) the same
+per-token NLL in llama.cpp as in transformers, quantisation, tokenizer agreement, generation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shortened_llm.export import (
+    QUANT_TYPES,
+    export_gguf,
+    gguf_generate,
+    gguf_token_nll,
+    hf_generate,
+    load_gguf,
+    read_gguf_metadata,
+    tokenizer_agreement,
+)
+from shortened_llm.models import save_model, tiny_random_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded):
+    return embedded[1]
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama (6 blocks, the embedded tokenizer) with blocks 1 and 2 removed."""
+    from shortened_llm import remove_blocks
+
+    model = tiny_random_model("llama", num_layers=6, tokenizer=tokenizer, seed=1)
+    remove_blocks(model, [1, 2], criterion="ppl", ratio=0.33)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("pruned") / "tiny-pruned")
+
+
+@pytest.fixture(scope="module")
+def segments(tokenizer):
+    from shortened_llm.evaluate import ppl_segments
+
+    return ppl_segments(tokenizer, "wikitext2", seq_len=32, max_segments=3)
+
+
+def test_f16_metadata_records_the_pruning(pruned_dir, tmp_path, tokenizer):
+    out = export_gguf(pruned_dir, tmp_path / "m.gguf", "f16", progress=False)
+    meta = read_gguf_metadata(out)
+    assert meta["architecture"] == "llama"
+    assert meta["block_count"] == 4
+    assert meta["original_block_count"] == 6
+    assert meta["removed_blocks"] == [1, 2]
+    assert meta["criterion"] == "ppl"
+    assert set(meta["tensor_types"]) == {"F16", "F32"}  # 2-D weights f16, norms f32
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(out))
+    names = {t.name for t in reader.tensors}
+    assert {f"blk.{i}.attn_q.weight" for i in range(4)} <= names and "blk.4.attn_q.weight" not in names
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
+    assert out.stat().st_mode & 0o044  # readable by others, like any file the user writes
+
+
+def test_unknown_quant_lists_the_supported_ones(pruned_dir, tmp_path):
+    with pytest.raises(ValueError, match="Did you mean 'q8_0'.*Available: f32, f16, q8_0"):
+        export_gguf(pruned_dir, tmp_path / "m.gguf", "q8_o")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path, tokenizer):
+    opt = save_model(tiny_random_model("opt", num_layers=2, tokenizer=tokenizer), tokenizer, tmp_path / "opt")
+    with pytest.raises(ValueError, match="model_type='opt'.*Supported: llama, mistral"):
+        export_gguf(opt, tmp_path / "opt.gguf", "f16")
+    assert not list(tmp_path.glob("*.gguf*"))  # no half-written file left behind
+
+
+def test_model_dir_without_weights(tmp_path, pruned_dir):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((pruned_dir / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        export_gguf(bare, tmp_path / "m.gguf")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        export_gguf(tmp_path / "missing", tmp_path / "m.gguf")
+
+
+def test_output_path_not_writable_or_existing(pruned_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="cannot create its folder"):
+        export_gguf(pruned_dir, blocker / "sub" / "m.gguf")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_gguf(pruned_dir, blocker)
+
+
+def test_cli_export(pruned_dir, tmp_path, capsys):
+    from shortened_llm.cli import main
+
+    out = tmp_path / "cli.gguf"
+    assert main(["export", "gguf", "--model", str(pruned_dir), "--out", str(out), "--quant", "f16"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["block_count"] == 4 and printed["removed_blocks"] == [1, 2]
+    assert main(["export", "gguf", "--model", str(pruned_dir), "--out", str(tmp_path / "x.gguf"), "--quant", "q9"]) == 2
+    assert "Available" in capsys.readouterr().err
+
+
+# ---- in llama.cpp ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_llama_cpp_nll_equals_transformers(model_type, tmp_path, tokenizer, segments):
+    """f32 GGUF: llama.cpp's per-token NLL equals transformers' on the same segments (Q/K order right)."""
+    pytest.importorskip("llama_cpp")
+    from shortened_llm import remove_blocks
+    from shortened_llm.evaluate import token_nll
+
+    extra = {"sliding_window": None} if model_type == "mistral" else {}
+    model = tiny_random_model(model_type, num_layers=4, tokenizer=tokenizer, seed=2, **extra)
+    remove_blocks(model, [2])
+    model_dir = save_model(model, tokenizer, tmp_path / model_type)
+    out = export_gguf(model_dir, tmp_path / "m-f32.gguf", "f32", progress=False)
+    llm = load_gguf(out, n_ctx=64)
+    hf = token_nll(model, segments)
+    lc = gguf_token_nll(llm, segments)
+    assert lc.shape == hf.shape
+    torch.testing.assert_close(lc, hf, atol=2e-3, rtol=1e-3)
+
+
+def test_quantised_files_load_and_stay_close(pruned_dir, tmp_path, segments):
+    pytest.importorskip("llama_cpp")
+    nll = {}
+    for quant in ("f16", "q8_0", "q4_k_m"):
+        out = export_gguf(pruned_dir, tmp_path / f"m-{quant}.gguf", quant, progress=False)
+        meta = read_gguf_metadata(out)
+        assert meta["block_count"] == 4 and meta["removed_blocks"] == [1, 2]  # kept through quantisation
+        nll[quant] = gguf_token_nll(load_gguf(out, n_ctx=64), segments).mean().item()
+        nll[quant, "size"] = out.stat().st_size
+    assert "Q8_0" in read_gguf_metadata(tmp_path / "m-q8_0.gguf")["tensor_types"]
+    assert nll["q8_0", "size"] < nll["f16", "size"]
+    assert abs(nll["q8_0"] - nll["f16"]) < 0.02 * nll["f16"]
+    assert QUANT_TYPES[:3] == ("f32", "f16", "q8_0")
+
+
+def test_tokenizers_agree_and_generation_matches(pruned_dir, tmp_path, tokenizer):
+    pytest.importorskip("llama_cpp")
+    from shortened_llm import load_model
+    from shortened_llm.data import load_texts
+
+    out = export_gguf(pruned_dir, tmp_path / "m-f32.gguf", "f32", progress=False)
+    llm = load_gguf(out, n_ctx=128)
+    texts = [t for t in load_texts("wikitext2")[:200] if t.strip()][:40] + ["In 2011, 12345 cats ran 3.5 km — fast!"]
+    agreement = tokenizer_agreement(llm, tokenizer, texts)
+    assert agreement["ids_equal"] == agreement["texts"], agreement["first_mismatch"]
+    assert agreement["roundtrip_equal"] == agreement["texts"]
+
+    model, _ = load_model(pruned_dir, device="cpu")
+    prompt = tokenizer("The capital of France is", add_special_tokens=False).input_ids
+    assert gguf_generate(llm, prompt, 8) == hf_generate(model, tokenizer, prompt, 8)
