@@ -264,6 +264,10 @@ def load_model(
 
     source = _resolve(name_or_path)
     local = Path(source)
+    from .subblock import is_subblock_dir, load_subblock_model
+
+    if is_subblock_dir(local):  # removed attention/MLP halves: plain from_pretrained cannot express them
+        return load_subblock_model(local, dtype=dtype, device=device, device_map=device_map)
     if local.is_dir():
         if not (local / "config.json").exists():
             raise FileNotFoundError(f"{source!r} is a directory without config.json: not a Hugging Face model dir")
@@ -308,6 +312,8 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, overwrit
         record = getattr(model, "pruning", None)
         if record is not None:
             (tmp / "pruning.json").write_text(record.to_json())
+            if hasattr(record, "seal_dir"):  # subblock.SubBlockRecord: make plain from_pretrained refuse it
+                record.seal_dir(tmp)
     return Path(out_dir)
 
 
