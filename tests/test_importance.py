@@ -1,0 +1,172 @@
+"""Block importance: every criterion on a tiny random Llama, with known answers where there are some."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from shortened_llm.evaluate import token_nll
+from shortened_llm.importance import (
+    CRITERIA, DATA_FREE, PLUS_RULE, block_importance, blocks_to_remove, criterion_options, removal_order,
+    split_criterion,
+)
+from shortened_llm.prune import remove_blocks
+
+ALL = sorted(CRITERIA)
+
+
+def _score(model, ids, criterion, **kw):
+    if criterion not in DATA_FREE:
+        kw.setdefault("progress", False)
+    return block_importance(model, ids, criterion, **kw)
+
+
+def test_every_expected_criterion_is_registered():
+    assert {"ppl", "taylor", "magnitude", "bi", "angular", "sleb", "reverse", "random"} <= set(CRITERIA)
+
+
+@pytest.mark.parametrize("criterion", ALL)
+def test_shape_finite_and_deterministic(criterion, random_ids):
+    model = make_tiny_llama(num_layers=5)
+    a = _score(model, random_ids, criterion)
+    b = _score(make_tiny_llama(num_layers=5), random_ids, criterion)
+    assert a.shape == (5,) and a.dtype == torch.float64
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b)
+
+
+def test_taylor_leaves_model_as_it_was(tiny_llama, random_ids):
+    flags = [p.requires_grad for p in tiny_llama.parameters()]
+    plain = _score(tiny_llama, random_ids, "taylor")
+    assert [p.requires_grad for p in tiny_llama.parameters()] == flags
+    assert all(p.grad is None for p in tiny_llama.parameters())
+    # checkpointing recomputes activations, same gradients; batching accumulates to the same mean loss
+    assert torch.allclose(_score(tiny_llama, random_ids, "taylor", gradient_checkpointing=True), plain, rtol=1e-5)
+    assert torch.allclose(_score(tiny_llama, random_ids, "taylor", batch_size=1), plain, rtol=1e-4)
+
+
+def test_taylor_matches_manual_sum_of_w_times_grad(tiny_llama, random_ids):
+    model = copy.deepcopy(tiny_llama)
+    logits = model(random_ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), random_ids[:, 1:].flatten())
+    loss.backward()
+    want = [sum((p * p.grad).abs().sum().item() for name, p in b.named_parameters() if name.endswith("weight"))
+            for b in model.model.layers]
+    assert torch.allclose(_score(tiny_llama, random_ids, "taylor"), torch.tensor(want, dtype=torch.float64), rtol=1e-4)
+
+
+def test_ppl_fast_equals_naive(random_ids):
+    model = make_tiny_llama(num_layers=6)
+    fast = _score(model, random_ids, "ppl", reuse_prefix=True)
+    naive = _score(model, random_ids, "ppl", reuse_prefix=False)
+    assert ((fast - naive).abs() / naive).max() <= 1e-4
+    assert torch.allclose(_score(model, random_ids, "ppl", batch_size=2), fast, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [0, 2, 3])  # first, middle, last (the last has no successor to inject into)
+def test_ppl_score_is_ppl_of_the_really_pruned_model(block, random_ids):
+    model = make_tiny_llama(num_layers=4)
+    scores = _score(model, random_ids, "ppl")
+    pruned = remove_blocks(copy.deepcopy(model), [block])
+    want = math.exp(token_nll(pruned, random_ids).double().mean().item())
+    assert scores[block].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_bi_is_one_minus_cosine_of_block_in_and_out(tiny_llama, random_ids):
+    out = tiny_llama(random_ids, output_hidden_states=True)
+    h = out.hidden_states  # the last one is after the final norm: compare blocks 0..L-2 only
+    want = [1 - torch.cosine_similarity(h[i], h[i + 1], dim=-1).mean().item() for i in range(len(h) - 2)]
+    got = _score(tiny_llama, random_ids, "bi")
+    assert torch.allclose(got[:-1], torch.tensor(want, dtype=torch.float64), atol=1e-5)
+
+
+def test_angular_span_parameter(tiny_llama, random_ids):
+    one, two = _score(tiny_llama, random_ids, "angular", n=1), _score(tiny_llama, random_ids, "angular", n=2)
+    assert (one >= 0).all() and (one <= 1).all()
+    assert not torch.allclose(one, two)
+    with pytest.raises(ValueError, match="n=9"):
+        _score(tiny_llama, random_ids, "angular", n=9)
+
+
+def test_sleb_first_step_is_the_ppl_minimum_and_order_is_consistent(random_ids):
+    model = make_tiny_llama(num_layers=5)
+    ppl = _score(model, random_ids, "ppl")
+    sleb = _score(model, random_ids, "sleb", n=3)
+    assert removal_order(sleb)[0] == int(torch.argmin(ppl))
+    assert sorted(sleb[removal_order(sleb)[:3]].tolist()) == [0, 1, 2]
+    # second greedy step: the block whose removal, on top of the first, hurts least
+    first = removal_order(sleb)[0]
+    pruned = remove_blocks(copy.deepcopy(model), [first])
+    second_scores = _score(pruned, random_ids, "ppl")
+    alive = [i for i in range(5) if i != first]
+    assert removal_order(sleb)[1] == alive[int(torch.argmin(second_scores))]
+    with pytest.raises(ValueError, match="n=5"):
+        _score(model, random_ids, "sleb", n=5)
+
+
+def test_baselines(tiny_llama):
+    assert removal_order(block_importance(tiny_llama, None, "reverse")) == [3, 2, 1, 0]
+    r0 = block_importance(tiny_llama, None, "random", seed=0)
+    assert sorted(r0.tolist()) == [0, 1, 2, 3]
+    assert torch.equal(r0, block_importance(tiny_llama, None, "random", seed=0))
+
+
+def test_magnitude_known_answer(tiny_llama):
+    with torch.no_grad():
+        for p in tiny_llama.model.layers[2].parameters():
+            p.fill_(0.0)
+    scores = block_importance(tiny_llama, None, "magnitude")
+    assert scores[2] == 0 and (scores[[0, 1, 3]] > 0).all()
+
+
+def test_blocks_to_remove_and_plus_rule():
+    scores = torch.tensor([0.0, 1.0, 2.0, 9.0, 3.0, 8.0, 4.0, 5.0, 6.0, 7.0])
+    assert blocks_to_remove(scores, 3) == [0, 1, 2]
+    assert blocks_to_remove(scores, 3, **PLUS_RULE) == [4, 6, 7]  # blocks 0-3 and 8-9 protected
+    assert split_criterion("taylor+") == ("taylor", True)
+    with pytest.raises(ValueError, match=r"n=5 blocks to remove but only 4 of 10 are removable"):
+        blocks_to_remove(scores, 5, **PLUS_RULE)
+    with pytest.raises(ValueError, match="n=0"):
+        blocks_to_remove(scores, 0)
+
+
+def test_criterion_options_pass_n_only_where_it_matters():
+    assert criterion_options("sleb", 6) == {"n": 6}
+    assert criterion_options("angular", 6) == {"n": 6}
+    assert criterion_options("taylor+", 6) == {}
+
+
+def test_bad_input_errors(tiny_llama, random_ids):
+    with pytest.raises(ValueError, match=r"Unknown criterion 'tayler'.*Did you mean 'taylor'.*Available: angular, bi"):
+        block_importance(tiny_llama, random_ids, "tayler")
+    with pytest.raises(ValueError, match="non-empty"):
+        block_importance(tiny_llama, torch.zeros(0, 8, dtype=torch.long), "ppl")
+    with pytest.raises(ValueError, match="need >= 2"):
+        block_importance(tiny_llama, random_ids[:, :1], "taylor")
+    with pytest.raises(ValueError, match="non-empty"):
+        block_importance(tiny_llama, None, "bi")
+
+
+def test_cli_score_and_prune_with_sleb_and_plus(tmp_path, monkeypatch):
+    """The CLI chains the same calls: sleb gets n from the ratio; a too-large n fails before scoring."""
+    from shortened_llm import cli, importance
+
+    model = make_tiny_llama(num_layers=10)
+    monkeypatch.setattr("shortened_llm.models.load_model", lambda *a, **k: (model, None))
+    monkeypatch.setattr(cli, "_calibration", lambda args, tok, m: torch.randint(3, 128, (2, 12)))
+    seen = {}
+    real = importance.block_importance
+
+    def spy(m, ids, criterion, **options):
+        seen[criterion] = options
+        return real(m, ids, criterion, progress=False, **options)
+
+    monkeypatch.setattr(importance, "block_importance", spy)
+    monkeypatch.setattr("shortened_llm.models.save_model", lambda m, t, out, overwrite=False: out)
+    assert cli.main(["prune", "--criterion", "sleb", "--ratio", "0.2", "--out", str(tmp_path / "p")]) == 0
+    assert seen["sleb"] == {"n": 2}
+    assert cli.main(["prune", "--criterion", "taylor+", "--ratio", "0.6", "--out", str(tmp_path / "q")]) == 2
+    assert "taylor+" not in seen  # refused before any scoring
