@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["save_figure", "plot_block_scores", "plot_reference_curve", "plot_ppl_bars", "plot_generation_sweep"]
+__all__ = ["save_figure", "plot_block_scores", "plot_reference_curve", "plot_ppl_bars", "plot_generation_sweep",
+           "plot_score_heatmap", "plot_rank_correlation", "plot_ppl_vs_ratio"]
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -89,3 +90,47 @@ def plot_generation_sweep(table: pd.DataFrame, new_tokens: int | None = None):
     device = ", ".join(sorted(set(df.get("device", pd.Series(["?"])).astype(str))))
     fig.suptitle(f"generation, {', '.join(map(str, sorted(set(df.new_tokens))))} new tokens, {device}")
     return fig
+
+
+# ---- block importance (notebooks 01-02) ---------------------------------------------------------
+
+def plot_score_heatmap(scores: dict, ax=None):
+    """Criteria x blocks, each row min-max normalised to [0, 1] so criteria on any scale compare.
+
+    1 = the block that criterion finds most important, 0 = the one it would drop first.
+    """
+    import numpy as np
+
+    rows = {}
+    for name, s in scores.items():
+        v = np.asarray([float(x) for x in s], dtype=float)
+        span = v.max() - v.min()
+        rows[name] = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+    df = pd.DataFrame(rows).T
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(8, 0.32 * df.shape[1]), 0.45 * len(df) + 1.2))
+    sns.heatmap(df, cmap="viridis", vmin=0, vmax=1, ax=ax, cbar_kws={"label": "normalised score"})
+    ax.set_xlabel("block")
+    ax.set_title("Block importance by criterion (per-row min-max; dark = dropped first)")
+    return ax.figure
+
+
+def plot_rank_correlation(corr: pd.DataFrame, ax=None):
+    """Spearman correlation between criteria, annotated; diverging colours centred on 0."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.0 * len(corr) + 2, 0.8 * len(corr) + 1))
+    sns.heatmap(corr, annot=True, fmt=".2f", cmap="vlag", vmin=-1, vmax=1, square=True, ax=ax)
+    ax.set_title("Spearman rank correlation of block scores")
+    return ax.figure
+
+
+def plot_ppl_vs_ratio(table: pd.DataFrame, dataset: str = "WikiText-2", ax=None):
+    """Perplexity of the pruned model against the pruning ratio, one line per criterion (log y)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    sns.lineplot(table, x="ratio", y="ppl", hue="criterion", marker="o", ax=ax)
+    ax.set_yscale("log")
+    ax.set_xlabel("share of blocks removed")
+    ax.set_ylabel(f"{dataset} perplexity")
+    ax.set_title(f"{dataset} perplexity after one-shot depth pruning")
+    return ax.figure
