@@ -170,3 +170,24 @@ def test_cli_score_and_prune_with_sleb_and_plus(tmp_path, monkeypatch):
     assert seen["sleb"] == {"n": 2}
     assert cli.main(["prune", "--criterion", "taylor+", "--ratio", "0.6", "--out", str(tmp_path / "q")]) == 2
     assert "taylor+" not in seen  # refused before any scoring
+
+
+def test_explorer_caches_and_matches_a_really_pruned_model(tmp_path, random_ids):
+    from shortened_llm.explore import PruneExplorer, max_removable, rank_correlation, scores_for
+
+    model = make_tiny_llama(num_layers=8)
+    scores = {c: scores_for(model, random_ids, c, tmp_path, progress=False) for c in ("ppl", "magnitude")}
+    assert (tmp_path / "scores" / "ppl.csv").exists()
+    assert torch.equal(scores_for(None, None, "ppl+", tmp_path), scores["ppl"])  # loaded, not recomputed
+    ex = PruneExplorer(model, scores, random_ids, run_dir=tmp_path)
+    got = ex.evaluate("ppl", 2)
+    pruned = remove_blocks(copy.deepcopy(model), got["removed"])
+    assert got["ppl"] == pytest.approx(math.exp(token_nll(pruned, random_ids).double().mean().item()), rel=1e-5)
+    again = PruneExplorer(None, scores, random_ids, run_dir=tmp_path)  # no model: must come from the file
+    again._load()
+    assert again.ppl_without(got["removed"]) == got["ppl"]
+    assert max_removable(8, "ppl") == 7 and max_removable(8, "taylor+") == 2
+    with pytest.raises(ValueError, match="n=3 blocks to remove but only 2"):
+        ex.evaluate("ppl+", 3)
+    corr = rank_correlation(scores)
+    assert corr.loc["ppl", "ppl"] == pytest.approx(1.0)
