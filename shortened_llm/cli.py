@@ -65,6 +65,8 @@ def cmd_prune(args) -> int:
     from .models import load_model, num_blocks, save_model
     from .prune import num_blocks_for_ratio, remove_blocks
 
+    if getattr(args, "method", "depth") == "width":
+        return _cmd_width(args)
     _, plus = split_criterion(args.criterion)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -83,6 +85,25 @@ def cmd_prune(args) -> int:
     save_model(model, tokenizer, out, overwrite=args.overwrite)
     _print_json({"criterion": args.criterion, "ratio": args.ratio, "removed_blocks": removed,
                  "num_blocks": num_blocks(model), "out": str(out)})
+    return 0
+
+
+def _cmd_width(args) -> int:
+    """prune --method width: thinner blocks (width.py) with as many parameters as --ratio of the blocks removed."""
+    from .models import count_params, load_model, save_model
+    from .width import width_prune
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out!r} already exists: pass --overwrite to replace it")
+    model, tokenizer = load_model(args.model)
+    before = count_params(model)
+    width_prune(model, ratio=args.ratio)
+    save_model(model, tokenizer, out, overwrite=args.overwrite)
+    r = model.pruning
+    _print_json({"method": "width", "ratio": args.ratio, "kv_groups_removed_per_block": r.kv_groups_removed,
+                 "channels_removed_per_block": r.channels_removed, "params_before": before,
+                 "params_after": count_params(model), "out": str(out)})
     return 0
 
 
@@ -178,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove the least important blocks and save a plain HF model")
     _add_scoring_args(p)
     p.add_argument("--ratio", type=float, default=0.2, help="share of blocks to remove, in (0, 1)")
+    p.add_argument("--method", default="depth", choices=["depth", "width"],
+                   help="depth: remove blocks; width: remove KV groups and MLP channels by magnitude from every "
+                        "block, as many parameters as depth pruning at --ratio (--criterion is ignored)")
     p.add_argument("--scores", default=None, help="precomputed scores CSV (skips scoring)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

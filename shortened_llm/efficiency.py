@@ -287,22 +287,33 @@ def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = 
 
 
 def _summary(df: pd.DataFrame) -> pd.DataFrame:
-    ok = df[df.status == "ok"]
+    ok = df[df.status == "ok"].copy()
+    extra = {}
+    if "prefill_s" in ok:  # decode time: the whole call minus its prompt pass
+        ok["decode_s"] = ok.latency_s - ok.prefill_s
+        extra = {"decode_s": ("decode_s", "median")}
     return (ok.groupby(["model", "batch_size", "new_tokens"], as_index=False)
-              .agg(latency_s=("latency_s", "median"), latency_min_s=("latency_min_s", "min"),
-                   tokens_per_s=("tokens_per_s", "median")))
+              .agg(params=("params", "first"), latency_s=("latency_s", "median"),
+                   latency_min_s=("latency_min_s", "min"), tokens_per_s=("tokens_per_s", "median"), **extra))
 
 
 def speedup_table(df: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
-    """Per model and setting: latency speedup over ``baseline`` (median of rounds; and best-of, min/min)."""
+    """Per model and setting: latency speedup over ``baseline``.
+
+    ``speedup_median`` compares medians over rounds, ``speedup_min`` the fastest runs
+    (least disturbed by other load), ``decode_speedup_median`` the time after the prompt pass.
+    """
     if baseline not in set(df.model):
         raise ValueError(f"baseline={baseline!r} is not a model in the table: {sorted(set(df.model))}")
     s = _summary(df)
-    base = s[s.model == baseline][["batch_size", "new_tokens", "latency_s", "latency_min_s"]]
+    cols = [c for c in ("latency_s", "latency_min_s", "decode_s") if c in s]
+    base = s[s.model == baseline][["batch_size", "new_tokens", *cols]]
     s = s.merge(base, on=["batch_size", "new_tokens"], suffixes=("", "_base"))
     s["speedup_median"] = s.latency_s_base / s.latency_s
     s["speedup_min"] = s.latency_min_s_base / s.latency_min_s
-    return s.drop(columns=["latency_s_base", "latency_min_s_base"]).sort_values(["new_tokens", "batch_size", "model"])
+    if "decode_s" in s:
+        s["decode_speedup_median"] = s.decode_s_base / s.decode_s
+    return s.drop(columns=[f"{c}_base" for c in cols]).sort_values(["new_tokens", "batch_size", "model"], ignore_index=True)
 
 
 def memory_table(df: pd.DataFrame) -> pd.DataFrame:
