@@ -43,6 +43,8 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--criterion", default="ppl", help="ppl, taylor, magnitude, ... ('+' keeps first 4 / last 2 blocks)")
     p.add_argument("--preset", default="paper", help="budget preset for calibration (tiny, smoke, paper)")
     p.add_argument("--calib-samples", type=int, default=None, help="override the preset's calibration samples")
+    p.add_argument("--unit", default="block", choices=["block", "attn", "mlp"],
+                   help="what is scored/removed: whole blocks, or attention / MLP halves (ppl, sleb, bi, reverse, random)")
 
 
 def cmd_score(args) -> int:
@@ -50,6 +52,8 @@ def cmd_score(args) -> int:
     from .importance import block_importance, criterion_options, split_criterion
     from .models import load_model
 
+    if getattr(args, "unit", "block") != "block":
+        return _cmd_unit(args, prune=False)
     split_criterion(args.criterion)  # fail on a bad name before loading anything
     model, tokenizer = load_model(args.model)
     scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion,
@@ -67,6 +71,8 @@ def cmd_prune(args) -> int:
 
     if getattr(args, "method", "depth") == "width":
         return _cmd_width(args)
+    if getattr(args, "unit", "block") != "block":
+        return _cmd_unit(args, prune=True)
     _, plus = split_criterion(args.criterion)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -104,6 +110,36 @@ def _cmd_width(args) -> int:
     _print_json({"method": "width", "ratio": args.ratio, "kv_groups_removed_per_block": r.kv_groups_removed,
                  "channels_removed_per_block": r.channels_removed, "params_before": before,
                  "params_after": count_params(model), "out": str(out)})
+    return 0
+
+
+def _cmd_unit(args, prune: bool) -> int:
+    """score/prune with ``--unit attn|mlp``: halves of blocks (subblock.py); ``--ratio`` is the share of halves."""
+    from .artifacts import save_scores
+    from .importance import PLUS_RULE
+    from .models import load_model, num_blocks, save_model
+    from .prune import num_blocks_for_ratio
+    from .subblock import SUB_CRITERIA, prune_unit, sublayer_importance
+
+    base, plus = (args.criterion[:-1], True) if args.criterion.endswith("+") else (args.criterion, False)
+    if base not in SUB_CRITERIA:
+        raise ValueError(f"--criterion {args.criterion!r} is not available with --unit {args.unit}: "
+                         f"use one of {', '.join(sorted(SUB_CRITERIA))} (each also with '+')")
+    if prune and Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out!r} already exists: pass --overwrite to replace it")
+    model, tokenizer = load_model(args.model)
+    ids = None if base in ("reverse", "random") else _calibration(args, tokenizer, model)
+    if not prune:
+        scores = sublayer_importance(model, ids, args.unit, base, **({"n": args.n} if base == "sleb" and args.n else {}))
+        save_scores(args.out, scores)
+        _print_json({"criterion": args.criterion, "unit": args.unit, "out": args.out, "scores": scores.tolist()})
+        return 0
+    n = num_blocks_for_ratio(num_blocks(model), args.ratio)
+    keep = PLUS_RULE if plus else {}
+    model, removed = prune_unit(model, ids, args.unit, n, base, ratio=args.ratio, **keep)
+    save_model(model, tokenizer, args.out, overwrite=args.overwrite)
+    _print_json({"criterion": args.criterion, "unit": args.unit, "ratio": args.ratio, "removed": removed,
+                 "out": str(args.out)})
     return 0
 
 
@@ -151,6 +187,19 @@ def cmd_retrain(args) -> int:
         result = lora_retrain(args.model, data=args.data or "alpaca", max_steps=args.max_steps, **common)
     elif args.method == "cpt":
         result = continued_pretrain(args.model, data=args.data or "c4", max_steps=args.max_steps, **common)
+    elif args.method == "kd":
+        from .distill import distill
+
+        if not args.teacher:
+            raise ValueError("retrain kd needs --teacher: the dense model the student was pruned from")
+        result = distill(args.model, args.teacher, dataset=args.data or "c4", max_steps=args.max_steps,
+                         temperature=args.temperature, alpha=args.alpha, hidden_loss=args.hidden_loss,
+                         lora=args.lora, **common)
+    elif args.method == "partial":
+        from .distill import partial_retrain
+
+        result = partial_retrain(args.model, dataset=args.data or "c4", max_steps=args.max_steps,
+                                 last_k=args.last_k, **common)
     else:
         result = cpt_then_lora(args.model, cpt_steps=args.max_steps, lora_steps=args.max_steps, **common)
     losses = [row["loss"] for row in result.log if "loss" in row]
@@ -225,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_eval_zeroshot)
 
     p = sub.add_parser("retrain", help="LoRA, continued pretraining, or CPT then LoRA; saves a plain HF model")
-    p.add_argument("method", choices=["lora", "cpt", "cpt-lora"])
+    p.add_argument("method", choices=["lora", "cpt", "cpt-lora", "kd", "partial"])
     p.add_argument("--model", required=True, help="pruned model dir (or embedded name / hub id)")
     p.add_argument("--out", required=True, help="output model dir (appears only when training finished)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the preset's)")
@@ -234,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="default: the preset's seed")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in <out>.checkpoints/")
+    p.add_argument("--teacher", default=None, help="kd: the dense teacher (embedded name, dir or hub id)")
+    p.add_argument("--temperature", type=float, default=1.0, help="kd: softmax temperature T (KL scaled by T^2)")
+    p.add_argument("--alpha", type=float, default=0.0, help="kd: weight of the LM loss (the KL gets 1 - alpha)")
+    p.add_argument("--hidden-loss", action="store_true", help="kd: add per-block hidden-state MSE (needs pruning.json)")
+    p.add_argument("--lora", action="store_true", help="kd: train a LoRA adapter instead of every weight")
+    p.add_argument("--last-k", type=int, default=3, help="partial: fine-tune the last K blocks and the LM head")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("export", help="export a (pruned) model for other runtimes")
