@@ -24,7 +24,7 @@ from .importance import DATA_FREE, PLUS_RULE, block_importance, blocks_to_remove
 from .models import get_blocks
 from .prune import skipping_blocks
 
-__all__ = ["scores_for", "rank_correlation", "max_removable", "PruneExplorer", "explorer_widget"]
+__all__ = ["scores_for", "rank_correlation", "max_removable", "PruneExplorer", "explorer_widget", "scores_widget"]
 
 
 def scores_for(model, calib: torch.Tensor | None, criterion: str, run_dir: str | os.PathLike | None = None,
@@ -140,15 +140,15 @@ class PruneExplorer:
         return pd.DataFrame(rows)
 
 
-def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None):
+def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None, n: int | None = None):
     """Dropdown (criterion) x slider (blocks removed, bounded by what the criterion allows).
 
-    Shows the score bars with the removed blocks in red and the resulting perplexity.
-    Nothing runs until the user moves a control, so a headless run never blocks.
+    Shows the score bars with the removed blocks in red and the resulting perplexity; the
+    first view (``n`` blocks, default 1) is drawn at once, so pick an ``n`` already swept to
+    keep a headless run quick. Callbacks only run on user input: papermill never waits.
     """
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
     from .plots import plot_block_scores
 
@@ -169,6 +169,8 @@ def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None):
             base, _ = split_criterion(pick.value)
             fig = plot_block_scores(explorer.scores[base], pick.value, removed=result["removed"])
             fig.axes[0].set_title(f"{pick.value}: remove {result['removed']} -> {explorer.dataset} PPL {result['ppl']:.2f}")
+            # the same as text too: readable without the figure (screen readers, the browser tests)
+            print(f"{pick.value}: removed blocks {result['removed']} -> {explorer.dataset} PPL {result['ppl']:.2f}")
             plt.show()
 
     def on_criterion(change):
@@ -177,6 +179,35 @@ def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None):
         count.value = min(current, count.options[-1][1])
         show()
 
+    if n is not None:
+        count.value = min(n, count.options[-1][1])
     pick.observe(on_criterion, names="value")
     count.observe(show, names="value")
+    show()
     return widgets.VBox([widgets.HBox([pick, count]), out])
+
+
+def scores_widget(scores: dict[str, torch.Tensor], n: int):
+    """Dropdown (criterion, '+' variants included) -> its score bars and the ``n`` blocks it drops."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_block_scores
+
+    names = sorted(scores) + [f"{c}+" for c in ("ppl", "taylor", "magnitude") if c in scores]
+    pick = widgets.Dropdown(options=names, value=names[0], description="criterion")
+    out = widgets.Output()
+
+    def show(*_):
+        base, plus = split_criterion(pick.value)
+        keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
+        drop = blocks_to_remove(scores[base], n, **keep)
+        with out:
+            out.clear_output(wait=True)
+            print(f"{pick.value} drops blocks {drop}")
+            plot_block_scores(scores[base], pick.value, removed=drop)
+            plt.show()
+
+    pick.observe(show, names="value")
+    show()
+    return widgets.VBox([pick, out])
