@@ -136,6 +136,17 @@ def _root_flag() -> list[str]:
     return ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the process that started it dies, even by SIGKILL,
+    so a killed test run or demo never leaves a server (and its kernels) behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
@@ -175,7 +186,8 @@ def _start(name: str, cmd_for_port, port: int | None, token: str | None, log_dir
         log_path = log_dir / f"{name}-{chosen}.log"
         log_file = open(log_path, "w")
         proc = subprocess.Popen(cmd_for_port(chosen, token), cwd=str(cwd), stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         server = Server(name, chosen, token, proc, log_path, _log_file=log_file)
         try:
             _wait_ready(server, probe_path, timeout)
@@ -239,7 +251,7 @@ def start_voila(target: str | os.PathLike, port: int | None = None, token: str |
 
     def cmd(p: int, t: str) -> list[str]:
         return [exe, str(target), "--no-browser", f"--Voila.ip={LOCALHOST}", f"--port={p}", "--Voila.port_retries=0",
-                f"--token={t}", "--show_tracebacks=True", "--progressive_rendering=True"]
+                f"--token={t}", "--show_tracebacks=True"]
 
     # a single notebook's "/" runs it: probe a static file instead, so readiness costs nothing
     probe = "/voila/static/favicon.ico" if target.is_file() else "/"
@@ -265,7 +277,8 @@ def prepare_notebooks(names: Sequence[str], out_dir: str | os.PathLike, paramete
 
 def _demo(args) -> int:
     run_dir = Path(args.run_dir).resolve()
-    app_dir = run_dir / "demo"
+    # at the depth of notebooks/, so relative paths in them (../results) resolve as in JupyterLab
+    app_dir = REPO / "build" / "demo"
     params = {"model": args.model, "preset": args.preset, "run_dir": str(run_dir)}
     notebooks = prepare_notebooks(args.only or DEMO_NOTEBOOKS, app_dir, params)
     with start_voila(app_dir, port=args.port, log_dir=run_dir / "logs") as server:

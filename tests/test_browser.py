@@ -13,8 +13,8 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -35,6 +35,8 @@ BLOCKS_RE = re.compile(r"block[s]?\b[^\[\n]*\[([\d,\s]+)\]", re.I)
 PPL_RE = re.compile(r"\bPPL\b(?:[^\n:=]*[:=])?\s*(\d+(?:\.\d+)?)", re.I)
 # draw every cell, not only those on screen, so the explorer is in the page wherever it sits
 ALL_CELLS_IN_DOM = {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"}}
+# notebooks a test executed, for the next test to reuse (the site test renders the Lab-saved copy)
+_EXECUTED: dict[str, Path] = {}
 ERROR_MARKERS = ("Traceback (most recent call last)", "Error displaying widget", "Failed to load model class")
 
 pytestmark = pytest.mark.browser
@@ -65,7 +67,7 @@ def browser():
 def page(browser):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
-    pg.set_default_timeout(120_000)
+    pg.set_default_timeout(300_000)  # generous: a loaded 2-core machine, the kernel imports torch
     yield pg
     context.close()
 
@@ -116,7 +118,7 @@ def _shot_on_failure(page, name: str):
 def _ratio_slider(scope):
     """The slider whose label says ratio (ipywidgets 8 draws sliders with noUiSlider)."""
     slider = scope.locator(".widget-slider, .jupyter-widget-slider, .widget-hslider").filter(
-        has=scope.locator(".widget-label", has_text=re.compile("ratio", re.I)))
+        has=scope.locator(".widget-label", has_text=re.compile(r"^\s*(ratio|remove)\s*$", re.I)))
     slider.first.wait_for(state="visible")
     return slider.first
 
@@ -133,7 +135,7 @@ def _parse(text: str) -> tuple[str | None, str | None]:
     return (blocks.group(1).replace(" ", "") if blocks else None, ppl.group(1) if ppl else None)
 
 
-def _wait_parsed(slider, timeout: float = 120.0, differs_from: tuple | None = None) -> tuple[tuple, float]:
+def _wait_parsed(slider, timeout: float = 300.0, differs_from: tuple | None = None) -> tuple[tuple, float]:
     """Poll the explorer's text until it shows blocks and a PPL (different from ``differs_from``)."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
@@ -187,7 +189,7 @@ def _record(name: str, data: dict):
 
 # ---- JupyterLab -------------------------------------------------------------------------------
 
-def _wait_all_executed(page, n_code: int, timeout: float = 240.0):
+def _wait_all_executed(page, n_code: int, timeout: float = 300.0):
     """Every code cell's prompt shows a number (not '[*]' nor empty)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -219,6 +221,7 @@ def test_jupyterlab_explorer_by_keyboard(page, prepared, tmp_path):
     saved = json.loads(prepared.read_text())
     errors = [o for c in saved["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"saved notebook has error outputs: {errors[0]['ename']}: {errors[0]['evalue']}"
+    _EXECUTED["explorer"] = prepared
     _record("jupyterlab", {**timings, "test_s": round(time.perf_counter() - t0, 1), "screenshot": str(shot)})
 
 
@@ -228,10 +231,81 @@ def test_voila_explorer_by_keyboard(page, prepared, tmp_path):
     t0 = time.perf_counter()
     with serve.start_voila(prepared.parent, log_dir=tmp_path / "logs") as server:
         with _shot_on_failure(page, "voila"):
-            page.goto(server.url("/"))
-            page.get_by_role("link", name=re.compile(re.escape(prepared.stem))).first.click()
+            page.goto(server.url("/"))  # the app list `make demo` shows
+            page.get_by_text(prepared.name).first.wait_for(state="visible")
+            page.goto(server.url(f"/voila/render/{prepared.name}"))
             timings = _exercise_explorer(page, "voila")
             _assert_no_error_shown(page, "Voila")
             assert page.locator(".jp-InputArea, .jp-CodeMirrorEditor").count() == 0, "Voila shows code cells"
             shot = _shot(page, "voila")
     _record("voila", {**timings, "test_s": round(time.perf_counter() - t0, 1), "screenshot": str(shot)})
+
+
+# ---- the course site --------------------------------------------------------------------------
+
+class _Links(HTMLParser):
+    """Every href/src of one page."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("href", "src") and value:
+                self.refs.append(value)
+
+
+def _broken_local_links(site: Path) -> tuple[list[str], int]:
+    """Local href/src targets (anchors and queries stripped) missing on disk, over every page."""
+    broken, checked = [], 0
+    for page in site.rglob("*.html"):
+        parser = _Links()
+        parser.feed(page.read_text(errors="replace"))
+        for ref in parser.refs:
+            url = urlparse(ref)
+            if url.scheme in ("http", "https", "data", "mailto", "javascript") or not url.path:
+                continue
+            target = (page.parent / unquote(url.path)).resolve()
+            target = target / "index.html" if target.is_dir() else target
+            checked += 1
+            if not target.exists():
+                broken.append(f"{page.relative_to(site)} -> {ref}")
+    return broken, checked
+
+
+@pytest.fixture(scope="module")
+def executed_explorer(tmp_path_factory) -> Path:
+    """The explorer notebook with outputs: JupyterLab's saved copy when that test ran, else papermill's."""
+    if "explorer" in _EXECUTED:
+        return _EXECUTED["explorer"]
+    src = _explorer_notebook()
+    out_dir = tmp_path_factory.mktemp("executed")
+    from shortened_llm.reproduce import run_notebook
+
+    return run_notebook(src, out_dir, {"preset": "tiny", "run_dir": str(out_dir / "run")})
+
+
+def test_site_links_and_figures(page, executed_explorer, tmp_path):
+    from shortened_llm.site import build_site
+
+    t0 = time.perf_counter()
+    result = build_site(tmp_path / "run", tmp_path / "site", notebooks_dir=executed_explorer.parent,
+                        docs_dir=tmp_path / "docs")
+    broken, checked = _broken_local_links(result.site_dir)
+    assert checked > 0 and not broken, f"{len(broken)} broken links of {checked}: {broken[:10]}"
+    with _shot_on_failure(page, "site"):
+        page.goto(result.index.as_uri())
+        page.get_by_role("link", name=executed_explorer.stem).first.click()
+        page.wait_for_load_state("load")
+        assert page.url.endswith(f"notebooks/{executed_explorer.stem}.html"), page.url
+        images = page.evaluate("""() => Array.from(document.images).map(i =>
+            ({src: i.src.slice(0, 40), complete: i.complete, width: i.naturalWidth}))""")
+        figures = [i for i in images if i["src"].startswith("data:image")]
+        assert figures, f"the notebook page shows no figure; images: {images}"
+        assert all(i["complete"] and i["width"] > 0 for i in images), f"an image did not load: {images}"
+        _assert_no_error_shown(page, "the notebook page")
+        shot = _shot(page, "site")
+    _record("site", {"pages": len(result.pages), "html_files": len(list(result.site_dir.rglob("*.html"))),
+                     "build_s": round(result.seconds, 1), "links_checked": checked, "figures": len(figures),
+                     "test_s": round(time.perf_counter() - t0, 1), "screenshot": str(shot)})
