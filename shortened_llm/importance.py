@@ -302,13 +302,17 @@ def _checkpointed(blocks, enabled: bool):
     from torch.utils.checkpoint import checkpoint
 
     originals = [b.forward for b in blocks]
+    own = [b.__dict__.get("forward") for b in blocks]  # accelerate's device hooks live here
     try:
         for b, fwd in zip(blocks, originals):
             b.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
         yield
     finally:
-        for b in blocks:
-            del b.forward  # back to the class method
+        for b, fwd in zip(blocks, own):
+            if fwd is None:
+                del b.forward  # back to the class method
+            else:
+                b.forward = fwd
 
 
 @register_criterion("taylor")
