@@ -28,6 +28,7 @@ reproduce: install
 	$(BIN)/shortened-llm reproduce --preset $(PRESET) --model $(MODEL)
 
 test: install
+	bash .ci/setup-browser.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 # JupyterLab on notebooks/ (kernel `shortened-llm`), on a free port with a random token
