@@ -53,6 +53,7 @@ __all__ = [
     "gguf_generate",
     "hf_generate",
     "file_size_mb",
+    "compare_formats",
 ]
 
 LLAMACPP_INSTALL = 'pip install "shortened-llm[llamacpp]"  (builds llama.cpp from source: ~5 min on 2 cores)'
@@ -484,3 +485,40 @@ def hf_generate(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def compare_formats(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quants: Sequence[str] = ("f16", "q8_0", "q4_k_m"),
+                    label: str | None = None, dataset: str = "wikitext2", seq_len: int = 128,
+                    max_segments: int | None = None, batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """One row per format of one model: the HF model, then each GGUF, on the same PPL segments.
+
+    GGUF files are ``out_dir/<label>-<quant>.gguf``, reused when already there (train-or-load).
+    Columns: model, format, size_mb, ppl, ppl_change_pct (vs HF), block_count. Without
+    llama.cpp the GGUF rows have ``ppl=None`` (only f32/f16 can be written then).
+    """
+    from .evaluate import default_bos, ppl_segments, token_nll
+    from .models import _resolve, load_model, num_blocks
+
+    model_dir = Path(_resolve(model_dir))
+    label = label or model_dir.name
+    model, tokenizer = load_model(model_dir)
+    segments = ppl_segments(tokenizer, dataset, seq_len, default_bos(model), max_segments)
+    hf_ppl = math.exp(token_nll(model, segments, batch_size, progress=f"{label} HF" if progress else False)
+                      .double().mean().item())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    rows = [{"model": label, "format": f"HF {dtype}", "size_mb": file_size_mb(model_dir), "ppl": hf_ppl,
+             "ppl_change_pct": 0.0, "block_count": num_blocks(model), "segments": len(segments)}]
+    can_run = llama_cpp_available()
+    for quant in quants:
+        path = Path(out_dir) / f"{label}-{quant}.gguf"
+        if not path.exists():
+            export_gguf(model_dir, path, quant, progress=False)
+        ppl = None
+        if can_run:
+            llm = load_gguf(path, n_ctx=segments.shape[1])
+            ppl = gguf_perplexity(llm, segments, progress=f"{label} {quant}" if progress else False)
+            del llm
+        rows.append({"model": label, "format": f"GGUF {quant}", "size_mb": file_size_mb(path), "ppl": ppl,
+                     "ppl_change_pct": None if ppl is None else 100 * (ppl / hf_ppl - 1),
+                     "block_count": read_gguf_metadata(path)["block_count"], "segments": len(segments)})
+    return rows
