@@ -37,7 +37,7 @@ from .presets import Preset, get_preset
 from .retrain import (ADAPTER_DIR, BASE_FILE, RetrainResult, _fingerprint, _prepare_out, _publish, _resolve_model,
                       _settings, _train, _world_size, pack_blocks)
 
-__all__ = ["KDSettings", "distill", "partial_retrain", "kd_loss", "check_same_vocab", "track_peak_memory"]
+__all__ = ["KDSettings", "RECOVERY", "distill", "partial_retrain", "recover", "quick_eval", "kd_loss", "check_same_vocab", "track_peak_memory"]
 
 MB = 2**20
 
@@ -405,3 +405,70 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
     _publish(trainer, work, out_dir, overwrite, info, keep_checkpoints)
     return RetrainResult(trained, tokenizer, out_dir, "partial", trainer.state.global_step, seconds,
                          list(trainer.state.log_history))
+
+
+# ---- notebook 09: one retraining of one pruned model, trained or loaded, then evaluated ---------
+
+RECOVERY = ("none", "lora", "partial", "kd")
+
+
+def quick_eval(model, tokenizer, preset: Preset) -> dict:
+    """WikiText-2 PPL (paper protocol) and the zero-shot average at the preset's limits."""
+    from .evaluate import perplexity
+    from .zeroshot import zero_shot
+
+    ppl = perplexity(model, tokenizer, "wikitext2", seq_len=preset.eval_seq_len, max_segments=preset.eval_segments,
+                     batch_size=preset.eval_batch_size, progress=False)
+    tasks = preset.zero_shot_tasks or None
+    table = zero_shot(model, tokenizer, **({"tasks": tasks} if tasks else {}), limit=preset.zero_shot_limit,
+                      batch_size=preset.eval_batch_size, progress=False)
+    return {"wikitext2_ppl": ppl, "zero_shot_avg": float(table[table.task == "average"].value.iloc[0])}
+
+
+def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-135m", preset: str | Preset = "smoke",
+            steps: int | None = None, **overrides) -> dict:
+    """Train-or-load ``method`` (one of ``RECOVERY``) on a pruned model dir, evaluate it, return one table row.
+
+    Equal budget: LoRA, partial and KD take the same optimizer steps (``steps``, default
+    ``preset.lora_steps``) of the same global batch and sequence length (the ``cpt_*`` budget is
+    set to LoRA's ``lora_batch``/``lora_micro_batch``/``lora_cutoff``). LoRA sees Alpaca
+    prompts of at most ``lora_cutoff`` tokens (the paper's recipe), the others packed C4 text.
+    The row (method, seconds, peak memory, PPL, zero-shot average) is cached as ``row.json``.
+    """
+    from .retrain import lora_retrain
+
+    if method not in RECOVERY:
+        raise ValueError(f"method={method!r} must be one of {', '.join(RECOVERY)}")
+    preset = get_preset(preset, **overrides)
+    out_dir = Path(out_dir)
+    cached = out_dir / "row.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    steps = steps or preset.lora_steps or 1
+    equal = dict(cpt_batch=preset.lora_batch, cpt_micro_batch=preset.lora_micro_batch, cpt_block_size=preset.lora_cutoff)
+    row = {"method": method, "steps": 0, "seconds": 0.0, "peak_mb": float("nan"), "growth_mb": float("nan")}
+    model_dir = out_dir / "model"
+    if method == "none":
+        model, tokenizer = load_model(pruned)
+    else:
+        with track_peak_memory() as memory:
+            if method == "lora":
+                result = lora_retrain(str(pruned), out_dir=model_dir, preset=preset, max_steps=steps, progress=False,
+                                      overwrite=True)
+            elif method == "partial":
+                result = partial_retrain(str(pruned), out_dir=model_dir, preset=preset, max_steps=steps,
+                                         progress=False, overwrite=True, **equal)
+            else:
+                result = distill(str(pruned), teacher, out_dir=model_dir, preset=preset, max_steps=steps,
+                                 progress=False, overwrite=True, **equal)
+        model, tokenizer = result.model, result.tokenizer
+        row.update(steps=result.steps, seconds=round(result.seconds, 2), peak_mb=round(memory["peak_mb"], 1),
+                   growth_mb=round(memory["growth_mb"], 1))
+        if method == "kd":
+            info = json.loads((model_dir / "training.json").read_text())
+            row.update(teacher_mb=info["teacher_weights_mb"], student_mb=info["student_weights_mb"],
+                       trainable_params=info["trainable_params"])
+    model.eval()
+    row.update(quick_eval(model, tokenizer, preset), params=count_params(model))
+    atomic_write_text(cached, json.dumps(row, indent=2) + "\n")
+    return row

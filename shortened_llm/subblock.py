@@ -58,6 +58,8 @@ __all__ = [
     "kv_cache_bytes",
     "is_subblock_dir",
     "load_subblock_model",
+    "equal_param_models",
+    "speed_and_kv",
 ]
 
 UNITS = ("block", "attn", "mlp")
@@ -521,3 +523,50 @@ def load_subblock_model(path: str | os.PathLike, dtype=None, device=None, device
     model.eval()
     model.pruning = record
     return model, AutoTokenizer.from_pretrained(path)
+
+
+# ---- notebook 09: block vs attention-only vs MLP-only at equal parameter count ----------------
+
+def equal_param_models(model_name: str, input_ids, n_blocks: int, criterion: str = "ppl",
+                       units=UNITS) -> dict:
+    """``{unit: (model, tokenizer, removed) or None}``: each unit pruned to ~``n_blocks`` blocks' parameters.
+
+    ``None`` for a unit that cannot match that count (the error message is kept under ``"<unit>_why"``).
+    The block path uses the block criterion of the same name (``sleb`` and ``bi`` exist for both).
+    """
+    from .models import load_model
+
+    out: dict = {}
+    for unit in units:
+        model, tokenizer = load_model(model_name)
+        try:
+            n = n_for_equal_params(model, unit, n_blocks)
+        except ValueError as err:
+            out[unit], out[f"{unit}_why"] = None, str(err)
+            continue
+        crit = criterion if unit != "block" or criterion != "sleb" else "sleb"
+        options = {"progress": False} if crit in ("ppl", "bi", "sleb") else {}
+        model, removed = prune_unit(model, input_ids, unit, n, crit, **options)
+        out[unit] = (model, tokenizer, removed)
+    return out
+
+
+def speed_and_kv(models: dict, contexts=(128, 2048), new_tokens: int = 16, repeats: int = 2, progress: bool = True):
+    """Batch-1 generation latency after a ``context``-token prompt, and the measured KV-cache bytes, per model.
+
+    Models are interleaved per context (a slow spell of a shared machine hits all alike).
+    Uses ``efficiency.measure_generation`` (warm-up, then ``repeats`` timed forced-length runs).
+    """
+    import pandas as pd
+
+    from .efficiency import measure_generation
+
+    rows = []
+    for ctx in tqdm(list(contexts), desc="contexts", disable=not progress):
+        for name, model in models.items():
+            r = measure_generation(model, batch_size=1, prompt_len=ctx, new_tokens=new_tokens, warmup=1,
+                                   repeats=repeats, prefill=True)
+            rows.append({"model": name, "context": ctx, "latency_s": r["latency_s"], "prefill_s": r["prefill_s"],
+                         "decode_tokens_per_s": r["decode_tokens_per_s"], "kv_cache_mb": kv_cache_bytes(model, ctx) / 2**20,
+                         "params": count_params(model)})
+    return pd.DataFrame(rows)
