@@ -1,0 +1,107 @@
+"""Retraining: prompts and labels, bad input, LoRA outputs and merge, atomic outputs and resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import make_tiny_llama
+from shortened_llm.prompts import alpaca_prompt, load_instructions, response_of, tokenize_record
+from shortened_llm.prune import remove_blocks
+from shortened_llm.retrain import apply_adapter, checkpoints_dir, continued_pretrain, lora_retrain, pack_blocks
+
+FAST = dict(preset="tiny", progress=False, cpt_block_size=32, lora_cutoff=48)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from shortened_llm.models import _embedded_checkpoint
+
+    return AutoTokenizer.from_pretrained(_embedded_checkpoint("smollm2-135m"))
+
+
+def tiny(tok, removed=(1,), seed=0):
+    model = make_tiny_llama(vocab_size=len(tok), seed=seed)
+    return remove_blocks(model, list(removed), criterion="test", ratio=0.25)
+
+
+def test_prompt_template_and_labels_mask_the_prompt(tok):
+    rec = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
+    prompt = alpaca_prompt(rec["instruction"])
+    assert prompt.endswith("### Instruction:\nAdd 2 and 3.\n\n### Response:\n") and "### Input" not in prompt
+    assert "### Input:\nx\n\n" in alpaca_prompt("Do.", "x")
+    assert response_of(prompt + " 5 ") == "5"
+    row = tokenize_record(tok, rec, cutoff=256)
+    n_prompt = len(tok(prompt).input_ids)
+    assert row["labels"][:n_prompt] == [-100] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:] and row["input_ids"][-1] == tok.eos_token_id
+    assert len(tokenize_record(tok, rec, cutoff=8)["input_ids"]) == 8
+    with pytest.raises(ValueError, match="cutoff=0"):
+        tokenize_record(tok, rec, cutoff=0)
+
+
+def test_pack_blocks_keeps_every_token_in_order(tok):
+    blocks = pack_blocks(tok, ["one two three", "four five"], block_size=3)
+    flat = sum((tok(t).input_ids + [tok.eos_token_id] for t in ["one two three", "four five"]), [])
+    assert blocks.flatten().tolist() == flat[: blocks.numel()] and blocks.shape[1] == 3
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, tok):
+    bad = tmp_path / "data.json"
+    bad.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
+    with pytest.raises(ValueError, match=r"record 1 .* lacks field\(s\) \['output'\]"):
+        load_instructions(bad)
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    with pytest.raises(ValueError, match="not a causal LM"):
+        lora_retrain(str(bert), out_dir=tmp_path / "out", **FAST)
+    with pytest.raises(ValueError, match="lora_cutoff=0"):
+        lora_retrain(tiny(tok), tok, tmp_path / "out", preset="tiny", lora_cutoff=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_saves_adapter_and_trainable_merged_model(tmp_path, tok):
+    from shortened_llm import load_model
+
+    out = tmp_path / "lora"
+    result = lora_retrain(tiny(tok), tok, out, max_steps=1, **FAST)
+    assert {"adapter", "config.json", "pruning.json", "loss_log.csv", "training.json"} <= {p.name for p in out.iterdir()}
+    assert not checkpoints_dir(out).exists()
+    assert all(p.requires_grad for p in result.model.parameters())  # merge_and_unload left them frozen
+    assert type(result.model).__name__ == "LlamaForCausalLM" and result.model.pruning.removed_blocks == [1]
+    assert json.loads((out / "training.json").read_text())["steps"] == 1
+    assert "loss" in (out / "loss_log.csv").read_text().splitlines()[0]
+    reloaded, _ = load_model(out, device="cpu")
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
+        # the adapter on the base it was trained on gives the merged model back
+        adapted = apply_adapter(tiny(tok), out).eval()
+        torch.testing.assert_close(adapted(ids).logits, result.model(ids).logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="different base model"):
+        apply_adapter(tiny(tok, removed=(2,)), out)
+
+
+class Interrupt(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):  # right after checkpoint-1 is written
+        if state.global_step == 1:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_cpt_leaves_no_output_and_resumes_to_the_same_weights(tmp_path, tok):
+    full = continued_pretrain(tiny(tok), tok, tmp_path / "full", max_steps=2, **FAST).model
+    out = tmp_path / "cpt"
+    with pytest.raises(KeyboardInterrupt):
+        continued_pretrain(tiny(tok), tok, out, max_steps=2, retrain_save_steps=1, callbacks=[Interrupt()], **FAST)
+    assert not out.exists() and any(p.name.startswith("checkpoint-1") for p in checkpoints_dir(out).iterdir())
+    resumed = continued_pretrain(tiny(tok), tok, out, max_steps=2, retrain_save_steps=1, **FAST)
+    assert out.exists() and resumed.steps == 2
+    for (name, a), b in zip(full.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        continued_pretrain(tiny(tok), tok, out, max_steps=1, **FAST)
