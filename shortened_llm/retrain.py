@@ -46,6 +46,7 @@ __all__ = [
     "pack_blocks",
     "checkpoints_dir",
     "pruned_model",
+    "retrain_or_load",
     "answer",
 ]
 
@@ -445,6 +446,26 @@ def pruned_model(model: str = "smollm2-135m", run_dir: str | os.PathLike | None 
     if path is not None:
         save_model(dense, tokenizer, path, overwrite=True)
     return dense, tokenizer
+
+
+def retrain_or_load(method: str, model, tokenizer, out_dir: str | os.PathLike, preset: str | Preset = "smoke", **kwargs):
+    """Train-or-load for notebooks: ``(model, tokenizer, loss log DataFrame, training.json dict)``.
+
+    ``out_dir`` is loaded when it already holds a finished run; otherwise ``method``
+    (``lora``, ``cpt``, ``cpt-lora``) trains into it.
+    """
+    import pandas as pd
+
+    runners = {"lora": lora_retrain, "cpt": continued_pretrain, "cpt-lora": cpt_then_lora}
+    if method not in runners:
+        raise ValueError(f"Unknown retraining method {method!r}. Available: {', '.join(runners)}")
+    out_dir = Path(out_dir)
+    if not (out_dir / "training.json").exists():
+        result = runners[method](model, tokenizer, out_dir, preset=preset, **kwargs)
+        model, tokenizer = result.model, result.tokenizer
+    else:
+        model, tokenizer = load_model(out_dir)
+    return model, tokenizer, pd.read_csv(out_dir / "loss_log.csv"), json.loads((out_dir / "training.json").read_text())
 
 
 @torch.no_grad()
