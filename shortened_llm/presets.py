@@ -87,7 +87,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "smoke": Preset(
         name="smoke", eval_segments=100, ratios=(0.1, 0.2, 0.35), zero_shot_limit=50, lora_steps=30, cpt_steps=30,
-        lora_batch=8, lora_micro_batch=4, lora_cutoff=128, lora_val_size=50, cpt_batch=8, cpt_micro_batch=4,
+        lora_batch=8, lora_micro_batch=4, lora_cutoff=128, lora_val_size=16, cpt_batch=8, cpt_micro_batch=4,
         cpt_block_size=128, retrain_save_steps=10,
         batch_sizes=(1, 4, 16), new_tokens=(32,), repeats=3,
     ),
