@@ -27,10 +27,12 @@ def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # tiny preset: global batch 4 = micro-batch 2 x 2 accumulation (1 process) = 2 x 2 processes
     cli = ["-m", "shortened_llm", "retrain", "cpt", "--model", str(tmp_path / "base"), "--preset", "tiny", "--max-steps", "3"]
-    one = subprocess.run([sys.executable, *cli, "--out", str(tmp_path / "p1")], env=env, capture_output=True, text=True)
+    one = subprocess.run([sys.executable, *cli, "--out", str(tmp_path / "p1")], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-                          *cli, "--out", str(tmp_path / "p2")], env=env, capture_output=True, text=True)
+    # --standalone: a private rendezvous on a free port, so parallel CI jobs cannot collide
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *cli, "--out", str(tmp_path / "p2")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     l1, l2 = _losses(tmp_path / "p1"), _losses(tmp_path / "p2")
     assert len(l1) == len(l2) == 3
