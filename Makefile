@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m
 # absolute, because notebooks run with notebooks/ as their working directory
 export SHORTENED_LLM_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install reproduce test lab demo site clean
+.PHONY: install reproduce test test-all lab demo site clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ reproduce: install
 	$(BIN)/shortened-llm reproduce --preset $(PRESET) --model $(MODEL)
 
 test: install
+	bash .ci/setup-browser.sh
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 -m "not heavy"
+
+# everything, including the tests marked heavy (torchrun, Voila, the longest notebooks)
+test-all: install
 	bash .ci/setup-browser.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 

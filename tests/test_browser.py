@@ -227,6 +227,7 @@ def test_jupyterlab_explorer_by_keyboard(page, prepared, tmp_path):
 
 # ---- Voila ------------------------------------------------------------------------------------
 
+@pytest.mark.heavy  # Voila executes the whole notebook before the first byte: > 5 min on a loaded 2-core CPU
 def test_voila_explorer_by_keyboard(page, prepared, tmp_path):
     t0 = time.perf_counter()
     with serve.start_voila(prepared.parent, log_dir=tmp_path / "logs") as server:

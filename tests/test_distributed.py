@@ -16,6 +16,7 @@ def _losses(out) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
 
 
+@pytest.mark.heavy  # two torchrun processes training a model: minutes on a 2-core CPU
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on Linux/macOS")
 def test_two_processes_match_one(tmp_path):
     from transformers import AutoTokenizer

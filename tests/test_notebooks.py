@@ -11,6 +11,9 @@ import pytest
 from shortened_llm.reproduce import NOTEBOOKS_DIR, notebook_paths, run_notebook
 
 NOTEBOOKS = notebook_paths(NOTEBOOKS_DIR)
+# Not yet seen to finish at preset tiny within the suite's budget on a 2-core CPU: run by `make test-all`
+HEAVY = {"05_continued_pretraining", "09_beyond_the_paper"}
+RUNS = [pytest.param(p, marks=pytest.mark.heavy) if p.stem in HEAVY else p for p in NOTEBOOKS]
 
 
 def test_there_are_notebooks():
@@ -23,7 +26,7 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_at_tiny(path, run_dir):
     out = run_notebook(path, run_dir / "notebooks", {"model": "smollm2-135m", "preset": "tiny", "run_dir": str(run_dir)})
     nb = json.loads(Path(out).read_text())
