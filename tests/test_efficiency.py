@@ -4,9 +4,9 @@ from __future__ import annotations
 import copy
 import math
 
-import pandas as pd
 import time
 
+import pandas as pd
 import pytest
 import torch
 
