@@ -23,6 +23,7 @@ same ids as the HF one (what generation from a text prompt relies on).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import difflib
 import json
@@ -45,6 +46,7 @@ __all__ = [
     "LLAMACPP_INSTALL",
     "llama_cpp_available",
     "export_gguf",
+    "quantize_gguf",
     "read_gguf_metadata",
     "load_gguf",
     "gguf_token_nll",
@@ -355,28 +357,62 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant
     _check_out_file(out_file, overwrite)
     llama_cpp = _require_llama_cpp(f"quant={quant!r}") if quant in LLAMA_CPP_TYPES else None
 
+    if llama_cpp is None:
+        with _atomic_file(out_file) as tmp:
+            _write_float_gguf(model_dir, tmp, quant, tokenizer_pre, progress)
+        return out_file
+    with _atomic_file(out_file.with_name(out_file.name + ".f16")) as tmp_f16:
+        _write_float_gguf(model_dir, tmp_f16, "f16", tokenizer_pre, progress)
+        quantize_gguf(tmp_f16, out_file, quant, overwrite=overwrite, nthread=nthread)
+        tmp_f16.unlink()  # only a stepping stone
+    return out_file
+
+
+def quantize_gguf(src_file: str | os.PathLike, out_file: str | os.PathLike, quant: str, overwrite: bool = False,
+                  nthread: int | None = None, verbose: bool = False) -> Path:
+    """llama.cpp's own quantiser (``llama_model_quantize``) from an f16/f32 GGUF to ``quant``.
+
+    Metadata (block counts, the pruning record, the tokenizer) is copied by llama.cpp. Use it
+    to make several types from one ``export_gguf(..., quant="f16")`` file without re-writing it.
+    ``verbose=True`` shows llama.cpp's per-tensor log (e.g. K-quant fallbacks for widths that
+    are not a multiple of 256, like SmolLM2's 576); otherwise only its errors.
+    """
+    quant = _check_quant(quant)
+    if quant not in LLAMA_CPP_TYPES:
+        raise ValueError(f"quant={quant!r} is written by export_gguf, not quantised: use one of {', '.join(LLAMA_CPP_TYPES)}")
+    llama_cpp = _require_llama_cpp(f"quant={quant!r}")
+    src_file, out_file = Path(src_file), Path(out_file)
+    if not src_file.is_file():
+        raise FileNotFoundError(f"src_file={str(src_file)!r} does not exist: write it with export_gguf(..., quant='f16')")
+    _check_out_file(out_file, overwrite)
+    from llama_cpp._utils import suppress_stdout_stderr  # fd-level: llama.cpp's quantiser writes to stderr itself
+
+    with _atomic_file(out_file) as tmp, suppress_stdout_stderr(disable=verbose):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[quant])
+        params.nthread = nthread or (os.cpu_count() or 1)
+        rc = llama_cpp.llama_model_quantize(str(src_file).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp failed to quantise {str(src_file)!r} to {quant} (code {rc}); "
+                               "re-run with verbose=True to see llama.cpp's log")
+    return out_file
+
+
+@contextlib.contextmanager
+def _atomic_file(out_file: Path):
+    """A temp path beside ``out_file`` that replaces it only when the block succeeds."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
     os.close(fd)
     tmp = Path(tmp)
-    tmp_f16 = tmp.with_suffix(".f16.tmp") if llama_cpp else tmp
     try:
-        _write_float_gguf(model_dir, tmp_f16, "f16" if llama_cpp else quant, tokenizer_pre, progress)
-        if llama_cpp:
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[quant])
-            params.nthread = nthread or (os.cpu_count() or 1)
-            rc = llama_cpp.llama_model_quantize(str(tmp_f16).encode(), str(tmp).encode(), ctypes.byref(params))
-            if rc != 0:
-                raise RuntimeError(f"llama.cpp failed to quantise {str(model_dir)!r} to {quant} (code {rc}); "
-                                   "its log above says why")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
-        os.replace(tmp, out_file)
+        yield tmp
+        if tmp.exists():
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
+            os.replace(tmp, out_file)
     finally:
-        for p in {tmp, tmp_f16}:
-            p.unlink(missing_ok=True)
-    return out_file
+        tmp.unlink(missing_ok=True)
 
 
 def read_gguf_metadata(gguf_file: str | os.PathLike) -> dict:
@@ -492,7 +528,8 @@ def compare_formats(model_dir: str | os.PathLike, out_dir: str | os.PathLike, qu
                     max_segments: int | None = None, batch_size: int = 8, progress: bool = True) -> list[dict]:
     """One row per format of one model: the HF model, then each GGUF, on the same PPL segments.
 
-    GGUF files are ``out_dir/<label>-<quant>.gguf``, reused when already there (train-or-load).
+    GGUF files are ``out_dir/<label>-<quant>.gguf``, reused when already there (train-or-load);
+    every quantised type is made from ``<label>-f16.gguf``.
     Columns: model, format, size_mb, ppl, ppl_change_pct (vs HF), block_count. Without
     llama.cpp the GGUF rows have ``ppl=None`` (only f32/f16 can be written then).
     """
@@ -509,9 +546,14 @@ def compare_formats(model_dir: str | os.PathLike, out_dir: str | os.PathLike, qu
     rows = [{"model": label, "format": f"HF {dtype}", "size_mb": file_size_mb(model_dir), "ppl": hf_ppl,
              "ppl_change_pct": 0.0, "block_count": num_blocks(model), "segments": len(segments)}]
     can_run = llama_cpp_available()
+    f16 = Path(out_dir) / f"{label}-f16.gguf"
     for quant in quants:
         path = Path(out_dir) / f"{label}-{quant}.gguf"
-        if not path.exists():
+        if quant in LLAMA_CPP_TYPES and not path.exists():
+            if not f16.exists():  # the one float file every quantisation starts from
+                export_gguf(model_dir, f16, "f16", progress=False)
+            quantize_gguf(f16, path, quant)
+        elif not path.exists():
             export_gguf(model_dir, path, quant, progress=False)
         ppl = None
         if can_run:

@@ -127,9 +127,15 @@ def test_llama_cpp_nll_equals_transformers(model_type, tmp_path, tokenizer, segm
 
 def test_quantised_files_load_and_stay_close(pruned_dir, tmp_path, segments):
     pytest.importorskip("llama_cpp")
+    from shortened_llm.export import quantize_gguf
+
     nll = {}
-    for quant in ("f16", "q8_0", "q4_k_m"):
-        out = export_gguf(pruned_dir, tmp_path / f"m-{quant}.gguf", quant, progress=False)
+    f16 = export_gguf(pruned_dir, tmp_path / "m-f16.gguf", "f16", progress=False)
+    made = {"f16": f16,
+            "q8_0": export_gguf(pruned_dir, tmp_path / "m-q8_0.gguf", "q8_0", progress=False),  # HF dir -> q8_0
+            "q4_k_m": quantize_gguf(f16, tmp_path / "m-q4_k_m.gguf", "q4_k_m")}  # f16 file -> q4_k_m
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-f16.gguf", "m-q4_k_m.gguf", "m-q8_0.gguf"]  # no temp left
+    for quant, out in made.items():
         meta = read_gguf_metadata(out)
         assert meta["block_count"] == 4 and meta["removed_blocks"] == [1, 2]  # kept through quantisation
         nll[quant] = gguf_token_nll(load_gguf(out, n_ctx=64), segments).mean().item()
@@ -138,6 +144,8 @@ def test_quantised_files_load_and_stay_close(pruned_dir, tmp_path, segments):
     assert nll["q8_0", "size"] < nll["f16", "size"]
     assert abs(nll["q8_0"] - nll["f16"]) < 0.02 * nll["f16"]
     assert QUANT_TYPES[:3] == ("f32", "f16", "q8_0")
+    with pytest.raises(ValueError, match="written by export_gguf"):
+        quantize_gguf(f16, tmp_path / "x.gguf", "f32")
 
 
 def test_tokenizers_agree_and_generation_matches(pruned_dir, tmp_path, tokenizer):
