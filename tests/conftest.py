@@ -29,6 +29,15 @@ def make_tiny_llama(num_layers: int = 4, seed: int = 0, vocab_size: int = 128, *
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny forward passes: two spinning threads slow them down."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
 

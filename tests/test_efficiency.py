@@ -18,13 +18,7 @@ from shortened_llm.prune import remove_blocks
 from shortened_llm.width import width_prune
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two spinning threads are much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_measure_generation_row(tiny_llama):
