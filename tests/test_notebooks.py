@@ -12,7 +12,7 @@ from shortened_llm.reproduce import NOTEBOOKS_DIR, notebook_paths, run_notebook
 
 NOTEBOOKS = notebook_paths(NOTEBOOKS_DIR)
 # Not yet seen to finish at preset tiny within the suite's budget on a 2-core CPU: run by `make test-all`
-HEAVY = {"05_continued_pretraining", "09_beyond_the_paper"}
+HEAVY = {"05_continued_pretraining"}
 RUNS = [pytest.param(p, marks=pytest.mark.heavy) if p.stem in HEAVY else p for p in NOTEBOOKS]
 
 
