@@ -23,7 +23,6 @@ import contextlib
 import functools
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from .artifacts import atomic_write_text
 from .models import _unwrap, count_params, get_blocks, load_model, save_model
 from .presets import Preset, get_preset
 from .retrain import (ADAPTER_DIR, BASE_FILE, RetrainResult, _fingerprint, _prepare_out, _publish, _resolve_model,
-                      _settings, _train, _world_size, pack_blocks)
+                      _settings, _train_on_cpt_budget, _world_size, pack_blocks)
 
 __all__ = ["KDSettings", "RECOVERY", "distill", "partial_retrain", "recover", "quick_eval", "kd_loss", "check_same_vocab", "track_peak_memory"]
 
@@ -311,13 +310,10 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
     else:
         model = student.train().requires_grad_(True)
     kd = KDSettings(teacher, temperature, alpha, hidden_weight, block_map, kd_chunk)
-    steps = max_steps or preset.cpt_steps
     with track_peak_memory() as memory:
-        trainer, seconds, work = _train(
-            model, tokenizer, train_rows, val_rows, out_dir=out_dir, method="kd", lr=preset.cpt_lr,
-            batch=preset.cpt_batch, micro=preset.cpt_micro_batch, max_steps=steps, epochs=1.0,
-            warmup=float(preset.cpt_warmup_ratio), scheduler="cosine", seed=seed, save_steps=preset.retrain_save_steps,
-            resume=resume, progress=progress, callbacks=callbacks, name="cpt",
+        trainer, seconds, work = _train_on_cpt_budget(
+            model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, method="kd", max_steps=max_steps,
+            seed=seed, resume=resume, progress=progress, callbacks=callbacks,
             trainer_cls=functools.partial(_kd_trainer_class(), kd=kd))
     staging = work / "final"
     if lora:
@@ -380,13 +376,10 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
     for module in trainable:
         module.requires_grad_(True)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    steps = max_steps or preset.cpt_steps
     with track_peak_memory() as memory:
-        trainer, seconds, work = _train(
-            model, tokenizer, train_rows, val_rows, out_dir=out_dir, method="partial", lr=preset.cpt_lr,
-            batch=preset.cpt_batch, micro=preset.cpt_micro_batch, max_steps=steps, epochs=1.0,
-            warmup=float(preset.cpt_warmup_ratio), scheduler="cosine", seed=seed, save_steps=preset.retrain_save_steps,
-            resume=resume, progress=progress, callbacks=callbacks, name="cpt")
+        trainer, seconds, work = _train_on_cpt_budget(
+            model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, method="partial", max_steps=max_steps,
+            seed=seed, resume=resume, progress=progress, callbacks=callbacks)
     staging = work / "final"
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():

@@ -19,7 +19,6 @@ renamed into ``<out>``; it holds the model, ``pruning.json``, ``loss_log.csv`` a
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -248,6 +247,16 @@ def _train(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, method: st
     return trainer, time.perf_counter() - t0, work
 
 
+def _train_on_cpt_budget(model, tokenizer, train_rows, eval_rows, preset, *, out_dir: Path, method: str,
+                         max_steps: int | None, seed: int, resume: bool, progress: bool, callbacks, trainer_cls=None):
+    """Full-weight training on ``preset``'s CPT budget (lr, batch, cosine warm-up): CPT, KD and partial share it."""
+    return _train(
+        model, tokenizer, train_rows, eval_rows, out_dir=out_dir, method=method, lr=preset.cpt_lr,
+        batch=preset.cpt_batch, micro=preset.cpt_micro_batch, max_steps=max_steps or preset.cpt_steps, epochs=1.0,
+        warmup=float(preset.cpt_warmup_ratio), scheduler="cosine", seed=seed, save_steps=preset.retrain_save_steps,
+        resume=resume, progress=progress, callbacks=callbacks, name="cpt", trainer_cls=trainer_cls)
+
+
 def _publish(trainer, work: Path, out_dir: Path, overwrite: bool, info: dict, keep_checkpoints: bool) -> None:
     """Main process: move ``work/final`` into ``out_dir`` in one rename, write the logs, drop checkpoints."""
     if trainer.is_world_process_zero():
@@ -359,12 +368,9 @@ def continued_pretrain(model, tokenizer=None, out_dir: str | os.PathLike = "retr
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
-    steps = max_steps or preset.cpt_steps
-    trainer, seconds, work = _train(
-        model, tokenizer, train_rows, val_rows, out_dir=out_dir, method="cpt", lr=preset.cpt_lr,
-        batch=preset.cpt_batch, micro=preset.cpt_micro_batch, max_steps=steps, epochs=1.0,
-        warmup=float(preset.cpt_warmup_ratio), scheduler="cosine", seed=seed, save_steps=preset.retrain_save_steps,
-        resume=resume, progress=progress, callbacks=callbacks, name="cpt")
+    trainer, seconds, work = _train_on_cpt_budget(
+        model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, method="cpt", max_steps=max_steps, seed=seed,
+        resume=resume, progress=progress, callbacks=callbacks)
     staging = work / "final"
     trainer.save_model(str(staging))  # every process calls it: under FSDP it gathers the full weights
     if trainer.is_world_process_zero():
