@@ -27,14 +27,18 @@ $(VENV)/.installed: pyproject.toml
 reproduce: install
 	$(BIN)/shortened-llm reproduce --preset $(PRESET) --model $(MODEL)
 
+# Two workers with one torch thread each (pytest-xdist): on a 2-core machine this beats one
+# worker with two threads, which spend much of their time waiting on each other.
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 -n 2 --dist loadgroup
+
 test: install
 	bash .ci/setup-browser.sh
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 -m "not heavy"
+	$(PYTEST) -m "not heavy"
 
 # everything, including the tests marked heavy (torchrun, Voila, the longest notebooks)
 test-all: install
 	bash .ci/setup-browser.sh
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(PYTEST)
 
 # JupyterLab on notebooks/ (kernel `shortened-llm`), on a free port with a random token
 lab: install

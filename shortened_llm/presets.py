@@ -79,7 +79,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        name="tiny", calib_samples=2, calib_seq_len=32, eval_segments=4, eval_batch_size=4,
+        name="tiny", calib_samples=2, calib_seq_len=16, eval_seq_len=32, eval_segments=4, eval_batch_size=4,
         ratios=(0.2,), zero_shot_limit=4, zero_shot_tasks=("winogrande",), lora_steps=2, cpt_steps=2,
         lora_batch=4, lora_micro_batch=2, lora_cutoff=64, lora_val_size=8, cpt_batch=4, cpt_micro_batch=2,
         cpt_block_size=64, retrain_save_steps=1000,

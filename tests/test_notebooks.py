@@ -14,6 +14,9 @@ NOTEBOOKS = notebook_paths(NOTEBOOKS_DIR)
 # Not yet seen to finish at preset tiny within the suite's budget on a 2-core CPU: run by `make test-all`
 HEAVY = {"05_continued_pretraining"}
 RUNS = [pytest.param(p, marks=pytest.mark.heavy) if p.stem in HEAVY else p for p in NOTEBOOKS]
+# Under `pytest -n N --dist loadgroup` every notebook run lands on the same worker, in order,
+# so they share one run_dir as a real reproduction does; the other tests fill the other workers.
+IN_ORDER = pytest.mark.xdist_group("notebooks")
 
 
 def test_there_are_notebooks():
@@ -26,6 +29,7 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.mark.notebook
+@IN_ORDER
 @pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_at_tiny(path, run_dir):
     out = run_notebook(path, run_dir / "notebooks", {"model": "smollm2-135m", "preset": "tiny", "run_dir": str(run_dir)})
