@@ -77,6 +77,10 @@ class GgufArch:
 ARCHITECTURES: dict[str, GgufArch] = {
     "llama": GgufArch("llama"),
     "mistral": GgufArch("llama"),
+    # Qwen rotates the two halves of a head in HF and in llama.cpp (NEOX RoPE): no reordering;
+    # Qwen2's q/k/v biases and Qwen3's per-head q/k norms map by name like the weights.
+    "qwen2": GgufArch("qwen2", permute_qk=False),
+    "qwen3": GgufArch("qwen3", permute_qk=False),
 }
 
 # Types the gguf writer produces directly (no llama.cpp needed): name -> torch dtype of 2-D tensors
@@ -282,6 +286,11 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
         raise ValueError(f"rope_type={rope_type!r} of {str(model_dir)!r} is not supported by this exporter "
                          "(supported: default, linear)")
     spec = ARCHITECTURES[model_type]
+    sliding = [i for i, t in enumerate(getattr(config, "layer_types", None) or []) if t == "sliding_attention"]
+    if sliding and model_type != "mistral":
+        raise ValueError(f"{str(model_dir)!r} uses sliding-window attention in blocks {sliding}, which llama.cpp's "
+                         f"{spec.arch!r} architecture does not do (it attends to the whole context): the GGUF would "
+                         "compute something else. Export a model with use_sliding_window=False.")
     n_blocks, n_head = config.num_hidden_layers, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head

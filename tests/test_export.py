@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shortened_llm.export import (
+    ARCHITECTURES,
     QUANT_TYPES,
     export_gguf,
     gguf_generate,
@@ -106,14 +107,15 @@ def test_cli_export(pruned_dir, tmp_path, capsys):
 
 # ---- in llama.cpp ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_llama_cpp_nll_equals_transformers(model_type, tmp_path, tokenizer, segments):
     """f32 GGUF: llama.cpp's per-token NLL equals transformers' on the same segments (Q/K order right)."""
     pytest.importorskip("llama_cpp")
     from shortened_llm import remove_blocks
     from shortened_llm.evaluate import token_nll
 
-    extra = {"sliding_window": None} if model_type == "mistral" else {}
+    extra = {"mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False},
+             "qwen3": {"use_sliding_window": False}}.get(model_type, {})
     model = tiny_random_model(model_type, num_layers=4, tokenizer=tokenizer, seed=2, **extra)
     remove_blocks(model, [2])
     model_dir = save_model(model, tokenizer, tmp_path / model_type)
@@ -123,6 +125,14 @@ def test_llama_cpp_nll_equals_transformers(model_type, tmp_path, tokenizer, segm
     lc = gguf_token_nll(llm, segments)
     assert lc.shape == hf.shape
     torch.testing.assert_close(lc, hf, atol=2e-3, rtol=1e-3)
+
+
+def test_sliding_window_layers_are_refused_where_llama_cpp_ignores_them(tmp_path, tokenizer):
+    model = tiny_random_model("qwen2", num_layers=4, tokenizer=tokenizer, use_sliding_window=True)
+    model_dir = save_model(model, tokenizer, tmp_path / "qwen2-swa")
+    with pytest.raises(ValueError, match="sliding-window attention in blocks"):
+        export_gguf(model_dir, tmp_path / "x.gguf", "f16", progress=False)
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_quantised_files_load_and_stay_close(pruned_dir, tmp_path, segments):

@@ -5,7 +5,7 @@ per-layer config lists that follow the removal, greedy generation with KV cache 
 generation without it, pruned logits equal to the unpruned model with those blocks
 bypassed, save -> ``from_pretrained`` -> identical logits, every registered criterion,
 perplexity and the family's BOS default. Llama basics (record, ratios, atomic save) are in
-test_prune.py; zero-shot and GGUF per family are tested with their own modules.
+test_prune.py; zero-shot (lm-eval) on every family is tested here too, GGUF per family in test_export.py.
 """
 import copy
 
@@ -268,6 +268,17 @@ def test_perplexity_follows_the_family_bos_and_accepts_an_override(name, word_to
     assert bool((calib[:, 0] == tok.bos_token_id).all()) == bos_every
     overridden = calibration_batches(tok, n_samples=2, seq_len=16, bos_every=not bos_every)
     assert bool((overridden[:, 0] == tok.bos_token_id).all()) == (not bos_every)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_zero_shot_runs_on_the_pruned_model_of_every_family(name, word_tokenizer):
+    """lm-eval's HFLM scores a pruned model of each family: a real accuracy over the documents asked for."""
+    from shortened_llm.zeroshot import zero_shot
+
+    model = remove_blocks(tiny_random_model(name, num_layers=4, tokenizer=word_tokenizer), [1])
+    table = zero_shot(model, word_tokenizer, tasks=("piqa",), limit=3, batch_size=3, average=False, progress=False)
+    row = table.set_index("task").loc["piqa"]
+    assert row.n_docs == 3 and row.value in (0.0, 1 / 3, 2 / 3, 1.0), row.to_dict()
 
 
 # ---- bad input -------------------------------------------------------------------------------
