@@ -34,7 +34,7 @@ from .artifacts import atomic_write_text
 from .models import _unwrap, count_params, get_blocks, load_model, save_model
 from .presets import Preset, get_preset
 from .retrain import (ADAPTER_DIR, BASE_FILE, RetrainResult, _fingerprint, _prepare_out, _publish, _resolve_model,
-                      _settings, _train_on_cpt_budget, _world_size, pack_blocks)
+                      _settings, _train_on_cpt_budget, _world_size, packed_rows)
 
 __all__ = ["KDSettings", "RECOVERY", "distill", "partial_retrain", "recover", "quick_eval", "kd_loss", "check_same_vocab", "track_peak_memory"]
 
@@ -227,17 +227,6 @@ def _weights_mb(model) -> float:
 
 # ---- shared setup ---------------------------------------------------------------------------
 
-def _text_rows(tokenizer, dataset, block_size: int):
-    """Packed train and held-out rows from a dataset name or a list of texts (as CPT does)."""
-    from .data import load_texts
-
-    texts = load_texts(dataset) if isinstance(dataset, str) else list(dataset)
-    blocks = pack_blocks(tokenizer, texts, block_size)  # (n, block_size)
-    n_val = max(1, min(32, len(blocks) // 20))
-    if len(blocks) <= n_val:
-        raise ValueError(f"the dataset packs into {len(blocks)} block(s) of {block_size} tokens: need at least 2")
-    rows = [{"input_ids": b, "labels": b} for b in blocks.tolist()]
-    return rows[:-n_val], rows[-n_val:]
 
 
 def _write_record(staging: Path, record) -> None:
@@ -297,7 +286,7 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
     hidden_weight = float(hidden_loss) if not isinstance(hidden_loss, bool) else (1.0 if hidden_loss else 0.0)
     block_map = _block_map(student, teacher) if hidden_weight else None
     seed = preset.seed if seed is None else seed
-    train_rows, val_rows = _text_rows(tokenizer, dataset, preset.cpt_block_size)
+    train_rows, val_rows = packed_rows(tokenizer, dataset, preset.cpt_block_size, preset.cpt_val_blocks)
     record = getattr(student, "pruning", None)
     base_print = _fingerprint(student)
     set_seed(seed)
@@ -364,7 +353,7 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
     if not isinstance(last_k, int) or not 1 <= last_k <= n:
         raise ValueError(f"last_k={last_k!r} must be an int in 1..{n} (the model has {n} blocks)")
     seed = preset.seed if seed is None else seed
-    train_rows, val_rows = _text_rows(tokenizer, dataset, preset.cpt_block_size)
+    train_rows, val_rows = packed_rows(tokenizer, dataset, preset.cpt_block_size, preset.cpt_val_blocks)
     record = getattr(model, "pruning", None)
     set_seed(seed)
     inner = _unwrap(model)

@@ -50,6 +50,7 @@ class Preset:
     cpt_batch: int = field(default=64, metadata={"help": "blocks per optimizer step (all processes)"})
     cpt_micro_batch: int = field(default=4, metadata={"help": "blocks per forward pass per process"})
     cpt_block_size: int = field(default=256, metadata={"help": "tokens per packed training block"})
+    cpt_val_blocks: int = field(default=16, metadata={"help": "held-out packed blocks for the validation loss (CPT, KD, partial)"})
     cpt_warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up"})
     retrain_save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (for resume)"})
     # efficiency
@@ -72,7 +73,7 @@ class Preset:
             raise ValueError(f"zero_shot_limit={self.zero_shot_limit} must be >= 1 or None")
         if min(self.batch_sizes) < 1 or min(self.new_tokens) < 1 or self.prompt_len < 1 or self.repeats < 1:
             raise ValueError("batch_sizes, new_tokens, prompt_len and repeats must all be >= 1")
-        for name in ("lora_cutoff", "cpt_block_size", "lora_batch", "lora_micro_batch", "cpt_batch", "cpt_micro_batch", "lora_rank"):
+        for name in ("lora_cutoff", "cpt_block_size", "cpt_val_blocks", "lora_batch", "lora_micro_batch", "cpt_batch", "cpt_micro_batch", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
@@ -82,7 +83,7 @@ PRESETS: dict[str, Preset] = {
         name="tiny", calib_samples=2, calib_seq_len=16, eval_seq_len=32, eval_segments=4, eval_batch_size=4,
         ratios=(0.2,), zero_shot_limit=4, zero_shot_tasks=("winogrande",), lora_steps=2, cpt_steps=2,
         lora_batch=4, lora_micro_batch=2, lora_cutoff=64, lora_val_size=8, cpt_batch=4, cpt_micro_batch=2,
-        cpt_block_size=64, retrain_save_steps=1000,
+        cpt_block_size=64, cpt_val_blocks=2, retrain_save_steps=1000,
         batch_sizes=(1, 2), new_tokens=(4,), prompt_len=8, repeats=1,
     ),
     "smoke": Preset(

@@ -43,6 +43,7 @@ __all__ = [
     "cpt_then_lora",
     "apply_adapter",
     "pack_blocks",
+    "packed_rows",
     "checkpoints_dir",
     "pruned_model",
     "retrain_or_load",
@@ -163,6 +164,23 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
+def packed_rows(tokenizer, data, block_size: int, val_blocks: int) -> tuple[list[dict], list[dict]]:
+    """Train and held-out rows of a corpus packed into ``block_size``-token blocks (CPT, KD, partial).
+
+    The held-out tail is ``val_blocks`` blocks, at most 5 % of the corpus: the validation loss is
+    logged before the first and after the last step, so it must stay cheap next to training.
+    """
+    from .data import load_texts
+
+    texts = load_texts(data) if isinstance(data, str) else list(data)
+    blocks = pack_blocks(tokenizer, texts, block_size)  # (n, block_size)
+    n_val = max(1, min(val_blocks, len(blocks) // 20))
+    if len(blocks) <= n_val:
+        raise ValueError(f"the dataset packs into {len(blocks)} block(s) of {block_size} tokens: need at least 2")
+    rows = [{"input_ids": b, "labels": b} for b in blocks.tolist()]
+    return rows[:-n_val], rows[-n_val:]
+
+
 def _collate(pad_id: int):
     """Right-pad a list of ``{"input_ids", "labels"}``; padding is masked out of attention and loss."""
 
@@ -220,7 +238,7 @@ def _train(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, method: st
     last = get_last_checkpoint(str(work)) if work.is_dir() and resume else None
     if last is not None:
         _check_fingerprint(model, work / BASE_FILE, f"checkpoint dir {str(work)!r}",
-                           f"Delete it, or pass resume=False (CLI: --no-resume) to start over.")
+                           "Delete it, or pass resume=False (CLI: --no-resume) to start over.")
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
         gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type=scheduler, warmup_steps=warmup,
@@ -352,17 +370,11 @@ def continued_pretrain(model, tokenizer=None, out_dir: str | os.PathLike = "retr
     """
     from transformers import set_seed
 
-    from .data import load_texts
-
     preset = get_preset(preset, **overrides)
     out_dir = _prepare_out(out_dir, overwrite)
     model, tokenizer = _resolve_model(model, tokenizer)
     seed = preset.seed if seed is None else seed
-    texts = load_texts(data) if isinstance(data, str) else list(data)
-    blocks = pack_blocks(tokenizer, texts, preset.cpt_block_size)  # (n, block_size)
-    n_val = max(1, min(16, len(blocks) // 20))  # a small held-out tail of the corpus
-    train_rows = [{"input_ids": b, "labels": b} for b in blocks[:-n_val].tolist()]
-    val_rows = [{"input_ids": b, "labels": b} for b in blocks[-n_val:].tolist()]
+    train_rows, val_rows = packed_rows(tokenizer, data, preset.cpt_block_size, preset.cpt_val_blocks)
     record = getattr(model, "pruning", None)
     set_seed(seed)
     model.train()
