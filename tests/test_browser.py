@@ -39,7 +39,8 @@ ALL_CELLS_IN_DOM = {"@jupyterlab/notebook-extension/tracker": {"windowingMode": 
 _EXECUTED: dict[str, Path] = {}
 ERROR_MARKERS = ("Traceback (most recent call last)", "Error displaying widget", "Failed to load model class")
 
-pytestmark = pytest.mark.browser
+# one worker under pytest -n: one Chromium, and the site test reuses the notebook JupyterLab executed
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 
 def _missing_tool(msg: str):
@@ -227,7 +228,6 @@ def test_jupyterlab_explorer_by_keyboard(page, prepared, tmp_path):
 
 # ---- Voila ------------------------------------------------------------------------------------
 
-@pytest.mark.heavy  # Voila executes the whole notebook before the first byte: > 5 min on a loaded 2-core CPU
 def test_voila_explorer_by_keyboard(page, prepared, tmp_path):
     t0 = time.perf_counter()
     with serve.start_voila(prepared.parent, log_dir=tmp_path / "logs") as server:
