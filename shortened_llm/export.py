@@ -70,6 +70,8 @@ class GgufArch:
     # HF applies RoPE to the two halves of a head (rotate_half); llama.cpp's llama arch to
     # interleaved pairs, so the rows of q_proj and k_proj are reordered on export.
     permute_qk: bool = True
+    # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w, so its norm weights are stored + 1
+    norm_plus_one: bool = False
 
 
 # Keyed by config.model_type, like models.FAMILIES. Mistral is a Llama in llama.cpp (its
@@ -81,6 +83,7 @@ ARCHITECTURES: dict[str, GgufArch] = {
     # Qwen2's q/k/v biases and Qwen3's per-head q/k norms map by name like the weights.
     "qwen2": GgufArch("qwen2", permute_qk=False),
     "qwen3": GgufArch("qwen3", permute_qk=False),
+    "gemma": GgufArch("gemma", permute_qk=False, norm_plus_one=True),
 }
 
 # Types the gguf writer produces directly (no llama.cpp needed): name -> torch dtype of 2-D tensors
@@ -337,6 +340,8 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
             w = _permute_qk(w, n_head)
         elif spec.permute_qk and name.endswith("self_attn.k_proj.weight"):
             w = _permute_qk(w, n_kv)
+        if spec.norm_plus_one and name.endswith("norm.weight"):
+            w = w.float() + 1
         # norms and other 1-D tensors stay f32, as llama.cpp expects
         w = w.to(torch.float32 if w.ndim == 1 else dtype).contiguous()
         writer.add_tensor(gguf_name, w.numpy())
