@@ -70,7 +70,7 @@ def test_unknown_quant_lists_the_supported_ones(pruned_dir, tmp_path):
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, tokenizer):
     opt = save_model(tiny_random_model("opt", num_layers=2, tokenizer=tokenizer), tokenizer, tmp_path / "opt")
-    with pytest.raises(ValueError, match="model_type='opt'.*Supported: llama, mistral"):
+    with pytest.raises(ValueError, match="model_type='opt'.*Supported: gemma, llama, mistral, qwen2, qwen3"):
         export_gguf(opt, tmp_path / "opt.gguf", "f16")
     assert not list(tmp_path.glob("*.gguf*"))  # no half-written file left behind
 
