@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -33,7 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="smoke")
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--batch-sizes", type=int, nargs="*", default=None, help="default: 1 and the preset's largest")
-    p.add_argument("--new-tokens", type=int, default=None, help="default: the preset's first output length")
+    p.add_argument("--new-tokens", type=int, nargs="*", default=None, help="default: the preset's first output length")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     batch_sizes = args.batch_sizes or sorted({1, max(preset.batch_sizes)})
-    new_tokens = args.new_tokens or preset.new_tokens[0]
+    new_tokens = args.new_tokens or [preset.new_tokens[0]]
     if args.arch:
         models = {m: architecture_only_model(args.arch, args.dtype, args.device, prune=None if m == "dense" else m,
                                              ratio=args.ratio) for m in ("dense", "depth", "width")}
@@ -58,24 +57,22 @@ def main(argv=None) -> int:
     print(f"{label} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"threads={torch.get_num_threads()}, batch {batch_sizes}, {new_tokens} new tokens, "
           f"prompt {preset.prompt_len}, {args.rounds} rounds x {args.repeats or preset.repeats} repeats")
-    df = sweep_generation(models, batch_sizes, [new_tokens], preset.prompt_len, warmup=1,
-                          repeats=args.repeats or preset.repeats, rounds=args.rounds)
-    df["device"] = df.get("device", "cpu")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.out, index=False)
+    # --out is rewritten after every run, so a sweep cut short keeps what it measured
+    df = sweep_generation(models, batch_sizes, new_tokens, preset.prompt_len, warmup=1,
+                          repeats=args.repeats or preset.repeats, rounds=args.rounds, csv_path=args.out,
+                          tags={"shape": args.arch or args.model, "dtype": str(models["dense"].dtype).removeprefix("torch.")})
     sp = speedup_table(df)
     pd.set_option("display.width", 200)
-    cols = ["model", "batch_size", "params", "latency_s", "latency_min_s", "tokens_per_s",
+    cols = ["model", "new_tokens", "batch_size", "params", "latency_s", "latency_min_s", "tokens_per_s",
             "speedup_min", "speedup_median", "decode_speedup_median"]
     print(sp[[c for c in cols if c in sp]].to_string(index=False, float_format="%.4g"))
-    print(memory_table(df)[["model", "batch_size", "weights_mb", "peak_mem_mb", "peak_growth_mb", "status"]]
+    print(memory_table(df)[["model", "new_tokens", "batch_size", "weights_mb", "peak_mem_mb", "peak_growth_mb", "status"]]
           .to_string(index=False, float_format="%.1f"))
 
-    b1 = sp[sp.batch_size == 1].set_index("model")
+    b1 = sp[(sp.batch_size == 1) & (sp.new_tokens == new_tokens[0])].set_index("model")
     if {"depth", "width"} <= set(b1.index):
         depth_sp, width_sp = b1.loc["depth", "speedup_median"], b1.loc["width", "speedup_median"]
-        print(f"ideal depth speedup {ideal:.3f} (blocks {num_blocks(models['dense'])} -> {num_blocks(models['depth'])})")
+        print(f"{new_tokens[0]} new tokens: ideal depth speedup {ideal:.3f} (blocks {num_blocks(models['dense'])} -> {num_blocks(models['depth'])})")
         print(f"batch 1: depth {depth_sp:.3f}x (min {b1.loc['depth', 'speedup_min']:.3f}x, decode "
               f"{b1.loc['depth', 'decode_speedup_median']:.3f}x) = {depth_sp / ideal:.2f} of ideal "
               f"[goal >= 0.90: {'PASS' if depth_sp >= 0.9 * ideal else 'FAIL'}]")

@@ -11,9 +11,10 @@ same. Two numbers matter and pull in different directions:
   products dominate, and any parameter reduction helps.
 
 Timing uses CUDA events on GPU (the GPU runs asynchronously; a host clock would time the
-launches) and ``time.perf_counter`` on CPU. Memory is ``torch.cuda.max_memory_allocated``
-on GPU. On CPU there is no allocator counter, so we sample the process's resident set
-size (RSS) in a thread and report its peak growth over the level measured just before
+launches) and ``time.perf_counter`` on CPU. Memory is weights plus the peak growth over
+the level just before the first call: on GPU from ``torch.cuda.max_memory_allocated``, less
+what was allocated before (the other models of a side-by-side sweep, for instance). On CPU
+there is no allocator counter, so we sample the process's resident set size (RSS) in a thread and report its peak growth over the level measured just before
 the first (warm-up) call; ``ru_maxrss`` is used too, but only when it rose during the
 call, since it is a process-lifetime high-water mark that never decreases. GPU
 utilisation is sampled with nvidia-ml-py (``pynvml``) in a thread on NVIDIA GPUs.
@@ -34,6 +35,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .artifacts import atomic_write_text
 from .models import count_params
 
 __all__ = [
@@ -191,9 +193,10 @@ def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tok
     ``latency_s`` (median seconds per batch) and ``latency_min_s``, ``tokens_per_s``
     (batch x new tokens / median latency), with ``prefill=True`` also ``prefill_s`` (a
     1-token generate: the prompt pass) and ``decode_tokens_per_s`` (tokens after the
-    first, over the time after the prefill), ``weights_mb``, ``peak_mem_mb`` (GPU:
-    ``max_memory_allocated``, weights included; CPU: weights + ``peak_growth_mb``, the peak
-    RSS growth over the level before the warm-up), ``gpu_util_mean``/``gpu_util_max``
+    first, over the time after the prefill), ``weights_mb``, ``peak_mem_mb`` = weights +
+    ``peak_growth_mb``, the peak growth over the level before the warm-up (GPU:
+    ``max_memory_allocated``; CPU: RSS), so models sharing one device each report their own
+    memory, ``gpu_util_mean``/``gpu_util_max``
     (percent, NVIDIA with nvidia-ml-py only; NaN otherwise), ``mem_source`` and ``device``.
     """
     _check_positive(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
@@ -207,6 +210,7 @@ def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tok
     _free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        cuda0 = torch.cuda.memory_allocated(device)  # other models on the same GPU are not this one's memory
     rss0, maxrss0 = _rss_bytes(), _maxrss_bytes()
     nvml = _nvml_reader(device)
     with _Sampler(_rss_bytes) as rss:
@@ -220,8 +224,8 @@ def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tok
     latency = statistics.median(times)
     w_mb = weights_mb(model)
     if device.type == "cuda":
-        peak_mb, mem_source = torch.cuda.max_memory_allocated(device) / MB, "cuda_max_memory_allocated"
-        growth_mb = peak_mb - w_mb
+        growth_mb = (torch.cuda.max_memory_allocated(device) - cuda0) / MB
+        peak_mb, mem_source = w_mb + growth_mb, "cuda_max_allocated_growth"
     else:
         peak_rss = max(rss.values)
         maxrss1 = _maxrss_bytes()
@@ -248,13 +252,17 @@ def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tok
 
 def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = (1,), new_tokens: Iterable[int] = (128,),
                      prompt_len: int = 32, warmup: int = 1, repeats: int = 3, rounds: int = 1, seed: int = 0,
-                     progress: bool = True) -> pd.DataFrame:
+                     progress: bool = True, csv_path: str | os.PathLike | None = None,
+                     tags: Mapping[str, object] | None = None) -> pd.DataFrame:
     """A tidy table (one row per model x batch x output length x round) of ``measure_generation``.
 
     Models are measured interleaved for every setting (dense, depth, width, dense, ...), so a
     slow spell of a shared machine hits all of them alike; ``rounds`` repeats the
     interleaving. A setting that runs out of memory is recorded with ``status="oom"`` and
-    the sweep goes on.
+    the sweep goes on. With ``csv_path`` the table so far is rewritten (atomically) after
+    every run, so a sweep cut short by a time limit keeps the rows it finished. ``tags`` are
+    constant columns put first in every row (such as ``{"shape": "llama-1-7b"}``), so the
+    tables of several sweeps can be concatenated.
     """
     batch_sizes, new_tokens = sorted(batch_sizes), list(new_tokens)
     if not models:
@@ -268,7 +276,7 @@ def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = 
     rows, oom_at = [], {}
     for r, n, b, name in tqdm(settings, desc="generation sweep", unit="run", disable=not progress):
         model = models[name]
-        base = {"model": name, "round": r, "batch_size": b, "new_tokens": n, "prompt_len": prompt_len,
+        base = {**(tags or {}), "model": name, "round": r, "batch_size": b, "new_tokens": n, "prompt_len": prompt_len,
                 "params": count_params(model), "weights_mb": weights_mb(model)}
         if b >= oom_at.get((name, n), float("inf")):  # a batch no larger already ran out of memory
             rows.append({**base, "status": "oom (skipped)"})
@@ -281,9 +289,16 @@ def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = 
             _free(next(model.parameters()).device)
             oom_at[(name, n)] = min(b, oom_at.get((name, n), b))
             rows.append({**base, "status": "oom"})
-            continue
-        rows.append({**base, **row})
+        else:
+            rows.append({**base, **row})
+        if csv_path is not None:
+            atomic_write_text(csv_path, pd.DataFrame(rows).to_csv(index=False))
     return pd.DataFrame(rows)
+
+
+def _setting_keys(df: pd.DataFrame) -> list[str]:
+    """Columns that identify one setting; ``shape`` too when several sweeps were concatenated."""
+    return [c for c in ("shape",) if c in df] + ["batch_size", "new_tokens"]
 
 
 def _summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -292,7 +307,7 @@ def _summary(df: pd.DataFrame) -> pd.DataFrame:
     if "prefill_s" in ok:  # decode time: the whole call minus its prompt pass
         ok["decode_s"] = ok.latency_s - ok.prefill_s
         extra = {"decode_s": ("decode_s", "median")}
-    return (ok.groupby(["model", "batch_size", "new_tokens"], as_index=False)
+    return (ok.groupby(["model", *_setting_keys(ok)], as_index=False)
               .agg(params=("params", "first"), latency_s=("latency_s", "median"),
                    latency_min_s=("latency_min_s", "min"), tokens_per_s=("tokens_per_s", "median"), **extra))
 
@@ -307,19 +322,21 @@ def speedup_table(df: pd.DataFrame, baseline: str = "dense") -> pd.DataFrame:
         raise ValueError(f"baseline={baseline!r} is not a model in the table: {sorted(set(df.model))}")
     s = _summary(df)
     cols = [c for c in ("latency_s", "latency_min_s", "decode_s") if c in s]
-    base = s[s.model == baseline][["batch_size", "new_tokens", *cols]]
-    s = s.merge(base, on=["batch_size", "new_tokens"], suffixes=("", "_base"))
+    keys = _setting_keys(s)
+    base = s[s.model == baseline][[*keys, *cols]]
+    s = s.merge(base, on=keys, suffixes=("", "_base"))
     s["speedup_median"] = s.latency_s_base / s.latency_s
     s["speedup_min"] = s.latency_min_s_base / s.latency_min_s
     if "decode_s" in s:
         s["decode_speedup_median"] = s.decode_s_base / s.decode_s
-    return s.drop(columns=[f"{c}_base" for c in cols]).sort_values(["new_tokens", "batch_size", "model"], ignore_index=True)
+    order = [*keys[:-2], "new_tokens", "batch_size", "model"]
+    return s.drop(columns=[f"{c}_base" for c in cols]).sort_values(order, ignore_index=True)
 
 
 def memory_table(df: pd.DataFrame) -> pd.DataFrame:
     """Weights and peak memory per model and batch size (OOM settings shown as such)."""
-    cols = [c for c in ("model", "batch_size", "new_tokens", "params", "weights_mb", "peak_mem_mb", "peak_growth_mb",
+    cols = [c for c in ("shape", "model", "batch_size", "new_tokens", "params", "weights_mb", "peak_mem_mb", "peak_growth_mb",
                         "mem_source", "status") if c in df]
     agg = {c: "max" for c in ("params", "weights_mb", "peak_mem_mb", "peak_growth_mb") if c in df}
     agg.update({c: "first" for c in ("mem_source", "status") if c in df})
-    return df[cols].groupby(["model", "batch_size", "new_tokens"], as_index=False).agg(agg)
+    return df[cols].groupby(["model", *_setting_keys(df)], as_index=False).agg(agg)

@@ -72,14 +72,17 @@ def plot_ppl_bars(table: pd.DataFrame, x: str = "model", y: str = "ppl", hue: st
     return ax.figure
 
 
-def plot_generation_sweep(table: pd.DataFrame, new_tokens: int | None = None):
+def plot_generation_sweep(table: pd.DataFrame, new_tokens: int | None = None, shape: str | None = None):
     """Latency and throughput against batch size, one line per model (efficiency sweep, notebook 07).
 
-    ``table`` is ``efficiency.sweep_generation``'s output; rows not ``status == "ok"`` (OOM) are left out.
+    ``table`` is ``efficiency.sweep_generation``'s output; rows not ``status == "ok"`` (OOM) are
+    left out; ``new_tokens`` and ``shape`` pick one output length and one model shape.
     """
     df = table[table.status == "ok"]
     if new_tokens is not None:
         df = df[df.new_tokens == new_tokens]
+    if shape is not None:
+        df = df[df["shape"] == shape]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     sns.lineplot(df, x="batch_size", y="latency_s", hue="model", marker="o", estimator="median", errorbar=None, ax=ax1)
     sns.lineplot(df, x="batch_size", y="tokens_per_s", hue="model", marker="o", estimator="median", errorbar=None, ax=ax2)
@@ -88,7 +91,8 @@ def plot_generation_sweep(table: pd.DataFrame, new_tokens: int | None = None):
         ax.set_title(title)
         ax.set_xlabel("batch size")
     device = ", ".join(sorted(set(df.get("device", pd.Series(["?"])).astype(str))))
-    fig.suptitle(f"generation, {', '.join(map(str, sorted(set(df.new_tokens))))} new tokens, {device}")
+    shapes = ", ".join(sorted(set(df["shape"]))) + ", " if "shape" in df else ""
+    fig.suptitle(f"generation, {shapes}{', '.join(map(str, sorted(set(df.new_tokens))))} new tokens, {device}")
     return fig
 
 

@@ -87,6 +87,34 @@ def test_oom_is_recorded_and_sweep_goes_on(tiny_llama, monkeypatch):
     assert "oom" in set(memory_table(df).status)
 
 
+def test_sweep_keeps_finished_rows_when_cut_short(tiny_llama, monkeypatch, tmp_path):
+    """csv_path holds every run finished before an interruption; tags make sweeps concatenable."""
+    real, calls = efficiency.measure_generation, []
+
+    def interrupted_at_third_run(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # like a time limit or Ctrl-C in the middle of a sweep
+        return real(*args, **kw)
+
+    monkeypatch.setattr(efficiency, "measure_generation", interrupted_at_third_run)
+    out = tmp_path / "sweep.csv"
+    with pytest.raises(KeyboardInterrupt):
+        sweep_generation({"dense": tiny_llama}, batch_sizes=(1, 2, 3), new_tokens=(2,), prompt_len=3, warmup=0,
+                         repeats=1, progress=False, csv_path=out, tags={"shape": "tiny"})
+    kept = pd.read_csv(out)
+    assert list(kept.batch_size) == [1, 2] and list(kept.columns[:2]) == ["shape", "model"]
+
+    monkeypatch.setattr(efficiency, "measure_generation", real)
+    small = sweep_generation({"dense": tiny_llama, "depth": remove_blocks(copy.deepcopy(tiny_llama), [1])},
+                             new_tokens=(2,), prompt_len=3, warmup=0, repeats=1, progress=False, tags={"shape": "a"})
+    both = pd.concat([small, small.assign(shape="b", latency_s=small.latency_s * 2)])
+    sp = speedup_table(both)  # each shape against its own dense model
+    assert len(sp) == 4  # a merge on batch and length alone would pair each shape with both dense rows
+    assert sp[sp["shape"] == "a"].speedup_median.tolist() == pytest.approx(sp[sp["shape"] == "b"].speedup_median.tolist())
+    assert len(memory_table(both)) == 4
+
+
 def test_non_memory_errors_propagate(tiny_llama, monkeypatch):
     monkeypatch.setattr(efficiency, "measure_generation", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
