@@ -41,8 +41,7 @@ def _exercise_count(notebook: Path) -> int:
 
 def test_every_notebook_with_exercises_has_a_solution():
     missing = [nb.name for nb in notebook_paths(NOTEBOOKS) if _exercise_count(nb) and not (SOLUTIONS / nb.name).exists()]
-    if missing:  # reported, not hidden: the closing line lists it as xfailed with the names
-        pytest.xfail(f"no worked solution in solutions/ yet for: {missing}")
+    assert not missing, f"no worked solution in solutions/ for: {missing}"
 
 
 @pytest.mark.parametrize("path", SOLUTION_PATHS, ids=lambda p: p.stem)
@@ -61,8 +60,14 @@ def test_solution_answers_every_exercise_and_is_clean(path):
         f"{path.name}: notebook asks exercises 1..{asked}, the solution answers {sorted(answered)}"
 
 
+# Solutions whose exercises train or quantise several models: 100-350 s each at preset tiny on
+# one core, beyond the suite's budget; `make test-all` runs them (measured 2026-11-30).
+HEAVY = {"04_lora_retraining", "05_continued_pretraining", "08_export_gguf", "09_beyond_the_paper"}
+RUNS = [pytest.param(p, marks=pytest.mark.heavy) if p.stem in HEAVY else p for p in SOLUTION_PATHS]
+
+
 @pytest.mark.notebook
-@pytest.mark.parametrize("path", SOLUTION_PATHS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in SOLUTION_PATHS])
 def test_solution_runs_at_preset_tiny(path, tmp_path):
     out = run_notebook(path, tmp_path / "executed", {"preset": "tiny", "run_dir": str(tmp_path / "run")})
     errors = [o for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []) if o.output_type == "error"]
