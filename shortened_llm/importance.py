@@ -245,7 +245,7 @@ def ppl_importance(model, input_ids, batch_size: int | None = None, reuse_prefix
     count = 0
     for batch in _batches(input_ids, batch_size):
         cached = _block_inputs(model, batch) if reuse_prefix else None
-        steps = tqdm(range(n), desc="ppl sweep", unit="block", disable=not progress, leave=False)
+        steps = tqdm(range(n), desc="ppl sweep", unit="block", disable=not progress)
         for i in steps:
             totals[i] += _nll_without(model, batch, i, cached).double().sum().cpu()
         count += batch.shape[0] * (batch.shape[1] - 1)
@@ -330,7 +330,7 @@ def taylor_importance(model, input_ids, batch_size: int | None = None, gradient_
     total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
     with _only_blocks_trainable(model), _checkpointed(blocks, gradient_checkpointing), torch.enable_grad():
         batches = _batches(input_ids, batch_size)
-        for batch in tqdm(batches, desc="taylor gradients", unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="taylor gradients", unit="batch", disable=not progress):
             batch = batch.to(_device(model))
             logits = model(batch, use_cache=False).logits  # (B, T, V)
             loss = _shifted_nll(logits, batch.to(logits.device)).sum() / total_tokens
@@ -355,7 +355,7 @@ def block_influence(model, input_ids, batch_size: int | None = None, progress: b
     """ShortGPT: 1 - mean cosine(h_in, h_out) over tokens; a block that barely turns h is redundant."""
     n = _check_blocks_for("bi", model, minimum=1)
     sums, count = torch.zeros(n, dtype=torch.float64), 0
-    for batch in tqdm(_batches(input_ids, batch_size), desc="block influence", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(_batches(input_ids, batch_size), desc="block influence", unit="batch", disable=not progress):
         states = _block_states(model, batch)
         for i in range(n):
             sums[i] += (1 - _cosine(states[i], states[i + 1])).double().sum().cpu()
@@ -380,7 +380,7 @@ def angular_distance(model, input_ids, n: int = 1, last_token: bool = False, bat
     if not 1 <= n <= n_blocks:
         raise ValueError(f"n={n} is the span length in blocks: it must be in 1..{n_blocks} for this model")
     sums, count = torch.zeros(n_blocks, dtype=torch.float64), 0
-    for batch in tqdm(_batches(input_ids, batch_size), desc="angular distance", unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(_batches(input_ids, batch_size), desc="angular distance", unit="batch", disable=not progress):
         states = _block_states(model, batch)
         if last_token:
             states = [s[:, -1:] for s in states]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -173,6 +174,10 @@ def _wait_ready(server: Server, probe_path: str, timeout: float) -> None:
                        f"(pass a larger timeout=); log {server.log_path}:\n{server.log()[-3000:]}")
 
 
+# what Tornado ("Address already in use") and jupyter-server ("port 8888 is not available") say
+PORT_TAKEN = re.compile(r"address already in use|port \d+ is (already in use|not available)", re.I)
+
+
 def _start(name: str, cmd_for_port, port: int | None, token: str | None, log_dir: Path | None,
            probe_path: str, timeout: float, cwd: Path, env: dict | None, attempts: int = 3) -> Server:
     """Start on a free port; if another process grabbed it meanwhile, move on to the next one."""
@@ -195,7 +200,7 @@ def _start(name: str, cmd_for_port, port: int | None, token: str | None, log_dir
         except RuntimeError as err:  # lost a race for the port: try the next one
             server.stop()
             last_error = err
-            if "address already in use" not in server.log().lower():
+            if not PORT_TAKEN.search(server.log()):
                 raise
             start = chosen + 1
     raise RuntimeError(f"{name} could not bind a port after {attempts} attempts: {last_error}")

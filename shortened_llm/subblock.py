@@ -328,7 +328,7 @@ def _alive(model, unit: str) -> list[int]:
 def _ppl_scores(model, ids, unit: str, batch_size: int | None = None, progress: bool = True) -> torch.Tensor:
     """One-shot: calibration PPL with only this half removed (BlockPruner's measure)."""
     scores = torch.full((len(get_blocks(model)),), math.inf, dtype=torch.float64)
-    for i in tqdm(_alive(model, unit), desc=f"ppl sweep ({unit})", unit="half", disable=not progress, leave=False):
+    for i in tqdm(_alive(model, unit), desc=f"ppl sweep ({unit})", unit="half", disable=not progress):
         with skipping_sublayers(model, unit, [i]):
             scores[i] = math.exp(_nll(model, ids, batch_size))
     return scores

@@ -48,3 +48,20 @@ def test_bad_input_is_a_clear_error(capsys, tmp_path, tiny_llama_dir, argv, mess
 def test_unknown_model(capsys, tmp_path):
     code, _, err = run(capsys, "eval", "ppl", "--model", "no-such-model")
     assert code == 2 and "Unknown model" in err
+
+
+def test_servers_move_to_the_next_port_when_one_is_taken():
+    """free_port skips a listening port; both servers' 'port taken' messages trigger a retry."""
+    import socket
+
+    from shortened_llm.serve import PORT_TAKEN, free_port
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        assert free_port(taken) > taken
+    assert PORT_TAKEN.search("[E] OSError: [Errno 98] Address already in use")
+    assert PORT_TAKEN.search("ERROR: the Jupyter server could not be started because port 8888 is not available.")
+    assert PORT_TAKEN.search("[I ServerApp] The port 8888 is already in use.")
+    assert not PORT_TAKEN.search("ModuleNotFoundError: No module named 'voila'")
