@@ -7,13 +7,12 @@ offline pack. Resumable: rows already in the CSV are kept.
     SHORTENED_LLM_DATA=... nice -n 10 python results/make_zeroshot_table.py --limit 50
 """
 import argparse
-import importlib
 from pathlib import Path
 
 import torch
 
 from shortened_llm import load_model
-from shortened_llm.claims import load_or_prune
+from shortened_llm.retrain import pruned_model
 from shortened_llm.zeroshot import zero_shot_table
 
 # cheap tasks first: a run cut short still compares all models on what it finished
@@ -21,16 +20,8 @@ ORDER = ("winogrande", "arc_easy", "piqa", "openbookqa", "arc_challenge", "hella
 
 
 def pruned(criterion, run_dir):
-    def loader():
-        import shortened_llm.importance as importance
-
-        if criterion.rstrip("+") not in importance.CRITERIA:
-            importlib.reload(importance)  # a criterion added to the file since we started
-        if criterion.rstrip("+") not in importance.CRITERIA:
-            raise LookupError(f"criterion {criterion!r} is not in shortened_llm.importance yet")
-        return load_or_prune(run_dir, criterion, 0.2, preset="paper", device="cpu")
-
-    return loader
+    """Loads the 20 %-pruned model from ``run_dir`` (pruning and saving it there first if missing)."""
+    return lambda: pruned_model("smollm2-135m", run_dir, 0.2, preset="paper", criterion=criterion)
 
 
 if __name__ == "__main__":
@@ -46,7 +37,5 @@ if __name__ == "__main__":
         "ppl-0.20": pruned("ppl", args.run_dir),
         "taylor+-0.20": pruned("taylor+", args.run_dir),
     }
-    table = zero_shot_table(models, args.out, tasks=ORDER, limit=args.limit, batch_size=args.batch_size)
-    # a second pass picks up models skipped while their criterion was missing
     table = zero_shot_table(models, args.out, tasks=ORDER, limit=args.limit, batch_size=args.batch_size)
     print(table.to_string())

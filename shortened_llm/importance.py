@@ -100,6 +100,13 @@ def block_importance(model, input_ids: torch.Tensor | None, criterion: str = "pp
     Data-free criteria (``magnitude``, ``reverse``, ``random``) accept ``input_ids=None``.
     """
     base, _ = split_criterion(criterion)
+    accepted = inspect.signature(CRITERIA[base]).parameters
+    if "progress" not in accepted:
+        options.pop("progress", None)  # an instant criterion (no loop): nothing to show, same call for all
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = sorted(set(accepted) - {"model", "input_ids"})
+        raise ValueError(f"criterion {base!r} takes no option(s) {unknown}; it takes: {', '.join(takes) or 'none'}")
     if base not in DATA_FREE or input_ids is not None:
         input_ids = _check_input(input_ids)
     scores = CRITERIA[base](model, input_ids, **options)

@@ -19,9 +19,15 @@ ALL = sorted(CRITERIA)
 
 
 def _score(model, ids, criterion, **kw):
-    if criterion not in DATA_FREE:
-        kw.setdefault("progress", False)
-    return block_importance(model, ids, criterion, **kw)
+    """Every criterion takes progress=, the instant ones included: one call shape for all."""
+    return block_importance(model, ids, criterion, **{"progress": False, **kw})
+
+
+def test_an_option_a_criterion_does_not_take_is_a_clear_error(tiny_llama, random_ids):
+    with pytest.raises(ValueError, match=r"'magnitude' takes no option\(s\) \['n'\]; it takes: none"):
+        block_importance(tiny_llama, None, "magnitude", n=3)
+    with pytest.raises(ValueError, match="it takes: .*batch_size.*progress"):
+        block_importance(tiny_llama, random_ids, "ppl", temperature=2.0)
 
 
 def test_every_expected_criterion_is_registered():
