@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_llama
 from shortened_llm.evaluate import token_nll
 from shortened_llm.importance import (
-    CRITERIA, DATA_FREE, PLUS_RULE, block_importance, blocks_to_remove, criterion_options, removal_order,
+    CRITERIA, PLUS_RULE, block_importance, blocks_to_remove, criterion_options, removal_order,
     split_criterion,
 )
 from shortened_llm.prune import remove_blocks
