@@ -166,11 +166,13 @@ def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None, 
         with out:
             out.clear_output(wait=True)
             result = explorer.evaluate(pick.value, count.value)
+            # the answer as text first (readable without the figure: screen readers, the browser
+            # tests), flushed so it shows while the figure is drawn
+            print(f"{pick.value}: removed blocks {result['removed']} -> {explorer.dataset} PPL {result['ppl']:.2f}",
+                  flush=True)
             base, _ = split_criterion(pick.value)
             fig = plot_block_scores(explorer.scores[base], pick.value, removed=result["removed"])
             fig.axes[0].set_title(f"{pick.value}: remove {result['removed']} -> {explorer.dataset} PPL {result['ppl']:.2f}")
-            # the same as text too: readable without the figure (screen readers, the browser tests)
-            print(f"{pick.value}: removed blocks {result['removed']} -> {explorer.dataset} PPL {result['ppl']:.2f}")
             plt.show()
 
     def on_criterion(change):
