@@ -14,9 +14,10 @@ Timing uses CUDA events on GPU (the GPU runs asynchronously; a host clock would 
 launches) and ``time.perf_counter`` on CPU. Memory is weights plus the peak growth over
 the level just before the first call: on GPU from ``torch.cuda.max_memory_allocated``, less
 what was allocated before (the other models of a side-by-side sweep, for instance). On CPU
-there is no allocator counter, so we sample the process's resident set size (RSS) in a thread and report its peak growth over the level measured just before
-the first (warm-up) call; ``ru_maxrss`` is used too, but only when it rose during the
-call, since it is a process-lifetime high-water mark that never decreases. GPU
+there is no allocator counter, so we sample the process's resident set size (RSS) in a
+thread and report its peak growth over the level measured just before the first (warm-up)
+call; ``ru_maxrss`` is used too, but only when it rose during the call, since it is a
+process-lifetime high-water mark that never decreases. GPU
 utilisation is sampled with nvidia-ml-py (``pynvml``) in a thread on NVIDIA GPUs.
 """
 from __future__ import annotations
