@@ -206,6 +206,11 @@ def _start(name: str, cmd_for_port, port: int | None, token: str | None, log_dir
     raise RuntimeError(f"{name} could not bind a port after {attempts} attempts: {last_error}")
 
 
+# Kernels talk to their server over Unix sockets, not TCP ports: jupyter_client picks a TCP port by
+# binding and releasing it, and another kernel starting at that moment (papermill, a second server)
+# can take it first; the kernel then dies at birth and the page waits for it forever.
+KERNELS_OVER_IPC = ["--KernelManager.transport=ipc"]
+
 # JupyterLab user settings every server starts with: no "fetch the news?" pop-up over the page
 LAB_SETTINGS: dict[str, dict] = {"@jupyterlab/apputils-extension/notification": {"fetchNews": "false"}}
 
@@ -240,7 +245,7 @@ def start_lab(root_dir: str | os.PathLike = REPO / "notebooks", port: int | None
         return [exe, "--no-browser", f"--ServerApp.ip={LOCALHOST}", f"--ServerApp.port={p}",
                 "--ServerApp.port_retries=0", f"--IdentityProvider.token={t}", f"--ServerApp.root_dir={root}",
                 "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-                *fresh, *_root_flag()]
+                *fresh, *_root_flag(), *KERNELS_OVER_IPC]
 
     return _start("jupyterlab", cmd, port, token, Path(log_dir) if log_dir else None, "/api/status", timeout, root, env)
 
@@ -256,7 +261,7 @@ def start_voila(target: str | os.PathLike, port: int | None = None, token: str |
 
     def cmd(p: int, t: str) -> list[str]:
         return [exe, str(target), "--no-browser", f"--Voila.ip={LOCALHOST}", f"--port={p}", "--Voila.port_retries=0",
-                f"--token={t}", "--show_tracebacks=True"]
+                f"--token={t}", "--show_tracebacks=True", *KERNELS_OVER_IPC]
 
     # a single notebook's "/" runs it: probe a static file instead, so readiness costs nothing
     probe = "/voila/static/favicon.ico" if target.is_file() else "/"

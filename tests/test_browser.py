@@ -103,11 +103,14 @@ def _shot(page, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _shot_on_failure(page, name: str):
-    """A failing test leaves a picture of what the browser showed: runs/browser/<name>-failure.png."""
+def _shot_on_failure(page, name: str, server: serve.Server | None = None):
+    """A failing test leaves a picture of what the browser showed (runs/browser/<name>-failure.png)
+    and prints the end of the server's log, where a dead kernel or a traceback shows up."""
     try:
         yield
     except BaseException:
+        if server is not None:
+            print(f"---- last lines of {server.log_path} ----\n" + "\n".join(server.log().splitlines()[-60:]))
         try:
             _shot(page, f"{name}-failure")
         finally:
@@ -206,7 +209,7 @@ def test_jupyterlab_explorer_by_keyboard(page, prepared, tmp_path):
     t0 = time.perf_counter()
     n_code = sum(c["cell_type"] == "code" for c in json.loads(prepared.read_text())["cells"])
     with serve.start_lab(prepared.parent, log_dir=tmp_path / "logs", settings=ALL_CELLS_IN_DOM) as server:
-        with _shot_on_failure(page, "jupyterlab"):
+        with _shot_on_failure(page, "jupyterlab", server):
             page.goto(server.url(f"/lab/tree/{prepared.name}"))
             page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible")
             page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"\|\s*Idle")).first.wait_for(state="visible")
@@ -231,7 +234,7 @@ def test_jupyterlab_explorer_by_keyboard(page, prepared, tmp_path):
 def test_voila_explorer_by_keyboard(page, prepared, tmp_path):
     t0 = time.perf_counter()
     with serve.start_voila(prepared.parent, log_dir=tmp_path / "logs") as server:
-        with _shot_on_failure(page, "voila"):
+        with _shot_on_failure(page, "voila", server):
             page.goto(server.url("/"))  # the app list `make demo` shows
             page.get_by_text(prepared.name).first.wait_for(state="visible")
             page.goto(server.url(f"/voila/render/{prepared.name}"))
