@@ -180,19 +180,31 @@ def _taylor_best_zero_shot(ppl, zs, eff):
                   f"(limit {a[2]} docs/task)")
 
 
-def _retrained(ppl, method: str) -> dict[str, float]:
+def _method_and_ratio(label: str) -> tuple[str, float | None]:
+    """``retrained/cpt-lora-0.50`` -> ("cpt-lora", 0.5); ``retrained/lora`` -> ("lora", None)."""
+    name = label.split("/", 1)[1]
+    head, _, tail = name.rpartition("-")
+    try:
+        return head, float(tail)
+    except ValueError:
+        return name, None
+
+
+def _retrained(ppl, method: str, ratio: float | None = None) -> dict[str, float]:
+    """PPL of each ``retrained/<method>[-<ratio>]`` model (``cpt`` does not match ``cpt-lora``)."""
     if ppl is None or ppl.empty:
         return {}
-    labels = sorted({m for m in ppl.model if m.startswith("retrained/") and m.split("/", 1)[1].split("-")[0] == method})
+    labels = sorted({m for m in ppl.model if m.startswith("retrained/") and _method_and_ratio(m)[0] == method
+                     and (ratio is None or _method_and_ratio(m)[1] in (ratio, None))})
     return {m: v for m in labels if (v := _ppl(ppl, m)) is not None}
 
 
 def _lora_recovers(ppl, zs, eff):
-    lora = _retrained(ppl, "lora")
+    lora = _retrained(ppl, "lora", 0.2)
     base = {m: _ppl(ppl, m) for m in ("ppl-0.20", "taylor+-0.20")}
     base = {m: v for m, v in base.items() if v is not None}
     if not lora or not base:
-        return MISSING, "needs retrained/lora* under run_dir (notebook 04) and the pruned models' PPL"
+        return MISSING, "needs retrained/lora-0.20 under run_dir (notebook 04) and the pruned models' PPL"
     worst_base = min(base.values())
     best = min(lora.values())
     return _held(best < worst_base), (", ".join(f"{m}: {v:.1f}" for m, v in lora.items()) + " vs pruned "
@@ -200,10 +212,15 @@ def _lora_recovers(ppl, zs, eff):
 
 
 def _cpt_beats_lora(ppl, zs, eff):
-    lora, cpt = _retrained(ppl, "lora"), _retrained(ppl, "cpt")
-    if not lora or not cpt:
-        return MISSING, "needs retrained/lora* and retrained/cpt* at the same (severe) ratio under run_dir"
-    return _held(min(cpt.values()) < min(lora.values())), ", ".join(f"{m}: {v:.1f}" for m, v in {**cpt, **lora}.items())
+    """At the most severe ratio that has both a LoRA and a CPT model (notebook 05 trains 20 % and 50 %)."""
+    both = sorted({r for m in _retrained(ppl, "lora") for r in [_method_and_ratio(m)[1]]}
+                  & {r for m in _retrained(ppl, "cpt") for r in [_method_and_ratio(m)[1]]},
+                  key=lambda r: -1.0 if r is None else r)
+    if not both:
+        return MISSING, "needs retrained/lora-<ratio> and retrained/cpt-<ratio> at the same (severe) ratio under run_dir"
+    lora, cpt = _retrained(ppl, "lora", both[-1]), _retrained(ppl, "cpt", both[-1])
+    where = "" if both[-1] is None else f"at {both[-1]:.0%}: "
+    return _held(min(cpt.values()) < min(lora.values())), where + ", ".join(f"{m}: {v:.1f}" for m, v in {**cpt, **lora}.items())
 
 
 def _depth_faster(ppl, zs, eff):

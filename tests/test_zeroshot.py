@@ -171,6 +171,23 @@ def test_claims_follow_the_numbers():
     assert "limit 25" in table.numbers["taylor_best_zero_shot"]
 
 
+def test_cpt_vs_lora_is_judged_at_the_most_severe_shared_ratio():
+    from shortened_llm.claims import claims_table
+
+    # LoRA wins at 20 %, CPT at 50 %; cpt-lora (best of all) must not count as CPT
+    ppl = _ppl_rows({"ppl-0.20": 30.0, "retrained/lora-0.20": 25.0, "retrained/cpt-0.20": 27.0,
+                     "retrained/lora-0.50": 90.0, "retrained/cpt-0.50": 60.0, "retrained/cpt-lora-0.50": 10.0,
+                     "retrained/cpt-lora-0.20": 5.0})
+    table = claims_table(ppl).set_index("claim")
+    assert table.held["cpt_beats_lora"] == "yes"
+    assert table.numbers["cpt_beats_lora"].startswith("at 50%") and "cpt-lora" not in table.numbers["cpt_beats_lora"]
+    # LoRA recovery is judged at 20 %, against the 20 % pruned model
+    assert table.held["lora_recovers_ppl"] == "yes" and "lora-0.50" not in table.numbers["lora_recovers_ppl"]
+    worse = _ppl_rows({"retrained/lora-0.50": 50.0, "retrained/cpt-0.50": 60.0, "retrained/cpt-0.20": 1.0,
+                       "retrained/lora-0.20": 2.0})
+    assert claims_table(worse).set_index("claim").held["cpt_beats_lora"] == "no"
+
+
 def test_load_run_tables_prefers_more_documents(tmp_path):
     from shortened_llm.claims import load_run_tables
 
