@@ -42,8 +42,9 @@ def run_models(run_dir, criteria=("ppl", "taylor+"), ratio: float = 0.2, model: 
     for c in criteria:
         loaders[f"{c}-{_zero(ratio)}"] = (lambda c=c: pruned_model(model, run_dir, ratio, preset, criterion=c))
     for d in sorted(Path(run_dir).glob("retrained/*")):
-        # skip hidden temp dirs and the `<out>.checkpoints` work dir of an unfinished run (retrain.checkpoints_dir)
-        if d.is_dir() and not d.name.startswith(".") and not d.name.endswith(".checkpoints"):
+        # skip hidden temp dirs, the `<out>.checkpoints` work dir of an unfinished run (retrain.checkpoints_dir)
+        # and the `<out>.cpt` first stage of CPT then LoRA (retrain.cpt_then_lora)
+        if d.is_dir() and not d.name.startswith(".") and not d.name.endswith((".checkpoints", ".cpt")):
             loaders[f"retrained/{d.name}"] = (lambda d=d: _load_retrained(d, run_dir))
     return loaders
 

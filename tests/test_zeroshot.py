@@ -188,6 +188,15 @@ def test_cpt_vs_lora_is_judged_at_the_most_severe_shared_ratio():
     assert claims_table(worse).set_index("claim").held["cpt_beats_lora"] == "no"
 
 
+def test_run_models_lists_finished_retrained_models_only(tmp_path):
+    from shortened_llm.claims import run_models
+
+    for name in ("lora-0.20", "cpt-lora-0.50", "cpt-lora-0.50.cpt", "cpt-0.50.checkpoints", ".tmp-lora"):
+        (tmp_path / "retrained" / name).mkdir(parents=True)
+    labels = list(run_models(tmp_path, criteria=("ppl",)))
+    assert labels == ["dense", "ppl-0.20", "retrained/cpt-lora-0.50", "retrained/lora-0.20"]
+
+
 def test_load_run_tables_prefers_more_documents(tmp_path):
     from shortened_llm.claims import load_run_tables
 
