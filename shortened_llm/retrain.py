@@ -226,7 +226,7 @@ def _train(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, method: st
            max_steps: int | None, epochs: float, warmup: int | float, scheduler: str, seed: int, save_steps: int,
            resume: bool, progress: bool, callbacks, name: str, trainer_cls=None):
     """Run a ``Trainer`` in ``<out>.checkpoints``; return it, the seconds it took and the work dir."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     work = checkpoints_dir(out_dir)
@@ -256,6 +256,8 @@ def _train(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, method: st
                       data_collator=_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                              else tokenizer.eos_token_id),
                       callbacks=list(callbacks or []))
+    if not progress:  # no bars means no per-step log dicts printed either; the loss log keeps them
+        trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_text(work / BASE_FILE, json.dumps(_fingerprint(model), indent=2))
@@ -419,6 +421,11 @@ def cpt_then_lora(model, tokenizer=None, out_dir: str | os.PathLike = "retrained
                           overwrite=overwrite, resume=resume, progress=progress, **overrides)
     second.method = "cpt-lora"
     second.seconds += cpt_seconds
+    if _is_main():  # training.json counts both stages, so a reload reports what the chain cost
+        info = json.loads((out_dir / "training.json").read_text())
+        info.update(method="cpt-lora", seconds=second.seconds, lora_seconds=second.seconds - cpt_seconds,
+                    cpt_seconds=cpt_seconds, cpt_dir=str(cpt_dir))
+        atomic_write_text(out_dir / "training.json", json.dumps(info, indent=2, default=str) + "\n")
     return second
 
 

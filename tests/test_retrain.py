@@ -10,7 +10,8 @@ from transformers import TrainerCallback
 from conftest import make_tiny_llama
 from shortened_llm.prompts import alpaca_prompt, load_instructions, response_of, tokenize_record
 from shortened_llm.prune import remove_blocks
-from shortened_llm.retrain import apply_adapter, checkpoints_dir, continued_pretrain, lora_retrain, pack_blocks
+from shortened_llm.retrain import (apply_adapter, checkpoints_dir, continued_pretrain, cpt_then_lora, lora_retrain,
+                                   pack_blocks, retrain_or_load)
 
 FAST = dict(preset="tiny", progress=False, cpt_block_size=32, lora_cutoff=48)
 
@@ -85,6 +86,19 @@ def test_lora_saves_adapter_and_trainable_merged_model(tmp_path, tok):
         torch.testing.assert_close(adapted(ids).logits, result.model(ids).logits, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="different base model"):
         apply_adapter(tiny(tok, removed=(2,)), out)
+
+
+def test_cpt_then_lora_reports_both_stages_and_prints_no_step_logs(tmp_path, tok, capsys):
+    out = tmp_path / "cpt-lora"
+    result = cpt_then_lora(tiny(tok), tok, out, cpt_steps=1, lora_steps=1, **FAST)
+    info = json.loads((out / "training.json").read_text())
+    cpt = json.loads((tmp_path / "cpt-lora.cpt" / "training.json").read_text())
+    assert info["method"] == "cpt-lora" and info["cpt_seconds"] == pytest.approx(cpt["seconds"], abs=0.01) and cpt["seconds"] > 0
+    assert info["seconds"] == pytest.approx(info["lora_seconds"] + info["cpt_seconds"]) == pytest.approx(result.seconds)
+    # a notebook that reloads the finished run sees the same cost as the one that trained it
+    *_, reloaded = retrain_or_load("cpt-lora", None, None, out)
+    assert reloaded["seconds"] == pytest.approx(result.seconds)
+    assert "'loss'" not in capsys.readouterr().out  # progress=False: no Trainer log dicts in a notebook
 
 
 class Interrupt(TrainerCallback):
