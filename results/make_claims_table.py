@@ -2,8 +2,8 @@
 
 The paper's claims checked on the embedded SmolLM2-135M with the models a smoke run left in
 ``--run-dir``: dense, 20 %-pruned (PPL criterion, Taylor+) and every retrained model there
-(notebooks 04 and 05: ``lora-0.20``, ``cpt-0.50``, ...). Perplexity: WikiText-2 and PTB, paper
-protocol (128-token segments, BOS once), first 100 segments. Zero-shot: the committed
+(notebooks 04 and 05: ``lora-0.20``, ``cpt-0.50``, ...). Perplexity: WikiText-2, paper protocol
+(128-token segments, BOS once), first 100 segments. Zero-shot: the committed
 ``zeroshot_smollm2-135m.csv``. Speed: the committed CPU sweep in ``efficiency/``.
 
     SHORTENED_LLM_DATA=... OMP_NUM_THREADS=1 python results/make_claims_table.py --run-dir runs/smoke
@@ -38,7 +38,8 @@ if __name__ == "__main__":
     args = p.parse_args()
     torch.set_num_threads(1)
     models = Loaded(run_models(args.run_dir, preset="paper"))
-    ppl = ppl_table(models, HERE / "ppl_smollm2-135m.csv", max_segments=args.segments, bos_protocols=("once",))
+    ppl = ppl_table(models, HERE / "ppl_smollm2-135m.csv", max_segments=args.segments, datasets=("wikitext2",),
+                    bos_protocols=("once",))
     zeroshot = pd.read_csv(HERE / "zeroshot_smollm2-135m.csv", keep_default_na=False, na_values=[""])
     efficiency = pd.read_csv(HERE / "efficiency" / "cpu_smollm2-135m_smoke.csv")
     claims = claims_table(ppl, zeroshot, efficiency)
