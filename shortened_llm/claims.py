@@ -214,9 +214,10 @@ def _lora_recovers(ppl, zs, eff):
 
 def _cpt_beats_lora(ppl, zs, eff):
     """At the most severe ratio that has both a LoRA and a CPT model (notebook 05 trains 20 % and 50 %)."""
-    both = sorted({r for m in _retrained(ppl, "lora") for r in [_method_and_ratio(m)[1]]}
-                  & {r for m in _retrained(ppl, "cpt") for r in [_method_and_ratio(m)[1]]},
-                  key=lambda r: -1.0 if r is None else r)
+    def ratios(method):
+        return {_method_and_ratio(m)[1] for m in _retrained(ppl, method)}
+
+    both = sorted(ratios("lora") & ratios("cpt"), key=lambda r: -1.0 if r is None else r)
     if not both:
         return MISSING, "needs retrained/lora-<ratio> and retrained/cpt-<ratio> at the same (severe) ratio under run_dir"
     lora, cpt = _retrained(ppl, "lora", both[-1]), _retrained(ppl, "cpt", both[-1])
