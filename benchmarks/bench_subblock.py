@@ -22,7 +22,7 @@ from shortened_llm.data import calibration_batches
 from shortened_llm.models import family_of, load_model, num_blocks
 from shortened_llm.presets import get_preset
 from shortened_llm.prune import num_blocks_for_ratio
-from shortened_llm.subblock import equal_param_models, speed_and_kv
+from shortened_llm.subblock import equal_param_models, relative_to, speed_and_kv
 
 
 def main(argv=None) -> int:
@@ -58,9 +58,7 @@ def main(argv=None) -> int:
         raw.to_csv(args.out, index=False)
     med = raw.groupby(["context", "model"], sort=False).agg(latency_s=("latency_s", "median"),
                                                             kv_cache_mb=("kv_cache_mb", "first")).reset_index()
-    dense_row = med[med.model == "dense"].set_index("context")
-    med["speedup"] = med.context.map(dense_row.latency_s) / med.latency_s
-    med["kv_vs_dense"] = med.kv_cache_mb / med.context.map(dense_row.kv_cache_mb)
+    med = relative_to(med)
     print(f"\n{args.model}, {args.ratio:.0%} of blocks' parameters, batch 1, {args.new_tokens} new tokens, "
           f"median of {args.rounds} interleaved rounds x {args.repeats} runs, {torch.get_num_threads()} thread(s)")
     print(med.round(3).to_string(index=False))

@@ -41,6 +41,7 @@ from .models import _get_path, _unwrap, count_params, get_blocks
 from .prune import PruningRecord, check_blocks
 
 __all__ = [
+    "relative_to",
     "UNITS",
     "SUBLAYERS",
     "SubLayers",
@@ -570,3 +571,11 @@ def speed_and_kv(models: dict, contexts=(128, 2048), new_tokens: int = 16, repea
                          "decode_tokens_per_s": r["decode_tokens_per_s"], "kv_cache_mb": kv_cache_bytes(model, ctx) / 2**20,
                          "params": count_params(model)})
     return pd.DataFrame(rows)
+
+
+def relative_to(speed, baseline: str = "dense"):
+    """``speed_and_kv`` rows with ``speedup`` (baseline latency / latency) and ``kv_vs_dense``
+    (KV cache / the baseline's) added, each against ``baseline`` at the same context."""
+    base = speed[speed.model == baseline].set_index("context")
+    return speed.assign(speedup=speed.context.map(base.latency_s) / speed.latency_s,
+                        kv_vs_dense=speed.kv_cache_mb / speed.context.map(base.kv_cache_mb))

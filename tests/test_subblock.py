@@ -124,3 +124,14 @@ def test_cli_prune_unit_attn(tmp_path, tiny_llama_dir, capsys):
     assert printed["unit"] == "attn" and len(printed["removed"]) == 2
     model, _ = load_model(out, device="cpu")
     assert removed_sublayers(model, "attn") == printed["removed"]
+
+
+def test_relative_to_compares_each_model_with_dense_at_the_same_context():
+    import pandas as pd
+
+    from shortened_llm.subblock import relative_to
+
+    speed = pd.DataFrame({"model": ["dense", "attn", "dense", "attn"], "context": [128, 128, 2048, 2048],
+                          "latency_s": [2.0, 1.0, 10.0, 8.0], "kv_cache_mb": [4.0, 1.0, 64.0, 16.0]})
+    out = relative_to(speed)
+    assert out.speedup.tolist() == [1.0, 2.0, 1.0, 1.25] and out.kv_vs_dense.tolist() == [1.0, 0.25, 1.0, 0.25]
