@@ -30,6 +30,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -72,10 +73,19 @@ class GgufArch:
     permute_qk: bool = True
     # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w, so its norm weights are stored + 1
     norm_plus_one: bool = False
+    # GPT-NeoX's fused query_key_value holds [q, k, v] per head; llama.cpp reads all of q,
+    # then all of k, then all of v, so the rows are regrouped on export.
+    qkv_per_head: bool = False
+    # llama.cpp fixes Gemma2/3's sliding/global pattern by position: block i slides iff
+    # i % swa_period < swa_period - 1. A pruned model must still have that pattern.
+    swa_period: int = 0
 
 
-# Keyed by config.model_type, like models.FAMILIES. Mistral is a Llama in llama.cpp (its
-# sliding window is not exported: llama.cpp attends to the whole context).
+# Keyed by config.model_type, like models.FAMILIES. Mistral is a Llama in llama.cpp. The
+# sliding window of Mistral and Phi-3 (one window on every block) is not exported: llama.cpp's
+# llama and phi3 archs attend to the whole context (measured: with a window of 8, llama.cpp's
+# NLL leaves HF's at the 9th token whatever window the GGUF states), so the two agree up to
+# ``sliding_window`` tokens and ``export_gguf`` warns when the window is shorter than the context.
 ARCHITECTURES: dict[str, GgufArch] = {
     "llama": GgufArch("llama"),
     "mistral": GgufArch("llama"),
@@ -84,6 +94,15 @@ ARCHITECTURES: dict[str, GgufArch] = {
     "qwen2": GgufArch("qwen2", permute_qk=False),
     "qwen3": GgufArch("qwen3", permute_qk=False),
     "gemma": GgufArch("gemma", permute_qk=False, norm_plus_one=True),
+    # Gemma2/3: sliding and global blocks alternate in a pattern llama.cpp derives from the block
+    # index (see swa_period); soft-capping, the window and the local RoPE base go in the metadata.
+    "gemma2": GgufArch("gemma2", permute_qk=False, norm_plus_one=True, swa_period=2),
+    "gemma3_text": GgufArch("gemma3", permute_qk=False, norm_plus_one=True, swa_period=6),
+    # Phi-3's fused qkv_proj ([q | k | v]) and gate_up_proj ([gate | up]) are what llama.cpp's
+    # phi3 arch reads as attn_qkv and ffn_up; NEOX RoPE like HF.
+    "phi3": GgufArch("phi3", permute_qk=False),
+    # LayerNorm with biases, partial rotary, parallel residual: all read from the config.
+    "gpt_neox": GgufArch("gptneox", permute_qk=False, qkv_per_head=True),
 }
 
 # Types the gguf writer produces directly (no llama.cpp needed): name -> torch dtype of 2-D tensors
@@ -199,6 +218,11 @@ def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _regroup_qkv(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(3 * hidden, ...) rows from per-head [q, k, v] (GPT-NeoX) to [all q, all k, all v] (llama.cpp)."""
+    return w.reshape(n_head, 3, w.shape[0] // n_head // 3, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
 def _pre_tokenizer_key(pre: dict | None) -> str:
     """A short signature of tokenizer.json's pre_tokenizer, to look up in ``PRE_TOKENIZERS``."""
     if not pre:
@@ -284,20 +308,39 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
         raise ValueError(f"model_type={model_type!r} cannot be exported to GGUF yet. Supported: "
                          f"{', '.join(sorted(ARCHITECTURES))} (add an entry to shortened_llm.export.ARCHITECTURES)")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    local_rope = rope.get("sliding_attention") if isinstance(rope.get("sliding_attention"), dict) else None
+    rope = rope.get("full_attention", rope) if local_rope else rope  # Gemma3: one RoPE per attention type
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise ValueError(f"rope_type={rope_type!r} of {str(model_dir)!r} is not supported by this exporter "
                          "(supported: default, linear)")
     spec = ARCHITECTURES[model_type]
-    sliding = [i for i, t in enumerate(getattr(config, "layer_types", None) or []) if t == "sliding_attention"]
-    if sliding and model_type != "mistral":
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    if spec.swa_period:
+        p = spec.swa_period
+        expected = [i for i in range(len(layer_types)) if i % p < p - 1]
+        if sliding != expected:
+            removed = _pruning_meta(model_dir, config.num_hidden_layers)["removed_blocks"]
+            raise ValueError(f"{str(model_dir)!r} has sliding-window attention in blocks {sliding}, but llama.cpp's "
+                             f"{spec.arch!r} decides it by position (blocks {expected} for {len(layer_types)} blocks): "
+                             f"the GGUF would compute something else. Removing blocks {removed} broke the pattern; "
+                             f"remove whole groups of {p} consecutive blocks (one global block and the sliding "
+                             "ones before it) to keep it.")
+    elif sliding and model_type != "mistral":
         raise ValueError(f"{str(model_dir)!r} uses sliding-window attention in blocks {sliding}, which llama.cpp's "
                          f"{spec.arch!r} architecture does not do (it attends to the whole context): the GGUF would "
                          "compute something else. Export a model with use_sliding_window=False.")
+    window = getattr(config, "sliding_window", None)
+    if model_type in ("mistral", "phi3") and window and window < config.max_position_embeddings:
+        warnings.warn(f"{model_type} attends to the last {window} tokens in transformers but llama.cpp attends to the "
+                      f"whole context: the GGUF computes the same only for sequences of up to {window} tokens",
+                      stacklevel=3)
     n_blocks, n_head = config.num_hidden_layers, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))  # GPT-NeoX rotates a quarter of each head
     dtype = WRITER_TYPES[quant]
 
     writer = gguf.GGUFWriter(str(out_file), spec.arch)
@@ -310,8 +353,21 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_rope_freq_base(float(theta))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(head_dim)
+    if hasattr(config, "rms_norm_eps"):
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    else:  # LayerNorm families (GPT-NeoX)
+        writer.add_layer_norm_eps(float(config.layer_norm_eps))
+    if spec.swa_period:
+        writer.add_sliding_window(int(window))
+        if local_rope:
+            writer.add_rope_freq_base_swa(float(local_rope.get("rope_theta", 10000.0)))
+    for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                     ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+        if getattr(config, key, None):
+            add(float(getattr(config, key)))
+    if hasattr(config, "use_parallel_residual"):
+        writer.add_parallel_residual(bool(config.use_parallel_residual))
+    writer.add_rope_dimension_count(rope_dim)
     if head_dim != config.hidden_size // n_head:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -340,6 +396,8 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
             w = _permute_qk(w, n_head)
         elif spec.permute_qk and name.endswith("self_attn.k_proj.weight"):
             w = _permute_qk(w, n_kv)
+        elif spec.qkv_per_head and "query_key_value" in name:
+            w = _regroup_qkv(w, n_head)
         if spec.norm_plus_one and name.endswith("norm.weight"):
             w = w.float() + 1
         # norms and other 1-D tensors stay f32, as llama.cpp expects

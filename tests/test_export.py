@@ -70,7 +70,7 @@ def test_unknown_quant_lists_the_supported_ones(pruned_dir, tmp_path):
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, tokenizer):
     opt = save_model(tiny_random_model("opt", num_layers=2, tokenizer=tokenizer), tokenizer, tmp_path / "opt")
-    with pytest.raises(ValueError, match="model_type='opt'.*Supported: gemma, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="model_type='opt'.*Supported: gemma, gemma2, gemma3_text, gpt_neox, llama, mistral, phi3, qwen2, qwen3"):
         export_gguf(opt, tmp_path / "opt.gguf", "f16")
     assert not list(tmp_path.glob("*.gguf*"))  # no half-written file left behind
 
@@ -114,11 +114,19 @@ def test_llama_cpp_nll_equals_transformers(model_type, tmp_path, tokenizer, segm
     from shortened_llm import remove_blocks
     from shortened_llm.evaluate import token_nll
 
-    extra = {"mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False},
-             "qwen3": {"use_sliding_window": False}}.get(model_type, {})
-    model = tiny_random_model(model_type, num_layers=4, tokenizer=tokenizer, seed=2, **extra)
-    remove_blocks(model, [2])
-    model_dir = save_model(model, tokenizer, tmp_path / model_type)
+    extra = {"mistral": {"sliding_window": None}, "phi3": {"sliding_window": None},
+             "qwen2": {"use_sliding_window": False}, "qwen3": {"use_sliding_window": False}}.get(model_type, {})
+    # Gemma2/3 keep llama.cpp's fixed sliding/global pattern: remove a whole group of blocks.
+    # Their window (8) is shorter than the segments (32), so the window itself is checked too.
+    layers, removed = {"gemma2": (6, [2, 3]),
+                       "gemma3_text": (8, [6, 7])}.get(model_type, (4, [2]))
+    if model_type == "gemma3_text":  # llama.cpp's Gemma3: 5 sliding blocks, then a global one
+        extra = {"layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 2}
+    model = tiny_random_model(model_type, num_layers=layers, tokenizer=tokenizer, seed=2, **extra)
+    remove_blocks(model, removed)
+    # not named after the family: llama.cpp gives special tokens Phi-3's strip rules when the
+    # GGUF's general.name contains "phi3", and looks up "</s>", which this test vocabulary lacks
+    model_dir = save_model(model, tokenizer, tmp_path / "pruned")
     out = export_gguf(model_dir, tmp_path / "m-f32.gguf", "f32", progress=False)
     llm = load_gguf(out, n_ctx=64)
     hf = token_nll(model, segments)
@@ -133,6 +141,26 @@ def test_sliding_window_layers_are_refused_where_llama_cpp_ignores_them(tmp_path
     with pytest.raises(ValueError, match="sliding-window attention in blocks"):
         export_gguf(model_dir, tmp_path / "x.gguf", "f16", progress=False)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_broken_sliding_pattern_is_refused(tmp_path, tokenizer):
+    """Gemma2 alternates sliding and global blocks; removing one block breaks what llama.cpp assumes."""
+    from shortened_llm import remove_blocks
+
+    model = tiny_random_model("gemma2", num_layers=4, tokenizer=tokenizer)
+    remove_blocks(model, [1])
+    model_dir = save_model(model, tokenizer, tmp_path / "pruned")
+    with pytest.raises(ValueError, match=r"sliding-window attention in blocks \[0, 1\].*blocks \[1\] broke"):
+        export_gguf(model_dir, tmp_path / "x.gguf", "f16", progress=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_window_shorter_than_the_context_is_a_warning(tmp_path, tokenizer):
+    """Phi-3's window covers every block; llama.cpp ignores it, so the export says so."""
+    model = tiny_random_model("phi3", num_layers=2, tokenizer=tokenizer, sliding_window=8)
+    model_dir = save_model(model, tokenizer, tmp_path / "pruned")
+    with pytest.warns(UserWarning, match="up to 8 tokens"):
+        export_gguf(model_dir, tmp_path / "x.gguf", "f16", progress=False)
 
 
 def test_quantised_files_load_and_stay_close(pruned_dir, tmp_path, segments):
