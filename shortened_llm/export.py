@@ -11,8 +11,11 @@ Two steps, each done by the ecosystem's own tools:
    from ``gguf.get_tensor_name_map``, merges and special ids from ``gguf.SpecialVocab``.
    llama.cpp's own ``convert_hf_to_gguf.py`` is not used because it ships in neither the
    ``gguf`` nor the ``llama-cpp-python`` wheel (only inside the llama-cpp-python sdist, with
-   its ``conversion/`` package), so this module writes the Llama layout itself; the one
-   convention it has to follow by hand is the Q/K row order (``_permute_qk``).
+   its ``conversion/`` package), so this module writes the layouts itself (Llama, Mistral,
+   Qwen2/3, Gemma 1-3, Phi-3, GPT-NeoX; OPT has no llama.cpp architecture). The conventions
+   it follows by hand are few and each is checked by llama.cpp's NLL in the tests: the Q/K
+   row order of the llama arch (``_permute_qk``), GPT-NeoX's fused QKV rows
+   (``_regroup_qkv``), Gemma's norm weights + 1 and Gemma2/3's positional sliding pattern.
 2. Every other type (q8_0, q4_k_m, ...) with llama.cpp's ``llama_model_quantize`` through
    the ``llama-cpp-python`` bindings (optional extra ``llamacpp``): no private quantiser.
 
