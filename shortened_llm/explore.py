@@ -8,6 +8,7 @@ once: scores are train-or-load (``run_dir/scores/<criterion>.csv``) and every
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -140,6 +141,16 @@ class PruneExplorer:
         return pd.DataFrame(rows)
 
 
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (as the inline backend would show it), then closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None, n: int | None = None):
     """Dropdown (criterion) x slider (blocks removed, bounded by what the criterion allows).
 
@@ -148,7 +159,7 @@ def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None, 
     keep a headless run quick. Callbacks only run on user input: papermill never waits.
     """
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
 
     from .plots import plot_block_scores
 
@@ -161,19 +172,25 @@ def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None, 
     pick = widgets.Dropdown(options=criteria, value=criteria[0], description="criterion")
     count = widgets.SelectionSlider(options=options(criteria[0]), description="remove", continuous_update=False)
     out = widgets.Output()
+    # Drawing and PNG-encoding the bars takes ~0.6 s on one CPU thread, longer than the cached
+    # PPL lookup (~1 ms); keeping each view's PNG lets a choice seen before answer at once.
+    drawn: dict[tuple[str, int], bytes] = {}
 
     def show(*_):
+        key = (pick.value, count.value)
         with out:
             out.clear_output(wait=True)
-            result = explorer.evaluate(pick.value, count.value)
+            result = explorer.evaluate(*key)
             # the answer as text first (readable without the figure: screen readers, the browser
             # tests), flushed so it shows while the figure is drawn
             print(f"{pick.value}: removed blocks {result['removed']} -> {explorer.dataset} PPL {result['ppl']:.2f}",
                   flush=True)
-            base, _ = split_criterion(pick.value)
-            fig = plot_block_scores(explorer.scores[base], pick.value, removed=result["removed"])
-            fig.axes[0].set_title(f"{pick.value}: remove {result['removed']} -> {explorer.dataset} PPL {result['ppl']:.2f}")
-            plt.show()
+            if key not in drawn:
+                base, _ = split_criterion(pick.value)
+                fig = plot_block_scores(explorer.scores[base], pick.value, removed=result["removed"])
+                fig.axes[0].set_title(f"{pick.value}: remove {result['removed']} -> {explorer.dataset} PPL {result['ppl']:.2f}")
+                drawn[key] = _png(fig)
+            display(Image(drawn[key]))
 
     def on_criterion(change):
         current = count.value

@@ -178,6 +178,31 @@ def test_cli_score_and_prune_with_sleb_and_plus(tmp_path, monkeypatch):
     assert "taylor+" not in seen  # refused before any scoring
 
 
+def test_explorer_widget_answers_a_seen_choice_without_redrawing(tmp_path, random_ids, monkeypatch, capsys):
+    """Each (criterion, n) is drawn once: going back to it shows the kept PNG and the same text."""
+    import IPython.display
+
+    import shortened_llm.plots as plots
+    from shortened_llm.explore import PruneExplorer, explorer_widget
+
+    model = make_tiny_llama(num_layers=6)
+    scores = {"ppl": block_importance(model, random_ids, "ppl", progress=False)}
+    drawn, shown = [], []
+    real = plots.plot_block_scores
+    monkeypatch.setattr(plots, "plot_block_scores", lambda *a, **k: drawn.append(a[1]) or real(*a, **k))
+    # outside a kernel the Output widget captures nothing: watch what it is given instead
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj.data))
+    box = explorer_widget(PruneExplorer(model, scores, random_ids, run_dir=tmp_path), n=1)
+    slider = box.children[0].children[1]
+    slider.value = 2
+    slider.value = 1
+    texts = [t for t in capsys.readouterr().out.splitlines() if "removed blocks" in t]  # not clear_output's codes
+    assert len(texts) == 3 and texts[0] == texts[2] != texts[1], texts
+    assert "PPL" in texts[0]
+    assert len(shown) == 3 and shown[0] == shown[2] != shown[1] and shown[0][:4] == b"\x89PNG"
+    assert len(drawn) == 2, f"redrew a view already seen: {drawn}"
+
+
 def test_explorer_caches_and_matches_a_really_pruned_model(tmp_path, random_ids):
     from shortened_llm.explore import PruneExplorer, max_removable, rank_correlation, scores_for
 
