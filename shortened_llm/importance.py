@@ -375,28 +375,31 @@ def block_influence(model, input_ids, batch_size: int | None = None, progress: b
 @torch.no_grad()
 def angular_distance(model, input_ids, n: int = 1, last_token: bool = False, batch_size: int | None = None,
                      progress: bool = True) -> torch.Tensor:
-    """Gromov et al.: arccos(cos(x_i, x_{i+n})) / pi, the angle the span of ``n`` blocks from i turns.
+    """Gromov et al.: arccos(cos(x_s, x_{s+n})) / pi, the angle the span of ``n`` blocks from s turns.
 
-    ``x_i`` is the input of block i (``x_L`` the last block's output); spans that run past
-    the end are cut there. Gromov et al. drop the span with the smallest distance; here each
-    block gets the distance of the span it starts, so ``blocks_to_remove`` can rank them.
-    ``last_token=True`` uses the last token only (their choice); the default averages all
-    tokens, steadier on a 10-sample calibration set.
+    ``x_s`` is the input of block s (``x_L`` the last block's output); only spans that fit
+    (s + n <= L) count. Gromov et al. drop the span with the smallest angle. So that the usual
+    ranking does the same, each block gets the smallest angle of any span that contains it:
+    the ``n`` lowest-scored blocks are then exactly that span (ties go to the lower index),
+    and the span starts at the argmin. ``last_token=True`` uses the last token only (their
+    choice); the default averages all tokens, steadier on a 10-sample calibration set.
     """
     n_blocks = _check_blocks_for("angular", model, minimum=1)
     if not 1 <= n <= n_blocks:
         raise ValueError(f"n={n} is the span length in blocks: it must be in 1..{n_blocks} for this model")
-    sums, count = torch.zeros(n_blocks, dtype=torch.float64), 0
+    n_spans = n_blocks - n + 1
+    sums, count = torch.zeros(n_spans, dtype=torch.float64), 0
     for batch in tqdm(_batches(input_ids, batch_size), desc="angular distance", unit="batch", disable=not progress):
         states = _block_states(model, batch)
         if last_token:
             states = [s[:, -1:] for s in states]
-        for i in range(n_blocks):
-            cos = _cosine(states[i], states[min(i + n, n_blocks)]).clamp(-1, 1)
-            sums[i] += (torch.arccos(cos) / math.pi).double().sum().cpu()
+        for s in range(n_spans):
+            cos = _cosine(states[s], states[s + n]).clamp(-1, 1)
+            sums[s] += (torch.arccos(cos) / math.pi).double().sum().cpu()
         count += states[0].shape[0] * states[0].shape[1]
         del states
-    return sums / count
+    span = sums / count  # span[s]: the angle across blocks s .. s+n-1
+    return torch.stack([span[max(0, j - n + 1): min(j, n_spans - 1) + 1].min() for j in range(n_blocks)])
 
 
 # ---- iterative: sleb --------------------------------------------------------------------------

@@ -97,6 +97,37 @@ def test_angular_span_parameter(tiny_llama, random_ids):
         _score(tiny_llama, random_ids, "angular", n=9)
 
 
+def test_angular_removal_is_gromovs_span(tiny_llama, random_ids):
+    """The n lowest-scored blocks are the contiguous span of n blocks whose ends differ least in angle."""
+    from shortened_llm.models import get_blocks
+
+    blocks = get_blocks(tiny_llama)
+    states = {}
+
+    def keep_input(i):
+        def hook(module, args, kwargs):
+            states[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def keep_output(module, args, out):
+        states[len(blocks)] = out[0] if isinstance(out, tuple) else out
+
+    hooks = [b.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    hooks.append(blocks[-1].register_forward_hook(keep_output))
+    with torch.no_grad():
+        tiny_llama(random_ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    L = len(blocks)
+    for n in (1, 2, 3):
+        cos = [torch.cosine_similarity(states[s], states[s + n], dim=-1).clamp(-1, 1) for s in range(L - n + 1)]
+        angle = torch.stack([(torch.arccos(c) / math.pi).double().mean() for c in cos])
+        start = int(torch.argmin(angle))
+        scores = _score(tiny_llama, random_ids, "angular", n=n)
+        assert blocks_to_remove(scores, n) == list(range(start, start + n))
+        assert scores.min().item() == pytest.approx(angle[start].item(), rel=1e-6)
+
+
 def test_sleb_first_step_is_the_ppl_minimum_and_order_is_consistent(random_ids):
     model = make_tiny_llama(num_layers=5)
     ppl = _score(model, random_ids, "ppl")
