@@ -26,6 +26,28 @@ def notebook_paths(folder: Path = NOTEBOOKS_DIR, only: list[str] | None = None) 
     return paths
 
 
+def _ipc_kernel_manager():
+    """A kernel manager whose kernel talks over Unix sockets, not TCP ports.
+
+    jupyter_client picks a TCP port by binding and releasing it; a second kernel starting at
+    that moment (the other pytest worker, a JupyterLab the browser tests run) can take it, and
+    the first kernel dies at birth. Socket files in Jupyter's runtime dir cannot collide.
+    """
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            os.makedirs(jupyter_runtime_dir(), exist_ok=True)
+            kwargs.setdefault("transport", "ipc")
+            kwargs.setdefault("ip", os.path.join(jupyter_runtime_dir(), f"papermill-{uuid.uuid4().hex[:12]}-ipc"))
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
+
+
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str | None = None) -> Path:
     """Execute one notebook into ``out_dir``; raise papermill's error (with the cell) on failure."""
     import papermill as pm
@@ -35,6 +57,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str |
     pm.execute_notebook(
         str(path), str(out), parameters=parameters, cwd=str(path.parent),
         kernel_name=kernel_name or "python3", progress_bar=False, log_output=False,
+        kernel_manager_class=_ipc_kernel_manager(),
     )
     return out
 

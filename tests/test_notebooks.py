@@ -52,3 +52,18 @@ def test_notebook_is_committed_clean_and_shaped_like_a_lesson(path):
     text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
     assert text.lstrip().startswith(f"# {path.name[:2]} ·"), "title '# NN · Title'"
     assert "## Summary" in text and "## Exercises" in text
+
+
+def test_papermill_kernels_talk_over_unix_sockets(tmp_path):
+    """No TCP port to race for when two pytest workers (or a JupyterLab) start kernels at once."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"},
+                                            "language_info": {"name": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("from ipykernel.kernelapp import IPKernelApp\n"
+                                          "print(IPKernelApp.instance().transport, x)")]
+    path = tmp_path / "transport.ipynb"
+    nbformat.write(nb, path)
+    out = run_notebook(path, tmp_path / "out", {"x": 2})
+    assert nbformat.read(out, as_version=4).cells[-1].outputs[0]["text"].split() == ["ipc", "2"]
