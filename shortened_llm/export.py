@@ -360,7 +360,7 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     else:  # LayerNorm families (GPT-NeoX)
         writer.add_layer_norm_eps(float(config.layer_norm_eps))
-    if spec.swa_period:
+    if spec.swa_period and window:
         writer.add_sliding_window(int(window))
         if local_rope:
             writer.add_rope_freq_base_swa(float(local_rope.get("rope_theta", 10000.0)))
