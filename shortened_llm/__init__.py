@@ -4,6 +4,7 @@ from .evaluate import perplexity
 from .importance import block_importance, blocks_to_remove
 from .models import DEFAULT_MODEL, load_model, save_model
 from .prune import remove_blocks
+from .reference import reference_table
 from .zeroshot import PAPER_TASKS, zero_shot
 
 __version__ = "0.1.0"
@@ -20,4 +21,5 @@ __all__ = [
     "perplexity",
     "zero_shot",
     "PAPER_TASKS",
+    "reference_table",
 ]

@@ -5,7 +5,7 @@ efficiency figures (LLaMA-1-7B, Vicuna-13B; Llama-3-8B for GQA) can be reproduce
 GPU without downloading a checkpoint. The configs shipped in ``shortened_llm/configs/``
 were written from the public architecture hyperparameters (each file's ``_source`` says
 which); their parameter counts equal the official ones (tests check them against
-``shared/reference/official_results.csv``).
+``shortened_llm/reference/official_results.csv``).
 
 Pruned versions are built directly at the smaller shape (no dense model is allocated
 first): depth = fewer blocks, width = the head counts and ``intermediate_size`` that

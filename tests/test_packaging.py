@@ -5,6 +5,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,3 +43,19 @@ def test_importing_the_package_does_no_work():
     code = "import sys, shortened_llm; print('transformers' in sys.modules and any(m.startswith('transformers.models.llama') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_reference_tables_ship_with_the_package_and_match_the_shared_pack():
+    """Notebooks compare with the paper from any checkout: the numbers travel inside the package."""
+    from shortened_llm import reference_table
+    from shortened_llm.reference import REFERENCE_DIR, TABLES
+
+    ppl = reference_table("official_block_ppl")
+    assert {"model", "removed_block", "calibration_ppl"} <= set(ppl.columns)
+    assert {"llama-1-7b", "vicuna-7b-v1.3"} <= set(ppl.model)
+    assert {"model", "wikitext2_ppl", "ptb_ppl"} <= set(reference_table("official_results").columns)
+    with pytest.raises(ValueError, match="available: official_results"):
+        reference_table("official_numbers")
+    shared = ROOT.parent / "shared" / "reference"
+    for name in TABLES if shared.is_dir() else ():
+        assert (REFERENCE_DIR / f"{name}.csv").read_bytes() == (shared / f"{name}.csv").read_bytes(), name
