@@ -127,9 +127,14 @@ def _ratio_slider(scope):
     return slider.first
 
 
+def _explorer_box(slider):
+    """The outermost widget box holding ``slider``: the explorer, with its text and figure."""
+    return slider.locator("xpath=ancestor::*[contains(@class,'widget-box') or contains(@class,'jupyter-widget-Box')][last()]")
+
+
 def _explorer_text(slider) -> str:
     """Text of the output that belongs to the widget box holding ``slider``."""
-    box = slider.locator("xpath=ancestor::*[contains(@class,'widget-box') or contains(@class,'jupyter-widget-Box')][last()]")
+    box = _explorer_box(slider)
     return box.first.inner_text() if box.count() else slider.locator("xpath=../..").inner_text()
 
 
@@ -161,11 +166,21 @@ def _press(slider, key: str) -> str:
 
 def _figure_src(slider) -> str | None:
     """The src of the explorer's figure (a data: URI), once the image has loaded."""
-    box = slider.locator("xpath=ancestor::*[contains(@class,'widget-box') or contains(@class,'jupyter-widget-Box')][last()]")
-    imgs = box.first.locator("img")
+    imgs = _explorer_box(slider).first.locator("img")
     if not imgs.count():
         return None
     return imgs.first.evaluate("i => i.complete && i.naturalWidth > 0 ? i.src.slice(-200) : null")
+
+
+def _wait_figure(slider, differs_from: str | None = None, timeout: float = 300.0) -> str:
+    """Poll until the explorer shows a loaded figure (other than ``differs_from``); its src."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        src = _figure_src(slider)
+        if src is not None and src != differs_from:
+            return src
+        time.sleep(0.05)
+    raise AssertionError(f"the explorer showed no {'new ' if differs_from else ''}figure within {timeout:.0f} s")
 
 
 def _wait_answer(slider, differs_from: tuple, figure_before: str | None, timeout: float = 300.0):
@@ -174,12 +189,8 @@ def _wait_answer(slider, differs_from: tuple, figure_before: str | None, timeout
     The next key press waits for the figure, so one answer's drawing never delays the next's."""
     t0 = time.perf_counter()
     got, to_text = _wait_parsed(slider, timeout, differs_from)
-    while time.perf_counter() - t0 < timeout:
-        src = _figure_src(slider)
-        if src is not None and src != figure_before:
-            return got, to_text, time.perf_counter() - t0, src
-        time.sleep(0.05)
-    raise AssertionError(f"the explorer's figure did not change within {timeout:.0f} s")
+    src = _wait_figure(slider, figure_before, timeout)
+    return got, to_text, time.perf_counter() - t0, src
 
 
 def _exercise_explorer(page, app: str) -> dict:
@@ -189,10 +200,7 @@ def _exercise_explorer(page, app: str) -> dict:
     so a cached answer is one PPL lookup plus the browser's redraw."""
     slider = _ratio_slider(page)
     first, _ = _wait_parsed(slider)
-    fig_first = None
-    while fig_first is None:
-        fig_first = _figure_src(slider)
-        time.sleep(0.05)
+    fig_first = _wait_figure(slider)
     _shot(page, f"{app}-before")
     timings = {}
     _press(slider, "ArrowRight")
