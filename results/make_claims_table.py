@@ -1,12 +1,12 @@
 """Background run behind ``results/claims_smollm2-135m.csv`` and ``results/ppl_smollm2-135m.csv`` (issue 7).
 
-The paper's claims checked on the embedded SmolLM2-135M with the models a smoke run left in
+The paper's claims checked on the embedded SmolLM2-135M with the models a ``cpu``-preset run left in
 ``--run-dir``: dense, 20 %-pruned (PPL criterion, Taylor+) and every retrained model there
 (notebooks 04 and 05: ``lora-0.20``, ``cpt-0.50``, ...). Perplexity: WikiText-2, paper protocol
 (128-token segments, BOS once), first 100 segments. Zero-shot: the committed
 ``zeroshot_smollm2-135m.csv``. Speed: the committed CPU sweep in ``efficiency/``.
 
-    SHORTENED_LLM_DATA=... OMP_NUM_THREADS=1 python results/make_claims_table.py --run-dir runs/smoke
+    SHORTENED_LLM_DATA=... OMP_NUM_THREADS=1 python results/make_claims_table.py --run-dir runs/cpu
 """
 import argparse
 from pathlib import Path
@@ -33,7 +33,7 @@ class Loaded(dict):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--run-dir", default="runs/smoke")
+    p.add_argument("--run-dir", default="runs/cpu")
     p.add_argument("--segments", type=int, default=100)
     args = p.parse_args()
     torch.set_num_threads(1)

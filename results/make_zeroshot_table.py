@@ -27,7 +27,7 @@ def pruned(criterion, run_dir):
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--limit", type=int, default=500)
-    p.add_argument("--run-dir", default="runs/smoke")
+    p.add_argument("--run-dir", default="runs/cpu")
     p.add_argument("--out", default=str(Path(__file__).with_name("zeroshot_smollm2-135m.csv")))
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args()

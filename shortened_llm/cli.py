@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from .presets import PRESETS
+
 __all__ = ["main", "build_parser"]
 
 
@@ -41,7 +43,7 @@ def _calibration(args, tokenizer, model):
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local dir or hub id")
     p.add_argument("--criterion", default="ppl", help="ppl, taylor, magnitude, ... ('+' keeps first 4 / last 2 blocks)")
-    p.add_argument("--preset", default="paper", help="budget preset for calibration (tiny, smoke, paper)")
+    p.add_argument("--preset", default="paper", help=f"budget preset for calibration ({', '.join(PRESETS)})")
     p.add_argument("--calib-samples", type=int, default=None, help="override the preset's calibration samples")
     p.add_argument("--unit", default="block", choices=["block", "attn", "mlp"],
                    help="what is scored/removed: whole blocks, or attention / MLP halves (ppl, sleb, bi, reverse, random)")
@@ -278,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="pruned model dir (or embedded name / hub id)")
     p.add_argument("--out", required=True, help="output model dir (appears only when training finished)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the preset's)")
-    p.add_argument("--preset", default="smoke", help="budget preset (tiny, smoke, paper)")
+    p.add_argument("--preset", default="smoke", help=f"budget preset ({', '.join(PRESETS)})")
     p.add_argument("--data", default=None, help="dataset name or JSON/JSONL file (default: alpaca for LoRA, c4 for CPT)")
     p.add_argument("--seed", type=int, default=None, help="default: the preset's seed")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("reproduce", help="run every notebook with papermill (figures/ and runs/)")
-    p.add_argument("--preset", default="smoke")
+    p.add_argument("--preset", default="smoke", help=f"{', '.join(PRESETS)}; cpu takes hours, see the README")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--run-dir", default=None, help="default: runs/<preset>")
     p.add_argument("--figures-dir", default="figures", help="where the run's figures are copied")
