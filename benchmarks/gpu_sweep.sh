@@ -6,6 +6,8 @@
 #   128   LLaMA-1-7B, batch 1..256, 128 new tokens, 2 rounds
 #   13b   Vicuna-13B, batch 1 and 64, 128 new tokens
 #   512   LLaMA-1-7B, batch 1 and 16, 512 new tokens
+#   sens  (not in the default) the PPL-sensitivity sweep, naive vs prefix reuse, on the
+#         LLaMA-1-7B shape: results/importance/bench_sensitivity_gpu_llama-1-7b.txt
 # Each part has its own time limit (T_<part> seconds); its CSV is rewritten after every run,
 # so a part cut short keeps what it measured.
 set -u
@@ -24,6 +26,9 @@ for part in "${parts[@]}"; do
            --out "$OUT/gpu_llama-1-7b_128.csv" ;;
     512) bench "${T_512:-240}" --arch llama-1-7b --batch-sizes 1 16 --new-tokens 512 --rounds 1 --repeats 1 \
            --out "$OUT/gpu_llama-1-7b_512.csv" ;;
+    sens) mkdir -p results/importance
+          timeout "${T_sens:-180}" python3 benchmarks/bench_sensitivity.py --arch llama-1-7b --device cuda --repeats 5 \
+            | tee results/importance/bench_sensitivity_gpu_llama-1-7b.txt ;;
     13b) bench "${T_13b:-120}" --arch vicuna-13b --batch-sizes 1 64 --new-tokens 128 --rounds 1 --repeats 1 \
            --out "$OUT/gpu_vicuna-13b_128.csv" ;;
     *) echo "unknown part $part"; exit 2 ;;
