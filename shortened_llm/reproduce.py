@@ -6,6 +6,7 @@ to ``run_dir/figures/`` and then to ``figures/`` for the README.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -48,17 +49,40 @@ def _ipc_kernel_manager():
     return IPCKernelManager
 
 
+# Progress bars in a recorded notebook are widgets saved at their first frame: the executed
+# copy (and the course site built from it) would show "Loading weights: 0%" beside every model
+# load and save. Nobody watches a papermill kernel, so transformers' and the hub's bars are
+# switched off there; interactive use keeps them. (The package's own sweeps take ``progress``.)
+QUIET_PROGRESS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """``os.environ`` with ``values`` set while the block runs (the kernel inherits it), then as before."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str | None = None) -> Path:
     """Execute one notebook into ``out_dir``; raise papermill's error (with the cell) on failure."""
     import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
-    pm.execute_notebook(
-        str(path), str(out), parameters=parameters, cwd=str(path.parent),
-        kernel_name=kernel_name or "python3", progress_bar=False, log_output=False,
-        kernel_manager_class=_ipc_kernel_manager(),
-    )
+    with _environ(QUIET_PROGRESS):
+        pm.execute_notebook(
+            str(path), str(out), parameters=parameters, cwd=str(path.parent),
+            kernel_name=kernel_name or "python3", progress_bar=False, log_output=False,
+            kernel_manager_class=_ipc_kernel_manager(),
+        )
     return out
 
 

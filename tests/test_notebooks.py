@@ -4,6 +4,7 @@ One shared run_dir per session, as in a real reproduction: later notebooks reuse
 ones saved, and each must also work alone (its train-or-load cells compute what is missing).
 """
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,22 @@ def test_papermill_kernels_talk_over_unix_sockets(tmp_path):
     nbformat.write(nb, path)
     out = run_notebook(path, tmp_path / "out", {"x": 2})
     assert nbformat.read(out, as_version=4).cells[-1].outputs[0]["text"].split() == ["ipc", "2"]
+
+
+def test_recorded_notebooks_hold_no_frozen_progress_bars(tmp_path, monkeypatch):
+    """A bar saved mid-run reads "0%" forever on the course site: transformers' loading and saving
+    bars are off in papermill kernels, and only there."""
+    import nbformat
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"},
+                                            "language_info": {"name": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("from transformers.utils.logging import is_progress_bar_enabled, tqdm\n"
+                                          "print(sum(tqdm(range(3), desc='Loading weights')), is_progress_bar_enabled())")]
+    path = tmp_path / "bars.ipynb"
+    nbformat.write(nb, path)
+    out = run_notebook(path, tmp_path / "out", {})
+    outputs = nbformat.read(out, as_version=4).cells[-1].outputs
+    assert [o.get("name") for o in outputs] == ["stdout"], outputs  # no stderr bar, no widget
+    assert outputs[0]["text"].split() == ["3", "False"]
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ  # the test process itself keeps its bars
