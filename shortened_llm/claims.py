@@ -71,30 +71,32 @@ def ppl_table(models: dict, out_csv=None, seq_len: int = 128, max_segments: int 
               batch_size: int = 8, datasets=("wikitext2", "ptb"), bos_protocols=("once", "per-segment")) -> pd.DataFrame:
     """Perplexity of every ``label -> (model, tokenizer)`` under both BOS protocols (``evaluate.perplexity``).
 
-    With ``out_csv`` the table is read back when it already holds every row with the same
-    ``max_segments`` (train-or-load) and written otherwise.
+    With ``out_csv`` every row is written as soon as it is measured, and rows already there with
+    the same ``max_segments`` are reused (train-or-load): at the ``cpu`` preset the table is an
+    hour of work, and an interrupted run resumes at the row it stopped on.
     """
+    from .artifacts import atomic_write_text
     from .evaluate import perplexity
 
     seg = "all" if max_segments is None else str(max_segments)
-    if out_csv is not None and Path(out_csv).exists():
-        old = pd.read_csv(out_csv, keep_default_na=False)
-        old = old[old.max_segments.astype(str) == seg]
-        if len(old) == len(models) * len(datasets) * len(bos_protocols) and set(old.model) == set(models):
-            return old.assign(ppl=old.ppl.astype(float)).reset_index(drop=True)
+    done = pd.read_csv(out_csv, keep_default_na=False) if out_csv is not None and Path(out_csv).exists() else pd.DataFrame()
+    if len(done):
+        done = done.assign(max_segments=done.max_segments.astype(str))
     rows = []
     for label, (model, tokenizer) in models.items():
         for dataset in datasets:
             for bos in bos_protocols:
-                value = perplexity(model, tokenizer, dataset, seq_len=seq_len, bos=bos, max_segments=max_segments,
-                                   batch_size=batch_size, progress=False)
-                rows.append({"model": label, "dataset": dataset, "bos": bos, "ppl": value, "max_segments": seg})
-    table = pd.DataFrame(rows)
-    if out_csv is not None:
-        from .artifacts import atomic_write_text
-
-        atomic_write_text(out_csv, table.to_csv(index=False))
-    return table
+                key = {"model": label, "dataset": dataset, "bos": bos, "max_segments": seg}
+                old = done[(done[list(key)] == pd.Series(key)).all(axis=1)] if len(done) else done
+                if len(old):
+                    rows.append({**key, "ppl": float(old.ppl.iloc[0])})
+                    continue
+                rows.append({**key, "ppl": perplexity(model, tokenizer, dataset, seq_len=seq_len, bos=bos,
+                                                      max_segments=max_segments, batch_size=batch_size, progress=False)})
+                if out_csv is not None:  # other rows of the file (other models, segment counts) are kept
+                    done = pd.concat([done, pd.DataFrame(rows[-1:])], ignore_index=True)
+                    atomic_write_text(out_csv, done.to_csv(index=False))
+    return pd.DataFrame(rows, columns=["model", "dataset", "bos", "ppl", "max_segments"])
 
 
 # The paper's LoRA-retrained 20% models and the dense model each was pruned from

@@ -206,3 +206,39 @@ def test_load_run_tables_prefers_more_documents(tmp_path):
     _zs_rows({"dense": 0.6}, limit=25).to_csv(tmp_path / "results" / "zeroshot_m.csv", index=False)
     assert set(load_run_tables(tmp_path / "run", tmp_path / "results")["zeroshot"]["limit"]) == {25}
     assert set(load_run_tables(tmp_path / "run")["zeroshot"]["limit"]) == {4}
+
+
+def test_ppl_table_writes_each_row_and_resumes_where_it_stopped(tmp_path, monkeypatch, embedded):
+    """At the cpu preset the table is an hour of work: a run cut short keeps what it measured."""
+    import pandas as pd
+    from conftest import make_tiny_llama
+
+    from shortened_llm import claims, evaluate
+
+    tiny = make_tiny_llama(vocab_size=len(embedded[1]))
+    calls = []
+    real = evaluate.perplexity
+
+    def counting(model, tokenizer, dataset, **kw):
+        calls.append((dataset, kw["bos"]))
+        if len(calls) == 3 and crash:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, dataset, **kw)
+
+    monkeypatch.setattr("shortened_llm.evaluate.perplexity", counting)
+    models = {"a": (tiny, embedded[1]), "b": (tiny, embedded[1])}
+    kw = dict(seq_len=16, max_segments=2, batch_size=2, datasets=("wikitext2",))
+    out = tmp_path / "ppl.csv"
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        claims.ppl_table(models, out, **kw)
+    assert len(pd.read_csv(out)) == 2  # the two rows measured before the interruption
+    crash, calls[:] = False, []
+    table = claims.ppl_table(models, out, **kw)
+    assert calls == [("wikitext2", "once"), ("wikitext2", "per-segment")]  # only model b's rows
+    assert list(table.model) == ["a", "a", "b", "b"] and table.ppl.notna().all()
+    assert table.ppl.iloc[0] == table.ppl.iloc[2]  # same model, same rows: same number whether cached or not
+    calls[:] = []
+    again = claims.ppl_table(models, out, **{**kw, "max_segments": 3})  # another budget is another row
+    assert len(calls) == 4 and len(pd.read_csv(out)) == 8
+    assert claims.ppl_table(models, out, **kw).equals(table) and len(calls) == 4
