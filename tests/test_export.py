@@ -201,3 +201,16 @@ def test_tokenizers_agree_and_generation_matches(pruned_dir, tmp_path, tokenizer
     model, _ = load_model(pruned_dir, device="cpu")
     prompt = tokenizer("The capital of France is", add_special_tokens=False).input_ids
     assert gguf_generate(llm, prompt, 8) == hf_generate(model, tokenizer, prompt, 8)
+
+
+def test_llama_cpp_uses_torchs_threads_for_prompts_too(pruned_dir, tmp_path, monkeypatch):
+    """PPL in llama.cpp is all prompt (batch) evaluation; its threads must not default to every core."""
+    pytest.importorskip("llama_cpp")
+    import torch
+
+    out = export_gguf(pruned_dir, tmp_path / "m-f16.gguf", "f16", progress=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    llm = load_gguf(out, n_ctx=64)
+    assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (1, 1)
+    llm = load_gguf(out, n_ctx=64, n_threads=3)
+    assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (3, 3)
