@@ -6,11 +6,11 @@ to ``run_dir/figures/`` and then to ``figures/`` for the README.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
 from pathlib import Path
+from unittest import mock
 
 __all__ = ["NOTEBOOKS_DIR", "notebook_paths", "run_notebook", "run_notebooks"]
 
@@ -56,28 +56,13 @@ def _ipc_kernel_manager():
 QUIET_PROGRESS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    """``os.environ`` with ``values`` set while the block runs (the kernel inherits it), then as before."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str | None = None) -> Path:
     """Execute one notebook into ``out_dir``; raise papermill's error (with the cell) on failure."""
     import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
-    with _environ(QUIET_PROGRESS):
+    with mock.patch.dict(os.environ, QUIET_PROGRESS):  # the kernel inherits it; restored after
         pm.execute_notebook(
             str(path), str(out), parameters=parameters, cwd=str(path.parent),
             kernel_name=kernel_name or "python3", progress_bar=False, log_output=False,

@@ -55,35 +55,31 @@ def test_notebook_is_committed_clean_and_shaped_like_a_lesson(path):
     assert "## Summary" in text and "## Exercises" in text
 
 
-def test_papermill_kernels_talk_over_unix_sockets(tmp_path):
-    """No TCP port to race for when two pytest workers (or a JupyterLab) start kernels at once."""
+def _run_cells(tmp_path, parameters: dict, parameters_cell: str, code: str) -> list:
+    """Run a two-cell notebook (a parameters cell, then ``code``) through ``run_notebook``; the outputs of ``code``."""
     import nbformat
 
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"},
                                             "language_info": {"name": "python"}})
-    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("from ipykernel.kernelapp import IPKernelApp\n"
-                                          "print(IPKernelApp.instance().transport, x)")]
-    path = tmp_path / "transport.ipynb"
+    nb.cells = [nbformat.v4.new_code_cell(parameters_cell, metadata={"tags": ["parameters"]}), nbformat.v4.new_code_cell(code)]
+    path = tmp_path / "cells.ipynb"
     nbformat.write(nb, path)
-    out = run_notebook(path, tmp_path / "out", {"x": 2})
-    assert nbformat.read(out, as_version=4).cells[-1].outputs[0]["text"].split() == ["ipc", "2"]
+    return nbformat.read(run_notebook(path, tmp_path / "out", parameters), as_version=4).cells[-1].outputs
+
+
+def test_papermill_kernels_talk_over_unix_sockets(tmp_path):
+    """No TCP port to race for when two pytest workers (or a JupyterLab) start kernels at once."""
+    out = _run_cells(tmp_path, {"x": 2}, "x = 1", "from ipykernel.kernelapp import IPKernelApp\n"
+                                                  "print(IPKernelApp.instance().transport, x)")
+    assert out[0]["text"].split() == ["ipc", "2"]
 
 
 def test_recorded_notebooks_hold_no_frozen_progress_bars(tmp_path, monkeypatch):
     """A bar saved mid-run reads "0%" forever on the course site: transformers' loading and saving
     bars are off in papermill kernels, and only there."""
-    import nbformat
-
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"},
-                                            "language_info": {"name": "python"}})
-    nb.cells = [nbformat.v4.new_code_cell("from transformers.utils.logging import is_progress_bar_enabled, tqdm\n"
-                                          "print(sum(tqdm(range(3), desc='Loading weights')), is_progress_bar_enabled())")]
-    path = tmp_path / "bars.ipynb"
-    nbformat.write(nb, path)
-    out = run_notebook(path, tmp_path / "out", {})
-    outputs = nbformat.read(out, as_version=4).cells[-1].outputs
+    outputs = _run_cells(tmp_path, {}, "", "from transformers.utils.logging import is_progress_bar_enabled, tqdm\n"
+                                           "print(sum(tqdm(range(3), desc='Loading weights')), is_progress_bar_enabled())")
     assert [o.get("name") for o in outputs] == ["stdout"], outputs  # no stderr bar, no widget
     assert outputs[0]["text"].split() == ["3", "False"]
     assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ  # the test process itself keeps its bars

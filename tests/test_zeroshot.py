@@ -239,6 +239,6 @@ def test_ppl_table_writes_each_row_and_resumes_where_it_stopped(tmp_path, monkey
     assert list(table.model) == ["a", "a", "b", "b"] and table.ppl.notna().all()
     assert table.ppl.iloc[0] == table.ppl.iloc[2]  # same model, same rows: same number whether cached or not
     calls[:] = []
-    again = claims.ppl_table(models, out, **{**kw, "max_segments": 3})  # another budget is another row
+    claims.ppl_table(models, out, **{**kw, "max_segments": 3})  # another budget is another row
     assert len(calls) == 4 and len(pd.read_csv(out)) == 8
     assert claims.ppl_table(models, out, **kw).equals(table) and len(calls) == 4
