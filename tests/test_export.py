@@ -214,3 +214,75 @@ def test_llama_cpp_uses_torchs_threads_for_prompts_too(pruned_dir, tmp_path, mon
     assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (1, 1)
     llm = load_gguf(out, n_ctx=64, n_threads=3)
     assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (3, 3)
+
+
+# ---- llama.cpp cannot take the caller down --------------------------------------------------
+
+def _die_with_sigill(*args):
+    """What a child of llamacpp_guard runs instead of llama.cpp: the death of an AMX build on an AMX CPU."""
+    import sys
+
+    return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+
+
+def test_a_crash_in_llama_cpp_is_one_clear_error_and_the_process_lives(pruned_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("llama_cpp")
+    from shortened_llm import llamacpp_guard
+    from shortened_llm.cli import main
+    from shortened_llm.export import quantize_gguf
+
+    f16 = export_gguf(pruned_dir, tmp_path / "m-f16.gguf", "f16", progress=False)
+    monkeypatch.setattr(llamacpp_guard, "_child_command", _die_with_sigill)
+    cpu = llamacpp_guard.cpu_model()
+    with pytest.raises(llamacpp_guard.LlamaCppCrash, match=rf"SIGILL while evaluating m-f16.gguf, on {cpu}.*make llamacpp"):
+        load_gguf(f16, n_ctx=64)
+    with pytest.raises(llamacpp_guard.LlamaCppCrash, match="SIGILL while quantising m-f16.gguf to LLAMA_FTYPE_MOSTLY_Q8_0"):
+        quantize_gguf(f16, tmp_path / "m-q8_0.gguf", "q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-f16.gguf"]  # nothing half-written
+
+    assert main(["export", "gguf", "--model", str(pruned_dir), "--out", str(tmp_path / "c.gguf"), "--quant", "q4_k_m"]) == 2
+    err = capsys.readouterr().err  # after the f16 file's progress bar
+    errors = [line for line in err.splitlines() if line.startswith("shortened-llm: error:")]
+    assert len(errors) == 1 and "SIGILL" in errors[0] and "Traceback" not in err
+
+
+def test_each_gguf_is_run_in_a_child_once_per_file(pruned_dir, tmp_path, monkeypatch, segments):
+    pytest.importorskip("llama_cpp")
+    from shortened_llm import llamacpp_guard
+
+    calls = []
+    run_child = llamacpp_guard._run_child
+    monkeypatch.setattr(llamacpp_guard, "_run_child", lambda what, *args: calls.append(args[0]) or run_child(what, *args))
+    f16 = export_gguf(pruned_dir, tmp_path / "m-f16.gguf", "f16", progress=False)
+    first = gguf_token_nll(load_gguf(f16, n_ctx=64), segments)
+    again = gguf_token_nll(load_gguf(f16, n_ctx=64), segments)
+    assert calls == ["probe"]
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+
+
+def test_an_amx_build_on_an_amx_cpu_is_loaded_off_its_amx_kernels(pruned_dir, tmp_path, monkeypatch, segments):
+    """Where llama.cpp has AMX compiled in and the CPU has AMX, its extra buffer types stay off; elsewhere on."""
+    pytest.importorskip("llama_cpp")
+    from shortened_llm import llamacpp_guard
+    from shortened_llm.export import quantize_gguf
+
+    q8 = quantize_gguf(export_gguf(pruned_dir, tmp_path / "m-f16.gguf", "f16", progress=False), tmp_path / "q8.gguf", "q8_0")
+    monkeypatch.setattr(llamacpp_guard, "cpu_has_amx", lambda: False)
+    plain = load_gguf(q8, n_ctx=64)
+    assert plain.model_params.use_extra_bufts
+    monkeypatch.setattr(llamacpp_guard, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(llamacpp_guard, "amx_compiled_in", lambda llama_cpp: True)
+    off = load_gguf(q8, n_ctx=64)
+    assert not off.model_params.use_extra_bufts
+    import llama_cpp
+
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # the switch is undone after loading
+    torch.testing.assert_close(gguf_token_nll(off, segments), gguf_token_nll(plain, segments), atol=1e-3, rtol=1e-3)
+
+
+def test_the_installed_llama_cpp_is_built_without_amx():
+    """`make install` compiles llama.cpp without ggml's AMX kernels (the SIGILL of quantised files on Intel Xeons)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from shortened_llm.llamacpp_guard import amx_compiled_in
+
+    assert not amx_compiled_in(llama_cpp), llama_cpp.llama_print_system_info().decode()

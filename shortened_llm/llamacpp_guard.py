@@ -1,0 +1,183 @@
+"""llama.cpp where a crash cannot take the caller down: the CPU check, the AMX switch, child processes.
+
+llama.cpp is native code compiled for the CPU that built it. When it runs an instruction that
+this CPU or its OS will not execute, the process dies with SIGILL, and no Python ``except``
+can catch that: in a notebook it is a dead kernel, in the tests a dead pytest-xdist worker.
+Seen on Intel Xeons with AMX (4th generation and newer): a native build of llama-cpp-python
+0.3.36 compiles in ggml's AMX int8 kernels, the "extra" AMX buffer type that q4_0, q4_1, q8_0,
+q4_K, q5_K, q6_K and iq4_xs weights are repacked into, and the process dies in ``tileloadd``
+on every quantised GGUF. f16 files never take that path and run. ggml loads the tile
+configuration once per thread (a ``thread_local`` flag in ``amx/mmq.cpp``) and assumes it
+stays loaded, which nothing guarantees: another AMX user on the same thread that releases its
+tiles (oneDNN inside torch does, after its bf16 kernels) leaves ggml's next ``tileloadd``
+without a configuration, and that is an illegal instruction. Which trigger fired on the
+machine where the crash was seen is not confirmed: this guard was written on an AMD EPYC.
+
+Three defences, from the deepest:
+1. ``make install`` builds llama.cpp without AMX (the Makefile's ``LLAMA_CPP_NO_AMX``).
+2. A build that has AMX anyway (installed by hand) is loaded without llama.cpp's extra buffer
+   types on a CPU with AMX (``open_llama``): the switch that keeps ggml off its AMX kernels.
+3. Each GGUF file is loaded and run on a few tokens in a child process before its first use in
+   this process (``check_gguf_runs``), and quantisation always runs in a child
+   (``quantize_in_child``). A child killed by a signal becomes ``LlamaCppCrash``: one line
+   with the file, the signal, the CPU and the command that rebuilds llama.cpp.
+
+This file imports only the standard library (and ``llama_cpp`` when asked to), and it runs as
+a script (``python llamacpp_guard.py probe FILE THREADS``): a child starts in a fraction of a
+second, without torch or the rest of the package.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["LlamaCppCrash", "LLAMACPP_REBUILD", "cpu_model", "cpu_has_amx", "amx_compiled_in",
+           "open_llama", "check_gguf_runs", "quantize_in_child"]
+
+LLAMACPP_REBUILD = ("rebuild llama.cpp without AMX: `make llamacpp` in the shortened-llm checkout, or "
+                    "CMAKE_ARGS=-DGGML_NATIVE=ON CFLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+                    "CXXFLAGS=\"$CFLAGS\" pip install --force-reinstall --no-deps --no-cache-dir "
+                    "--no-binary llama-cpp-python llama-cpp-python")
+_CHECKED: set[tuple] = set()  # (path, size, mtime) of the files a child has run without crashing
+
+
+class LlamaCppCrash(RuntimeError):
+    """llama.cpp killed its process (SIGILL, SIGSEGV, ...): raised in the parent, which lives on."""
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``lscpu``'s "Model name"), for error messages and timing reports."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_amx() -> bool:
+    """Does the CPU have Intel AMX tiles (``lscpu`` flag ``amx_tile``)? False where it cannot tell."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return "amx_tile" in line.split()
+    return False
+
+
+def amx_compiled_in(llama_cpp) -> bool:
+    """Was the installed llama.cpp compiled with ggml's AMX int8 kernels (``AMX_INT8 = 1`` in its system info)?"""
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _extra_buffers_off(llama_cpp):
+    """``Llama(...)`` with ``use_extra_bufts=False``: the binding has the field but no argument for it.
+
+    ``llama_cpp.Llama`` builds its model parameters from ``llama_model_default_params()`` of
+    the ``llama_cpp.llama_cpp`` module; for the duration of the block that function returns
+    them with the extra (repacked, AMX) buffer types switched off.
+    """
+    low_level = llama_cpp.llama_cpp
+    default = low_level.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = default
+
+
+def open_llama(path: str | os.PathLike, **kwargs):
+    """``llama_cpp.Llama(model_path=path, **kwargs)``, off ggml's AMX kernels where they are compiled in and the CPU has AMX.
+
+    On every other CPU (AMD, AVX2-only laptops) the extra buffer types stay on: there they are
+    llama.cpp's repacked q4_0/q4_K layouts, which make prompt evaluation faster.
+    """
+    import llama_cpp
+
+    switch = _extra_buffers_off(llama_cpp) if cpu_has_amx() and amx_compiled_in(llama_cpp) else contextlib.nullcontext()
+    with switch:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+
+
+def _child_command(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *args]
+
+
+def _run_child(what: str, *args: str) -> subprocess.CompletedProcess:
+    """Run this file as a child with ``args``; a death by signal becomes ``LlamaCppCrash``, an error its last line."""
+    proc = subprocess.run(_child_command(*args), capture_output=True, text=True)
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode)
+        kind = {signal.SIGILL: "an instruction this CPU cannot run (illegal instruction)"}.get(sig, sig.name)
+        raise LlamaCppCrash(f"llama.cpp crashed with {sig.name} while {what}, on {cpu_model()}: its build uses "
+                            f"{kind}; {LLAMACPP_REBUILD}")
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"llama.cpp failed while {what} (exit code {proc.returncode}): "
+                           f"{lines[-1] if lines else 'no message'}")
+    return proc
+
+
+def check_gguf_runs(path: str | os.PathLike, n_threads: int = 1) -> None:
+    """Load ``path`` and evaluate a prompt and one more token in a child, once per file and process.
+
+    Both paths of llama.cpp's matrix products run: the batched one of a prompt (what PPL uses)
+    and the one-row one of generation. A crash there raises ``LlamaCppCrash`` here instead of
+    killing this process; a file already checked costs nothing.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED:
+        return
+    _run_child(f"evaluating {path.name}", "probe", str(path), str(n_threads))
+    _CHECKED.add(key)
+
+
+def quantize_in_child(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, nthread: int,
+                      verbose: bool = False) -> None:
+    """llama.cpp's ``llama_model_quantize(src, dst)`` to the ``llama_cpp`` constant named ``ftype``, in a child.
+
+    llama.cpp's log (its per-tensor choices) is printed when ``verbose``; its last line is in the error otherwise.
+    """
+    proc = _run_child(f"quantising {Path(src).name} to {ftype}", "quantize", str(src), str(dst), ftype, str(nthread))
+    if verbose:
+        print(proc.stdout + proc.stderr, end="")
+
+
+def _probe(path: str, n_threads: str) -> None:
+    threads = int(n_threads)
+    llm = open_llama(path, n_ctx=64, n_batch=64, n_threads=threads, n_threads_batch=threads, verbose=False)
+    ids = [1 + i % (llm.n_vocab() - 1) for i in range(32)]
+    llm.eval(ids[:31])  # a prompt: the batched matrix product
+    llm.eval(ids[31:])  # one more token: the one-row product of generation
+
+
+def _quantize(src: str, dst: str, ftype: str, nthread: str) -> int:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    params.nthread = int(nthread)
+    return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+
+
+if __name__ == "__main__":
+    command, *arguments = sys.argv[1:]
+    if command == "probe":
+        _probe(*arguments)
+    elif command == "quantize":
+        sys.exit(_quantize(*arguments))
+    else:
+        sys.exit(f"unknown command {command!r}: probe or quantize")
