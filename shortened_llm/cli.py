@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from .artifacts import check_replaceable
 from .llamacpp_guard import LlamaCppCrash
 from .presets import PRESETS
 
@@ -78,8 +79,7 @@ def cmd_prune(args) -> int:
         return _cmd_unit(args, prune=True)
     _, plus = split_criterion(args.criterion)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out!r} already exists: pass --overwrite to replace it")
+    check_replaceable(out, args.overwrite, flag="--overwrite")
     model, tokenizer = load_model(args.model)
     n = num_blocks_for_ratio(num_blocks(model), args.ratio)
     keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
@@ -103,8 +103,7 @@ def _cmd_width(args) -> int:
     from .width import width_prune
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out!r} already exists: pass --overwrite to replace it")
+    check_replaceable(out, args.overwrite, flag="--overwrite")
     model, tokenizer = load_model(args.model)
     before = count_params(model)
     width_prune(model, ratio=args.ratio)
@@ -128,8 +127,8 @@ def _cmd_unit(args, prune: bool) -> int:
     if base not in SUB_CRITERIA:
         raise ValueError(f"--criterion {args.criterion!r} is not available with --unit {args.unit}: "
                          f"use one of {', '.join(sorted(SUB_CRITERIA))} (each also with '+')")
-    if prune and Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out {args.out!r} already exists: pass --overwrite to replace it")
+    if prune:
+        check_replaceable(args.out, args.overwrite, flag="--overwrite")
     model, tokenizer = load_model(args.model)
     ids = None if base in ("reverse", "random") else _calibration(args, tokenizer, model)
     if not prune:
@@ -184,6 +183,7 @@ def cmd_retrain(args) -> int:
     """LoRA, CPT or CPT then LoRA; runs unchanged under torchrun / accelerate launch."""
     from .retrain import continued_pretrain, cpt_then_lora, lora_retrain
 
+    check_replaceable(args.out, args.overwrite, flag="--overwrite")  # not after hours of training
     common = dict(out_dir=args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
                   resume=not args.no_resume)
     if args.method == "lora":

@@ -1,0 +1,33 @@
+"""The errors a user can fix: each names the file, what is wrong with it, and the fix, on one line.
+
+They subclass ``ValueError`` (the input is bad, not the program), so the CLI reports them as
+``shortened-llm: error: ...`` with exit code 2 and no traceback, and a notebook can catch
+exactly the one it expects. Imports nothing from the package: every module may raise them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["ArtifactError", "CorruptFileError", "MismatchError", "ForeignDirError"]
+
+
+class ArtifactError(ValueError):
+    """A file or directory the package reads or replaces, and why it will not."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str):
+        self.path, self.problem, self.fix = Path(path), problem, fix
+        # one line whatever the cause's own message holds (JSON and safetensors errors can span lines)
+        super().__init__(" ".join(f"{str(path)!r}: {problem}. Fix: {fix}".split()))
+
+
+class CorruptFileError(ArtifactError):
+    """Truncated or unparsable: a kill during a write by another tool, a partial copy or download."""
+
+
+class MismatchError(ArtifactError):
+    """Readable, but it disagrees with another file of the same artifact (pruning.json vs config.json)."""
+
+
+class ForeignDirError(ArtifactError):
+    """An existing directory the package did not write: ``overwrite`` never replaces it."""

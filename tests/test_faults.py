@@ -1,0 +1,111 @@
+"""Faults and bad input (issue 22): nothing of the user's lost, nothing half-written, every error names the fix.
+
+Each test injects one fault or one bad input into a real write or load on a tiny random
+Llama and checks what is left on disk, byte for byte, and what the user is told.
+"""
+import json
+
+import pytest
+
+from shortened_llm import remove_blocks, save_model
+from shortened_llm.artifacts import MANIFEST, atomic_dir
+from shortened_llm.cli import main
+from shortened_llm.errors import ForeignDirError
+from tests.conftest import make_tiny_llama
+
+
+def pruned_tiny():
+    """A 4-block tiny Llama with blocks [1, 2] removed: its dir gets a pruning.json."""
+    return remove_blocks(make_tiny_llama(), [1, 2], criterion="ppl", ratio=0.5)
+
+
+def snapshot(folder):
+    """Every file under ``folder`` with its bytes: what a fault must leave untouched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---- 1. never delete what is not ours ---------------------------------------------------------
+
+def users_dir(tmp_path):
+    """A folder like ~/Documents: the user's files, nothing of ours."""
+    docs = tmp_path / "Documents"
+    (docs / "thesis").mkdir(parents=True)
+    (docs / "notes.txt").write_text("mine\n")
+    (docs / "thesis" / "draft.tex").write_text("\\section{Intro}\n")
+    return docs
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_save_never_replaces_a_users_dir(tmp_path, overwrite):
+    docs = users_dir(tmp_path)
+    before = snapshot(docs)
+    with pytest.raises(ForeignDirError, match=r"notes\.txt.*never replaced.*Fix: give a new or empty directory"):
+        save_model(make_tiny_llama(), None, docs, overwrite=overwrite)
+    assert snapshot(docs) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Documents"]  # no temp dir left beside it
+
+
+def test_a_file_the_user_added_to_our_dir_stops_overwrite(tmp_path):
+    out = save_model(pruned_tiny(), None, tmp_path / "pruned")
+    (out / "my_eval.csv").write_text("ppl\n17.2\n")
+    before = snapshot(out)
+    with pytest.raises(ForeignDirError, match="1 entries shortened_llm did not write \\(my_eval.csv\\)"):
+        save_model(pruned_tiny(), None, out, overwrite=True)
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_our_dir_an_empty_dir_and_a_dir_from_before_the_manifest(tmp_path):
+    ours = save_model(make_tiny_llama(), None, tmp_path / "ours")
+    assert MANIFEST in {p.name for p in ours.iterdir()}
+    written = json.loads((ours / MANIFEST).read_text())["entries"]
+    assert "config.json" in written and "model.safetensors" in written
+    (tmp_path / "empty").mkdir()
+    legacy = save_model(pruned_tiny(), None, tmp_path / "legacy")
+    (legacy / MANIFEST).unlink()  # as an earlier version wrote it: config.json + pruning.json
+    for out in (ours, tmp_path / "empty", legacy):
+        save_model(make_tiny_llama(num_layers=3), None, out, overwrite=True)
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+        assert not (out / "pruning.json").exists()  # replaced as a whole, not merged
+
+
+def test_a_model_dir_without_any_record_of_ours_is_refused(tmp_path):
+    """A plain HF dir without manifest or pruning/training record may be a user's download: kept."""
+    hf = save_model(make_tiny_llama(), None, tmp_path / "hf")
+    (hf / MANIFEST).unlink()
+    with pytest.raises(ForeignDirError, match="no .shortened_llm.json"):
+        save_model(make_tiny_llama(), None, hf, overwrite=True)
+    assert (hf / "model.safetensors").exists()
+
+
+def test_a_file_or_a_link_at_the_output_path_is_refused(tmp_path):
+    (tmp_path / "model").write_text("a file\n")
+    docs = users_dir(tmp_path)
+    (tmp_path / "link").symlink_to(docs)
+    for path, why in [(tmp_path / "model", "is a file"), (tmp_path / "link", "is a symbolic link")]:
+        with pytest.raises(ForeignDirError, match=why):
+            with atomic_dir(path, overwrite=True) as tmp:
+                (tmp / "x").write_text("x")
+    assert (tmp_path / "model").read_text() == "a file\n" and (docs / "notes.txt").read_text() == "mine\n"
+    assert (tmp_path / "link").resolve() == docs
+
+
+@pytest.mark.parametrize("argv", [
+    ["prune", "--model", "no-such-model", "--ratio", "0.2"],
+    ["prune", "--model", "no-such-model", "--method", "width"],
+    ["prune", "--model", "no-such-model", "--unit", "attn", "--criterion", "ppl"],
+    ["retrain", "lora", "--model", "no-such-model"],
+])
+def test_cli_overwrite_keeps_the_users_files_and_says_why_before_loading(capsys, tmp_path, argv):
+    docs = users_dir(tmp_path)
+    before = snapshot(docs)
+    code, out, err = run_cli(capsys, *argv, "--out", docs, "--overwrite")
+    assert code == 2 and out == ""
+    assert err.startswith("shortened-llm: error: ") and err.count("\n") == 1  # one line, no traceback
+    assert "never replaced" in err and "Unknown model" not in err  # refused before the model was looked up
+    assert snapshot(docs) == before
