@@ -2,7 +2,8 @@
 
 Every artifact of a reproduction lives under one ``run_dir`` (DESIGN.md, "Artifacts flow
 through one run directory"). Writes go to a temporary sibling first and are renamed into
-place, so an interrupted run never leaves half a model or half a CSV behind.
+place, so an interrupted run never leaves half a model or half a CSV behind, and a kill -9
+at any point is undone by the next write to the same path (``_recover``).
 
 A directory is replaced only when this package wrote it: ``atomic_dir`` leaves a manifest
 (``MANIFEST``, the list of what it wrote) in every directory it publishes, and ``overwrite``
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,6 +39,68 @@ __all__ = [
 MANIFEST = ".shortened_llm.json"  # written last into each dir atomic_dir publishes: marks it as ours
 # Dirs written before the manifest existed: a model dir with a pruning record or a training record.
 LEGACY_MARKERS = (("config.json", "pruning.json"), ("config.json", "training.json"))
+_RANDOM = "[a-z0-9_]{8}"  # the random part tempfile puts in a name: nothing a user names a file by chance
+
+
+# ---- leftovers of a killed writer -----------------------------------------------------------
+
+def _lock(fd: int) -> None:
+    """Hold ``fd``'s flock while this writer lives; the kernel drops it on any exit, kill -9 included."""
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _in_use(path: Path) -> bool:
+    """True while a live writer holds ``path`` (its temp file or dir); False once that writer died."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _leftovers(out: Path, pattern: str) -> list[Path]:
+    """Siblings of ``out`` named ``.<out.name><pattern>``: what a writer of ``out`` leaves while it works."""
+    name = re.compile(rf"\.{re.escape(out.name)}{pattern}")
+    return sorted(p for p in out.parent.iterdir() if name.fullmatch(p.name))
+
+
+def _partner(path: Path, kind: str) -> Path:
+    """``.NAME.tmp-<id>`` <-> ``.NAME.old-<id>``: a writer's temp dir and its backup of the old dir."""
+    return path.with_name(f"{path.name[:-13]}.{kind}-{path.name[-8:]}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _recover(out: Path) -> None:
+    """Undo a killed write to ``out``: put back an old dir the swap had moved away, remove dead temps.
+
+    A writer cut between its two renames (``_swap_in``) left ``.NAME.old-<id>`` and no ``out``:
+    the old artifact comes back, as if the killed run had never started. Temps of live
+    writers (their flock held) are left alone; every other temp dir is a dead writer's.
+    """
+    if not out.parent.is_dir():
+        return
+    for backup in _leftovers(out, rf"\.old-{_RANDOM}"):
+        if _in_use(_partner(backup, "tmp")) or _why_not_ours(backup):
+            continue  # its writer is mid-swap, or it is not a backup of ours
+        if os.path.lexists(out):
+            _remove(backup)  # the swap had finished: only its clean-up was cut
+        else:
+            os.rename(backup, out)
+    for temp in _leftovers(out, rf"\.tmp-{_RANDOM}"):
+        if not _in_use(temp):
+            _remove(temp)
 
 
 # ---- directories ----------------------------------------------------------------------------
@@ -75,9 +140,11 @@ def check_replaceable(out_dir: str | os.PathLike, overwrite: bool,
     """Refuse ``out_dir`` before any work when a write there would have to replace it and may not.
 
     A directory this package did not write is refused whatever ``overwrite`` says; one it
-    wrote needs ``overwrite`` (``flag`` names how the caller passes it).
+    wrote needs ``overwrite`` (``flag`` names how the caller passes it). A write to
+    ``out_dir`` that was killed is undone first, so the answer is about the last finished one.
     """
     out_dir = Path(out_dir)
+    _recover(out_dir)
     if not os.path.lexists(out_dir):
         return
     why = _why_not_ours(out_dir)
@@ -86,6 +153,26 @@ def check_replaceable(out_dir: str | os.PathLike, overwrite: bool,
                               "give a new or empty directory as the output (or move the files named here out of it)")
     if not overwrite:
         raise FileExistsError(f"output dir {str(out_dir)!r} already exists: pass {flag} to replace it")
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``, moving an old ``out_dir`` aside first and deleting it after.
+
+    Between the two renames neither is at ``out_dir``: an error there puts the old one back
+    at once, and a kill is undone by ``_recover`` at the next write (the backup is named
+    after ``tmp``, whose flock tells whether its writer still lives).
+    """
+    if not os.path.lexists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    backup = _partner(tmp, "old")
+    os.rename(out_dir, backup)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(backup, out_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -97,23 +184,21 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     The published dir holds ``MANIFEST``.
     """
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out_dir, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    fd = os.open(tmp, os.O_RDONLY)
+    _lock(fd)  # a _recover running between mkdtemp and here would take tmp for a dead writer's: microseconds
     try:
         yield tmp
         (tmp / MANIFEST).write_text(json.dumps({"written_by": "shortened_llm", "entries": _entries(tmp)}, indent=1) + "\n")
         check_replaceable(out_dir, overwrite)  # the block may have run for hours: look again
+        _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(trash)
-        tmp.rename(out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

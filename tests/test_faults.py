@@ -109,3 +109,127 @@ def test_cli_overwrite_keeps_the_users_files_and_says_why_before_loading(capsys,
     assert err.startswith("shortened-llm: error: ") and err.count("\n") == 1  # one line, no traceback
     assert "never replaced" in err and "Unknown model" not in err  # refused before the model was looked up
     assert snapshot(docs) == before
+
+
+# ---- 2. kill -9 anywhere in a write, then run again ---------------------------------------------
+
+# A child process saves a new model over an old one and SIGKILLs itself at one point of the
+# write: inside the block (weights written, no manifest yet), at the rename of the old dir
+# away, between that rename and the rename of the new one in, or while deleting the old one.
+KILL_CHILD = r"""
+import os, shutil, signal, sys
+from pathlib import Path
+from transformers import PreTrainedModel
+from shortened_llm import save_model
+sys.path.insert(0, "tests")  # conftest's own imports
+from tests.conftest import make_tiny_llama
+
+out, point = Path(sys.argv[1]), sys.argv[2]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+real_save, real_rename, real_rmtree = PreTrainedModel.save_pretrained, os.rename, shutil.rmtree
+
+def save_pretrained(self, *a, **k):
+    real_save(self, *a, **k)
+    if point == "write":
+        die()
+
+def rename(src, dst, *a, **k):
+    if point == "old-away" and ".old-" in Path(dst).name or point == "between" and Path(dst) == out:
+        die()
+    return real_rename(src, dst, *a, **k)
+
+def rmtree(path, *a, **k):
+    if point == "clean-up" and ".old-" in Path(path).name:
+        die()
+    return real_rmtree(path, *a, **k)
+
+PreTrainedModel.save_pretrained, os.rename, shutil.rmtree = save_pretrained, rename, rmtree
+save_model(make_tiny_llama(seed=2), None, out, overwrite=True)
+"""
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def killed_save(out, point):
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(out), point], cwd=ROOT, capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr  # killed where injected, not finished or failed otherwise
+
+
+@pytest.mark.parametrize("point, left_at_path", [
+    ("write", "old"), ("old-away", "old"), ("between", None), ("clean-up", "new"),
+])
+def test_a_save_killed_anywhere_is_undone_or_finished_by_the_next_run(tmp_path, point, left_at_path):
+    new = snapshot(save_model(make_tiny_llama(seed=2), None, tmp_path / "uninterrupted"))
+    work = tmp_path / "work"
+    out = save_model(make_tiny_llama(seed=1), None, work / "model")
+    old = snapshot(out)
+    killed_save(out, point)
+    leftovers = sorted(p.name for p in work.iterdir() if p.name != "model")
+    assert leftovers and all(n.startswith((".model.tmp-", ".model.old-")) for n in leftovers)
+    # what the kill left at the path: the old model, the new one, or (cut between the renames) nothing
+    assert {"old": old, "new": new, None: {}}[left_at_path] == (snapshot(out) if out.exists() else {})
+
+    with pytest.raises(FileExistsError, match="overwrite"):  # the next start puts the last finished model back
+        save_model(make_tiny_llama(seed=2), None, out)
+    assert snapshot(out) == (new if left_at_path == "new" else old)
+    assert [p.name for p in work.iterdir()] == ["model"]  # the dead writer's temp and backup are gone
+    save_model(make_tiny_llama(seed=2), None, out, overwrite=True)
+    assert snapshot(out) == new and [p.name for p in work.iterdir()] == ["model"]
+
+
+def test_an_error_between_the_two_renames_puts_the_old_dir_back(tmp_path, monkeypatch):
+    import os
+
+    out = save_model(make_tiny_llama(seed=1), None, tmp_path / "model")
+    old = snapshot(out)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if dst == out and ".tmp-" in str(src):  # the new dir's rename in, after the old one moved away
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(make_tiny_llama(seed=2), None, out, overwrite=True)
+    assert snapshot(out) == old and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+LIVE_WRITER = r"""
+import sys, time
+from pathlib import Path
+from shortened_llm.artifacts import atomic_dir
+
+out, ready = Path(sys.argv[1]), Path(sys.argv[2])
+with atomic_dir(out, overwrite=True) as tmp:
+    (tmp / "weights.bin").write_bytes(b"child")
+    ready.touch()
+    while ready.exists():  # the parent deletes it once its own write is done
+        time.sleep(0.05)
+"""
+
+
+def test_a_live_writers_temp_dir_is_not_taken_for_a_dead_ones(tmp_path):
+    """Two writers of one path: the second one's clean-up leaves the first one's temp dir alone."""
+    import subprocess
+    import sys
+    import time
+
+    out, ready = tmp_path / "model", tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(out), str(ready)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the child writer never got inside its write"
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "weights.bin").write_bytes(b"parent")
+        assert (out / "weights.bin").read_bytes() == b"parent"
+        ready.unlink()
+        assert child.wait(timeout=120) == 0
+    finally:
+        child.kill()
+    assert (out / "weights.bin").read_bytes() == b"child"  # its temp dir survived and became the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
