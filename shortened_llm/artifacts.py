@@ -28,8 +28,10 @@ from .errors import ForeignDirError
 __all__ = [
     "MANIFEST",
     "atomic_dir",
+    "atomic_file",
     "atomic_write_text",
     "check_replaceable",
+    "give_default_mode",
     "scores_csv",
     "pruned_dir",
     "save_scores",
@@ -40,6 +42,19 @@ MANIFEST = ".shortened_llm.json"  # written last into each dir atomic_dir publis
 # Dirs written before the manifest existed: a model dir with a pruning record or a training record.
 LEGACY_MARKERS = (("config.json", "pruning.json"), ("config.json", "training.json"))
 _RANDOM = "[a-z0-9_]{8}"  # the random part tempfile puts in a name: nothing a user names a file by chance
+
+
+# ---- the user's file modes ------------------------------------------------------------------
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode ``open``/``mkdir`` would have under the user's umask.
+
+    ``mkstemp``/``mkdtemp`` create private entries (0600/0700) so that no one reads half a
+    write; a finished artifact must be readable by whoever the user shares files with.
+    """
+    umask = os.umask(0)  # the only portable way to read it
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
 
 
 # ---- leftovers of a killed writer -----------------------------------------------------------
@@ -66,7 +81,7 @@ def _in_use(path: Path) -> bool:
 
 def _leftovers(out: Path, pattern: str) -> list[Path]:
     """Siblings of ``out`` named ``.<out.name><pattern>``: what a writer of ``out`` leaves while it works."""
-    name = re.compile(rf"\.{re.escape(out.name)}{pattern}")
+    name = re.compile(rf"\.{re.escape(out.name)}(?:{pattern})")
     return sorted(p for p in out.parent.iterdir() if name.fullmatch(p.name))
 
 
@@ -87,7 +102,7 @@ def _recover(out: Path) -> None:
 
     A writer cut between its two renames (``_swap_in``) left ``.NAME.old-<id>`` and no ``out``:
     the old artifact comes back, as if the killed run had never started. Temps of live
-    writers (their flock held) are left alone; every other temp dir is a dead writer's.
+    writers (their flock held) are left alone; every other temp file or dir is a dead writer's.
     """
     if not out.parent.is_dir():
         return
@@ -98,9 +113,41 @@ def _recover(out: Path) -> None:
             _remove(backup)  # the swap had finished: only its clean-up was cut
         else:
             os.rename(backup, out)
-    for temp in _leftovers(out, rf"\.tmp-{_RANDOM}"):
+    for temp in _leftovers(out, rf"\.tmp-{_RANDOM}|\.{_RANDOM}\.tmp"):
         if not _in_use(temp):
             _remove(temp)
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_file(out_file: str | os.PathLike):
+    """Yield a temp path beside ``out_file`` that replaces it only when the block succeeds.
+
+    The block writes to the path (from this process or a child); a block that removes it
+    replaces nothing. The result gets the user's umask, like any other file.
+    """
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    _recover(out_file)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
+    _lock(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        if tmp.exists():
+            give_default_mode(tmp)
+            os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file and ``os.replace`` (atomic on POSIX)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 # ---- directories ----------------------------------------------------------------------------
@@ -181,7 +228,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
 
     An existing ``out_dir`` is replaced only with ``overwrite`` and only when this package
     wrote it (``check_replaceable``, checked before the block and again before the swap).
-    The published dir holds ``MANIFEST``.
+    The published dir holds ``MANIFEST`` and has the user's umask.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +239,8 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     try:
         yield tmp
         (tmp / MANIFEST).write_text(json.dumps({"written_by": "shortened_llm", "entries": _entries(tmp)}, indent=1) + "\n")
+        for path in (tmp, *tmp.rglob("*")):  # safetensors writes its files 0600 too
+            give_default_mode(path)
         check_replaceable(out_dir, overwrite)  # the block may have run for hours: look again
         _swap_in(tmp, out_dir)
     except BaseException:
@@ -199,22 +248,6 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
         raise
     finally:
         os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file and ``os.replace`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def scores_csv(run_dir: str | os.PathLike, criterion: str) -> Path:

@@ -466,21 +466,11 @@ def quantize_gguf(src_file: str | os.PathLike, out_file: str | os.PathLike, quan
     return out_file
 
 
-@contextlib.contextmanager
 def _atomic_file(out_file: Path):
-    """A temp path beside ``out_file`` that replaces it only when the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        if tmp.exists():
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it a normal file's mode
-            os.replace(tmp, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """A temp path beside ``out_file`` that replaces it only when the block succeeds (artifacts.atomic_file)."""
+    from .artifacts import atomic_file
+
+    return atomic_file(out_file)
 
 
 def read_gguf_metadata(gguf_file: str | os.PathLike) -> dict:

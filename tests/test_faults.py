@@ -233,3 +233,50 @@ def test_a_live_writers_temp_dir_is_not_taken_for_a_dead_ones(tmp_path):
         child.kill()
     assert (out / "weights.bin").read_bytes() == b"child"  # its temp dir survived and became the output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_dead_writers_temp_file_goes_and_a_live_ones_and_the_users_stay(tmp_path):
+    """Temp files of atomic_file (scores CSVs, GGUFs): only an unlocked one of the exact temp name is removed."""
+    import torch
+
+    from shortened_llm.artifacts import atomic_file, save_scores
+
+    out = tmp_path / "scores.csv"
+    dead = tmp_path / ".scores.csv.k2x9q0ab.tmp"  # what mkstemp named it; its writer got kill -9: no flock held
+    dead.write_text("block,sco")
+    users = [tmp_path / ".scores.csv.mine.tmp", tmp_path / "scores.csv.bak", tmp_path / ".q1w2e3r4.tmp"]
+    for path in users:
+        path.write_text("mine\n")
+    with atomic_file(out) as live:  # another writer of the same file, still working
+        live.write_text("block,score\n0,1.0\n")
+        save_scores(out, torch.tensor([0.5, 0.25]))
+        assert live.exists() and not dead.exists()
+    assert out.read_text() == "block,score\n0,1.0\n"  # the live writer finished last
+    assert all(p.read_text() == "mine\n" for p in users)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["scores.csv", *(p.name for p in users)])
+
+
+# ---- 3. artifacts get the user's umask -------------------------------------------------------
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_artifacts_get_the_users_umask(tmp_path, umask, file_mode, dir_mode):
+    import os
+    import stat
+
+    import torch
+
+    from shortened_llm.artifacts import save_scores
+    from shortened_llm.export import _atomic_file
+
+    old = os.umask(umask)
+    try:
+        model_dir = save_model(pruned_tiny(), None, tmp_path / "run" / "pruned")
+        scores = save_scores(tmp_path / "run" / "scores" / "ppl.csv", torch.tensor([1.0, 2.0]))
+        with _atomic_file(tmp_path / "run" / "model.gguf") as tmp:  # export's GGUF writes
+            tmp.write_bytes(b"GGUF")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(model_dir) == dir_mode
+    assert {p.name: mode(p) for p in model_dir.iterdir()} == {p.name: file_mode for p in model_dir.iterdir()}
+    assert mode(scores) == file_mode and mode(tmp_path / "run" / "model.gguf") == file_mode
