@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .artifacts import atomic_dir
+from .errors import CorruptFileError, MismatchError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -261,6 +262,65 @@ def _resolve(name_or_path: str | os.PathLike) -> str:
     return name_or_path
 
 
+def _refetch_fix(folder: Path) -> str:
+    """How to get a good copy of ``folder`` back: the embedded cache is remade, anything else rewritten."""
+    if cache_dir().resolve() in folder.resolve().parents:
+        return f"delete {str(folder)!r}: the next load_model converts the packaged model into it again"
+    return ("write the directory again with what made it (save_model, shortened-llm prune/retrain) "
+            "or copy it again from its source")
+
+
+def _check_model_dir(folder: Path) -> None:
+    """Every file ``load_model`` reads from ``folder`` is whole and agrees with the others.
+
+    Checked before transformers reads them, which would answer a truncated file with a raw
+    ``SafetensorError`` and a broken config with "Unknown model"; here each gets one line
+    naming the file (``CorruptFileError`` or ``MismatchError``). Only a file's structure is
+    checked: safetensors keeps no checksum of the tensors' bytes.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{str(folder)!r} is a directory without config.json: not a Hugging Face model dir")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.bin")):
+        raise FileNotFoundError(f"{str(folder)!r} has a config.json but no weights (*.safetensors or *.bin)")
+    fix = _refetch_fix(folder)
+    parsed = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            parsed[path.name] = json.loads(path.read_bytes())
+        except ValueError as err:
+            raise CorruptFileError(path, f"is not valid JSON ({err}): truncated or overwritten", fix) from None
+    for path in weights:
+        try:
+            with safe_open(path, "pt"):  # reads the header and checks it covers the file: no tensor is loaded
+                pass
+        except (SafetensorError, OSError) as err:
+            raise CorruptFileError(path, f"is truncated or not a safetensors file ({err})", fix) from None
+    config = parsed["config.json"]
+    if not isinstance(config, dict):
+        raise CorruptFileError(folder / "config.json", f"holds a JSON {type(config).__name__}, not an object", fix)
+    if "pruning.json" in parsed:
+        _check_pruning_record(folder / "pruning.json", parsed["pruning.json"], config, fix)
+
+
+def _check_pruning_record(path: Path, record, config: dict, fix: str) -> None:
+    """``pruning.json`` maps kept blocks to original ones: its count must be the config's block count."""
+    try:
+        original, removed = int(record["original_num_blocks"]), set(record.get("removed_blocks") or [])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CorruptFileError(path, "is not a pruning record: it needs original_num_blocks (an int) and "
+                                     "removed_blocks (a list of block indices)", fix) from None
+    layers = config.get("num_hidden_layers")
+    if layers is not None and original - len(removed) != layers:
+        raise MismatchError(
+            path, f"records {original} blocks with {len(removed)} removed, {original - len(removed)} kept, but "
+                  f"config.json has num_hidden_layers={layers}: the two come from different saves",
+            "save the model again with save_model (it writes both), or delete pruning.json if config.json and "
+            "the weights are the model you mean")
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype | str | None = None,
@@ -278,16 +338,16 @@ def load_model(
     local = Path(source)
     from .subblock import is_subblock_dir, load_subblock_model
 
+    if local.is_dir():
+        _check_model_dir(local)
     if is_subblock_dir(local):  # removed attention/MLP halves: plain from_pretrained cannot express them
         return load_subblock_model(local, dtype=dtype, device=device, device_map=device_map)
-    if local.is_dir():
-        if not (local / "config.json").exists():
-            raise FileNotFoundError(f"{source!r} is a directory without config.json: not a Hugging Face model dir")
-        if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
-            raise FileNotFoundError(f"{source!r} has a config.json but no weights (*.safetensors or *.bin)")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
+        if local.is_dir():  # a model dir whose config transformers cannot read: not an unknown model
+            raise CorruptFileError(local / "config.json", f"transformers cannot read it ({err})",
+                                   _refetch_fix(local)) from None
         raise ValueError(
             f"Unknown model {str(name_or_path)!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
             "not a local model directory, and not a Hugging Face hub id available here "

@@ -280,3 +280,79 @@ def test_artifacts_get_the_users_umask(tmp_path, umask, file_mode, dir_mode):
     assert mode(model_dir) == dir_mode
     assert {p.name: mode(p) for p in model_dir.iterdir()} == {p.name: file_mode for p in model_dir.iterdir()}
     assert mode(scores) == file_mode and mode(tmp_path / "run" / "model.gguf") == file_mode
+
+
+# ---- 4. corrupt or mismatched inputs: one line naming the file, what is wrong, and the fix ------
+
+def truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep(len(data))])
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj))
+
+
+BAD_MODEL_DIRS = {  # what is done to a good model dir -> the error type, the file it names, and a word of why
+    "safetensors cut in half": (lambda d: truncate(d / "model.safetensors", lambda n: n // 2),
+                                "CorruptFileError", "model.safetensors", "truncated"),
+    "safetensors cut in its header": (lambda d: truncate(d / "model.safetensors", lambda n: 5),
+                                      "CorruptFileError", "model.safetensors", "header too small"),
+    "safetensors empty": (lambda d: truncate(d / "model.safetensors", lambda n: 0),
+                          "CorruptFileError", "model.safetensors", "truncated"),
+    "config.json cut": (lambda d: truncate(d / "config.json", lambda n: n // 2),
+                        "CorruptFileError", "config.json", "not valid JSON"),
+    "config.json a list": (lambda d: write_json(d / "config.json", []), "CorruptFileError", "config.json", "not an object"),
+    "config.json without model_type": (lambda d: write_json(d / "config.json", {"hidden_size": 32}),
+                                       "CorruptFileError", "config.json", "transformers cannot read it"),
+    "tokenizer_config.json cut": (lambda d: truncate(d / "tokenizer_config.json", lambda n: n - 3),
+                                  "CorruptFileError", "tokenizer_config.json", "not valid JSON"),
+    "pruning.json cut": (lambda d: (write_json(d / "pruning.json", {"original_num_blocks": 8, "removed_blocks": [1, 5]}),
+                                    truncate(d / "pruning.json", lambda n: n - 2)),
+                         "CorruptFileError", "pruning.json", "not valid JSON"),
+    "pruning.json without a block count": (lambda d: write_json(d / "pruning.json", {"removed_blocks": [1]}),
+                                           "CorruptFileError", "pruning.json", "needs original_num_blocks"),
+    "pruning.json for another model": (lambda d: write_json(d / "pruning.json", {"original_num_blocks": 8, "removed_blocks": [1]}),
+                                       "MismatchError", "pruning.json", "7 kept, but config.json has num_hidden_layers=6"),
+}
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_llama_dir):
+    """A copy of the 6-block tiny Llama dir (with the embedded tokenizer) to break."""
+    import shutil
+
+    return shutil.copytree(tiny_llama_dir, tmp_path / "model")
+
+
+@pytest.mark.parametrize("damage", BAD_MODEL_DIRS)
+def test_a_broken_model_dir_is_one_line_naming_the_file_and_the_fix(capsys, model_copy, damage):
+    from shortened_llm import errors
+    from shortened_llm.models import load_model
+
+    break_it, error, file, why = BAD_MODEL_DIRS[damage]
+    break_it(model_copy)
+    with pytest.raises(getattr(errors, error)) as caught:
+        load_model(model_copy, device="cpu")
+    assert caught.value.path == model_copy / file and why in caught.value.problem and "Fix: " in str(caught.value)
+    code, out, err = run_cli(capsys, "eval", "ppl", "--model", model_copy, "--max-segments", 1)
+    assert code == 2 and out == "" and err.count("\n") == 1  # one line from the CLI, no traceback
+    assert str(model_copy / file) in err and why in err and "Fix: " in err
+
+
+def test_a_pruning_record_that_agrees_with_the_config_still_loads(model_copy):
+    from shortened_llm.models import load_model
+
+    write_json(model_copy / "pruning.json", {"original_num_blocks": 8, "removed_blocks": [1, 5]})
+    model, _ = load_model(model_copy, device="cpu")
+    assert model.pruning.kept_blocks == [0, 2, 3, 4, 6, 7] and model.config.num_hidden_layers == 6
+
+
+def test_a_broken_embedded_cache_says_to_delete_it(tmp_path, model_copy, monkeypatch):
+    from shortened_llm.errors import CorruptFileError
+    from shortened_llm.models import load_model
+
+    monkeypatch.setenv("SHORTENED_LLM_CACHE", str(tmp_path))  # model_copy lies in the cache now
+    truncate(model_copy / "model.safetensors", lambda n: n - 1)
+    with pytest.raises(CorruptFileError, match="Fix: delete .*the next load_model converts the packaged model"):
+        load_model(model_copy, device="cpu")
