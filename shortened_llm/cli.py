@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +27,59 @@ __all__ = ["main", "build_parser"]
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+# ---- argument values: refused by argparse before any model loads ----------------------------
+
+def _whole(minimum: int, maximum: int | None = None):
+    """An argparse ``type`` for a whole number in [minimum, maximum]."""
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise argparse.ArgumentTypeError(f"{value} must be a whole number {bound}")
+        return value
+    return whole
+
+
+def _real(name: str, low: float, high: float, low_open: bool = True, high_open: bool = True):
+    """An argparse ``type`` for a finite ``name`` in the interval from ``low`` to ``high`` (NaN and inf refused)."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def real(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}={text!r} is not a number") from None
+        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"{name}={value} must be in {interval}")
+        return value
+    return real
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    return text
+
+
+COUNT = _whole(1)  # steps, samples, segments, documents, batch sizes, blocks
+SEQ_LEN = _whole(2)  # a segment needs a token after the first to predict
+SEED = _whole(0, 2**32 - 1)  # what numpy accepts as a seed
+RATIO = _real("ratio", 0, 1)  # the share of blocks to remove
+ALPHA = _real("alpha", 0, 1, low_open=False, high_open=False)  # a weight between two losses
+TEMPERATURE = _real("temperature", 0, math.inf)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other error of the CLI (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
 
 # ---- score / prune --------------------------------------------------------------------------
@@ -46,7 +100,7 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local dir or hub id")
     p.add_argument("--criterion", default="ppl", help="ppl, taylor, magnitude, ... ('+' keeps first 4 / last 2 blocks)")
     p.add_argument("--preset", default="paper", help=f"budget preset for calibration ({', '.join(PRESETS)})")
-    p.add_argument("--calib-samples", type=int, default=None, help="override the preset's calibration samples")
+    p.add_argument("--calib-samples", type=COUNT, default=None, help="override the preset's calibration samples")
     p.add_argument("--unit", default="block", choices=["block", "attn", "mlp"],
                    help="what is scored/removed: whole blocks, or attention / MLP halves (ppl, sleb, bi, reverse, random)")
 
@@ -71,17 +125,27 @@ def cmd_prune(args) -> int:
     from .artifacts import load_scores
     from .importance import PLUS_RULE, block_importance, blocks_to_remove, check_removable, criterion_options, split_criterion
     from .models import load_model, num_blocks, save_model
-    from .prune import num_blocks_for_ratio, remove_blocks
+    from .presets import get_preset
+    from .prune import num_blocks_to_remove, remove_blocks
 
-    if getattr(args, "method", "depth") == "width":
+    method, unit = getattr(args, "method", "depth"), getattr(args, "unit", "block")
+    if args.n_blocks is not None and (method, unit) != ("depth", "block"):
+        raise ValueError(f"--n-blocks {args.n_blocks} counts whole blocks of depth pruning: with --method "
+                         f"{method} --unit {unit} give --ratio instead")
+    if method == "width":
         return _cmd_width(args)
-    if getattr(args, "unit", "block") != "block":
+    if unit != "block":
         return _cmd_unit(args, prune=True)
     _, plus = split_criterion(args.criterion)
     out = Path(args.out)
     check_replaceable(out, args.overwrite, flag="--overwrite")
+    preset = get_preset(args.preset)
     model, tokenizer = load_model(args.model)
-    n = num_blocks_for_ratio(num_blocks(model), args.ratio)
+    ratio = None if args.n_blocks is not None else args.ratio
+    if ratio is None:
+        n = num_blocks_to_remove(num_blocks(model), n_blocks=args.n_blocks)
+    else:  # the paper preset knows the official count for the paper's models
+        n = preset.n_blocks_for(model.config, ratio)
     keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
     check_removable(num_blocks(model), n, **keep)  # before any scoring work
     if args.scores:
@@ -90,9 +154,9 @@ def cmd_prune(args) -> int:
         scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion,
                                   **criterion_options(args.criterion, n))
     removed = blocks_to_remove(scores, n, **keep)
-    remove_blocks(model, removed, criterion=args.criterion, ratio=args.ratio, scores=scores)
+    remove_blocks(model, removed, criterion=args.criterion, ratio=ratio, scores=scores)
     save_model(model, tokenizer, out, overwrite=args.overwrite)
-    _print_json({"criterion": args.criterion, "ratio": args.ratio, "removed_blocks": removed,
+    _print_json({"criterion": args.criterion, "ratio": ratio, "n_blocks": n, "removed_blocks": removed,
                  "num_blocks": num_blocks(model), "out": str(out)})
     return 0
 
@@ -169,8 +233,6 @@ def cmd_eval_zeroshot(args) -> int:
     from .zeroshot import PAPER_TASKS, check_tasks, zero_shot
 
     check_tasks(args.tasks or PAPER_TASKS)  # fail on a bad name before loading anything
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit} must be >= 1 (documents per task), or omitted for all")
     model, tokenizer = load_model(args.model)
     table = zero_shot(model, tokenizer, tasks=args.tasks or PAPER_TASKS, limit=args.limit, batch_size=args.batch_size)
     _print_json({"model": args.model, "limit": args.limit, "results": table.to_dict(orient="records")})
@@ -239,22 +301,27 @@ def cmd_reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shortened-llm", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="shortened-llm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score every block and write block,score CSV")
     _add_scoring_args(p)
     p.add_argument("--out", required=True, help="CSV path (columns block,score)")
-    p.add_argument("--n", type=int, default=None, help="blocks to remove, for criteria that need it (sleb, angular)")
+    p.add_argument("--n", type=COUNT, default=None, help="blocks to remove, for criteria that need it (sleb, angular)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("prune", help="remove the least important blocks and save a plain HF model")
     _add_scoring_args(p)
-    p.add_argument("--ratio", type=float, default=0.2, help="share of blocks to remove, in (0, 1)")
+    how_many = p.add_mutually_exclusive_group()
+    how_many.add_argument("--ratio", type=RATIO, default=0.2,
+                          help="share of blocks to remove, in (0, 1); --preset paper gives the official count "
+                               "for the paper's models (e.g. 0.29 of Vicuna-13B = 11 blocks)")
+    how_many.add_argument("--n-blocks", type=int, default=None,
+                          help="blocks to remove, instead of --ratio (the official script's 6/9/11 of LLaMA-7B)")
     p.add_argument("--method", default="depth", choices=["depth", "width"],
                    help="depth: remove blocks; width: remove KV groups and MLP channels by magnitude from every "
                         "block, as many parameters as depth pruning at --ratio (--criterion is ignored)")
-    p.add_argument("--scores", default=None, help="precomputed scores CSV (skips scoring)")
+    p.add_argument("--scores", type=_existing_file, default=None, help="precomputed scores CSV (skips scoring)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_prune)
@@ -264,34 +331,34 @@ def build_parser() -> argparse.ArgumentParser:
     q = eval_sub.add_parser("ppl", help="perplexity with the paper's protocol; prints JSON")
     q.add_argument("--model", default="smollm2-135m")
     q.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "ptb"])
-    q.add_argument("--seq-len", type=int, default=128)
+    q.add_argument("--seq-len", type=SEQ_LEN, default=128)
     q.add_argument("--bos", default=None, choices=["once", "per-segment"], help="default: the model family's")
-    q.add_argument("--max-segments", type=int, default=None)
-    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--max-segments", type=COUNT, default=None)
+    q.add_argument("--batch-size", type=COUNT, default=8)
     q.set_defaults(func=cmd_eval_ppl)
     q = eval_sub.add_parser("zeroshot", help="zero-shot accuracy with lm-eval (offline pack if set); prints JSON")
     q.add_argument("--model", default="smollm2-135m")
     q.add_argument("--tasks", nargs="+", default=None, help="default: the paper's seven tasks")
-    q.add_argument("--limit", type=int, default=None, help="first N documents of each task (default: all)")
-    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--limit", type=COUNT, default=None, help="first N documents of each task (default: all)")
+    q.add_argument("--batch-size", type=COUNT, default=16)
     q.set_defaults(func=cmd_eval_zeroshot)
 
     p = sub.add_parser("retrain", help="LoRA, continued pretraining, or CPT then LoRA; saves a plain HF model")
     p.add_argument("method", choices=["lora", "cpt", "cpt-lora", "kd", "partial"])
     p.add_argument("--model", required=True, help="pruned model dir (or embedded name / hub id)")
     p.add_argument("--out", required=True, help="output model dir (appears only when training finished)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    p.add_argument("--max-steps", type=COUNT, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--preset", default="smoke", help=f"budget preset ({', '.join(PRESETS)})")
     p.add_argument("--data", default=None, help="dataset name or JSON/JSONL file (default: alpaca for LoRA, c4 for CPT)")
-    p.add_argument("--seed", type=int, default=None, help="default: the preset's seed")
+    p.add_argument("--seed", type=SEED, default=None, help="default: the preset's seed")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in <out>.checkpoints/")
     p.add_argument("--teacher", default=None, help="kd: the dense teacher (embedded name, dir or hub id)")
-    p.add_argument("--temperature", type=float, default=1.0, help="kd: softmax temperature T (KL scaled by T^2)")
-    p.add_argument("--alpha", type=float, default=0.0, help="kd: weight of the LM loss (the KL gets 1 - alpha)")
+    p.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="kd: softmax temperature T (KL scaled by T^2)")
+    p.add_argument("--alpha", type=ALPHA, default=0.0, help="kd: weight of the LM loss (the KL gets 1 - alpha)")
     p.add_argument("--hidden-loss", action="store_true", help="kd: add per-block hidden-state MSE (needs pruning.json)")
     p.add_argument("--lora", action="store_true", help="kd: train a LoRA adapter instead of every weight")
-    p.add_argument("--last-k", type=int, default=3, help="partial: fine-tune the last K blocks and the LM head")
+    p.add_argument("--last-k", type=COUNT, default=3, help="partial: fine-tune the last K blocks and the LM head")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("export", help="export a (pruned) model for other runtimes")
@@ -314,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a value argparse refused: its exit code, returned like any other
+        return stop.code
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, IndexError, KeyError, LlamaCppCrash) as err:

@@ -322,30 +322,82 @@ def _checkpointed(blocks, enabled: bool):
                 b.forward = fwd
 
 
+@contextlib.contextmanager
+def _in_fp32(model, enabled: bool = True):
+    """Run ``model`` in fp32 while inside: every floating parameter and buffer, back on exit.
+
+    Parameters are cast in place (``.data`` swapped: same objects, tied weights stay tied), so
+    the model costs 4 bytes per parameter while inside, not 6; every fp16 and bf16 value is
+    exact in fp32, so casting back restores the weights bit for bit. Buffers (RoPE's
+    ``inv_freq``) are small: the originals are put back as they were. An fp32 model is untouched.
+    """
+    if not enabled:
+        yield
+        return
+    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
+               if b is not None and b.is_floating_point() and b.dtype != torch.float32]
+    dtypes = [p.dtype for p in params]
+    try:
+        for p in params:
+            p.data = p.data.float()
+        for m, name, b in buffers:
+            m._buffers[name] = b.float()
+        yield
+    finally:
+        for p, dtype in zip(params, dtypes):
+            p.data = p.data.to(dtype)
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
 @register_criterion("taylor")
 def taylor_importance(model, input_ids, batch_size: int | None = None, gradient_checkpointing: bool = False,
-                      progress: bool = True) -> torch.Tensor:
+                      fp32: bool = True, progress: bool = True) -> torch.Tensor:
     """Paper (after LLM-Pruner): per block, sum over its weights of |w * dL/dw|.
 
     ``L`` is the mean NLL over the whole calibration set: each batch's summed NLL is divided
     by the total token count and gradients accumulate in ``.grad`` over batches, so there is
     one gradient per weight whatever the number of batches (the official code sums w * grad
     per batch and takes |.| at the end, which is the same thing when all fits in one batch).
+
+    ``fp32=True`` computes in fp32 whatever the model's dtype, as the official scripts did (on
+    CPU): fp16 gradients without loss scaling lose digits, and where two blocks nearly tie at
+    the cut those digits decide which one goes. The scores are then those of the fp32 model
+    with the same weights. It needs 4 bytes per parameter while it runs;
+    ``fp32=False`` scores in the model's own dtype (half the memory). Each weight's term is taken
+    as soon as its last gradient lands and the gradient is freed, so one batch (the default)
+    never holds every block's gradients at once.
     """
     n = _check_blocks_for("taylor", model, minimum=1)
     blocks = get_blocks(model)
     total_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    with _only_blocks_trainable(model), _checkpointed(blocks, gradient_checkpointing), torch.enable_grad():
-        batches = _batches(input_ids, batch_size)
-        for batch in tqdm(batches, desc="taylor gradients", unit="batch", disable=not progress):
-            batch = batch.to(_device(model))
-            logits = model(batch, use_cache=False).logits  # (B, T, V)
-            loss = _shifted_nll(logits, batch.to(logits.device)).sum() / total_tokens
-            del logits
-            loss.backward()
-        scores = torch.zeros(n, dtype=torch.float64)
-        for i, b in enumerate(blocks):
-            scores[i] = sum((p.detach() * p.grad).abs().double().sum().item() for p in _block_weights(b) if p.grad is not None)
+    batches = _batches(input_ids, batch_size)
+    terms: dict[int, float] = {}  # id(weight) -> sum |w * dL/dw|, filled in the last backward
+    final = [False]  # set for the last batch, whose backward completes every gradient
+
+    def take_term(p):
+        if final[0]:
+            terms[id(p)] = (p.detach() * p.grad).abs().double().sum().item()
+            p.grad = None
+
+    with _in_fp32(model, fp32), _only_blocks_trainable(model) as weights, \
+            _checkpointed(blocks, gradient_checkpointing), torch.enable_grad():
+        hooks = [p.register_post_accumulate_grad_hook(take_term) for p in weights]
+        try:
+            for k, batch in enumerate(tqdm(batches, desc="taylor gradients", unit="batch", disable=not progress)):
+                final[0] = k == len(batches) - 1
+                batch = batch.to(_device(model))
+                logits = model(batch, use_cache=False).logits  # (B, T, V)
+                loss = _shifted_nll(logits, batch.to(logits.device)).sum() / total_tokens
+                del logits
+                loss.backward()
+        finally:
+            for h in hooks:
+                h.remove()
+    scores = torch.zeros(n, dtype=torch.float64)
+    for i, b in enumerate(blocks):
+        scores[i] = sum(terms[id(p)] for p in _block_weights(b) if id(p) in terms)
     return scores
 
 

@@ -53,6 +53,9 @@ class Family:
     blocks: str  # dotted path from the *ForCausalLM module to the nn.ModuleList of blocks
     attn: str  # dotted path from a block to its attention module (holds ``layer_idx``: its KV-cache slot)
     bos_every: bool = False  # prepend BOS to every calibration sample and PPL segment
+    # Prepend BOS to zero-shot contexts (lm-eval's add_bos_token). The official harness (lm-eval
+    # 3326c54) encoded without special tokens; Gemma needs BOS, as the paper's Gemma rows did.
+    zero_shot_bos: bool = False
     # Config attributes with one entry per block (``layer_types``: "sliding_attention" or
     # "full_attention"): the entries of the kept blocks stay, in order.
     layer_lists: tuple[str, ...] = ()
@@ -78,9 +81,9 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("model.layers", "self_attn"),  # one sliding_window for every block
     "qwen2": Family("model.layers", "self_attn", layer_lists=_SLIDING, first_k_counts=("max_window_layers",)),
     "qwen3": Family("model.layers", "self_attn", layer_lists=_SLIDING, first_k_counts=("max_window_layers",)),
-    "gemma": Family("model.layers", "self_attn", bos_every=True),
-    "gemma2": Family("model.layers", "self_attn", bos_every=True, layer_lists=_SLIDING),
-    "gemma3_text": Family("model.layers", "self_attn", bos_every=True, layer_lists=_SLIDING,
+    "gemma": Family("model.layers", "self_attn", bos_every=True, zero_shot_bos=True),
+    "gemma2": Family("model.layers", "self_attn", bos_every=True, zero_shot_bos=True, layer_lists=_SLIDING),
+    "gemma3_text": Family("model.layers", "self_attn", bos_every=True, zero_shot_bos=True, layer_lists=_SLIDING,
                           layer_periods=("sliding_window_pattern", "_sliding_window_pattern"), extra_index_paths=("",)),
     "phi3": Family("model.layers", "self_attn"),  # one sliding_window for every block
     "opt": Family("model.decoder.layers", "self_attn"),

@@ -8,7 +8,8 @@
 - ``cpu``: the embedded model with budgets large enough for stable numbers (the paper's
   10 x 128 calibration, 100 PPL segments, 50 documents per task, 30 training steps): hours
   on a laptop CPU. ``results/`` was measured at this preset.
-- ``paper``: the paper's settings for 7B/13B models on a GPU.
+- ``paper``: the paper's settings for 7B/13B models on a GPU, with the official script's
+  block counts for the paper's models (``PAPER_BLOCK_COUNTS``).
 
 A preset is a frozen dataclass; any field can be overridden by name:
 ``get_preset("smoke", eval_segments=50)``.
@@ -17,7 +18,54 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-__all__ = ["Preset", "PRESETS", "get_preset"]
+__all__ = ["BlockCount", "PAPER_BLOCK_COUNTS", "Preset", "PRESETS", "get_preset"]
+
+# What identifies an architecture in a loaded model's config: the shape, not the name (a local
+# copy of Vicuna-13B has no name we could trust). Any model of that shape gets its counts.
+_SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "vocab_size")
+
+
+@dataclass(frozen=True)
+class BlockCount:
+    """One pruned model of the official ``script/prune.sh``: ``n_blocks`` of an architecture's blocks removed.
+
+    The script passes counts and names each by a rounded ratio, which ``round(ratio * blocks)``
+    does not always give back (Vicuna-13B "29 %" is 11 of 40 blocks, the rounding gives 12).
+    """
+
+    architecture: str = field(metadata={"help": "a shipped config, shortened_llm/configs/<name>.json"})
+    ratio: float = field(metadata={"help": "the ratio the official script names this model by (0.27 = '27%')"})
+    n_blocks: int = field(metadata={"help": "blocks the official script removes"})
+
+    def __post_init__(self):
+        if not 0 < self.ratio < 1 or self.n_blocks < 1:
+            raise ValueError(f"BlockCount({self.architecture!r}, ratio={self.ratio}, n_blocks={self.n_blocks}): "
+                             "ratio must be in (0, 1) and n_blocks >= 1")
+
+    def param_counts(self) -> tuple[int, int]:
+        """(dense, pruned) parameter counts, from the architecture config on the meta device (no memory)."""
+        from .architectures import architecture_only_model
+        from .models import get_blocks
+
+        model = architecture_only_model(self.architecture, device="meta")
+        dense = sum(p.numel() for p in model.parameters())
+        per_block = sum(p.numel() for p in get_blocks(model)[0].parameters())
+        return dense, dense - self.n_blocks * per_block
+
+    @property
+    def param_share(self) -> float:
+        """Share of the dense model's parameters removed: what "20 %" stands for, roughly."""
+        dense, pruned = self.param_counts()
+        return 1 - pruned / dense
+
+
+# Official script/prune.sh (Nota-NetsPresso/shortened-llm): LLaMA-7B (32 blocks) and Vicuna-13B
+# (40 blocks). Parameter shares: see ``BlockCount.param_share`` (tests/test_protocol.py pins them).
+PAPER_BLOCK_COUNTS = (
+    BlockCount("llama-1-7b", 0.20, 6), BlockCount("llama-1-7b", 0.27, 9), BlockCount("llama-1-7b", 0.35, 11),
+    BlockCount("vicuna-13b", 0.21, 8), BlockCount("vicuna-13b", 0.29, 11), BlockCount("vicuna-13b", 0.37, 15),
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +80,9 @@ class Preset:
     ratios: tuple[float, ...] = field(default=(0.2, 0.35), metadata={"help": "ratios swept in notebook 02"})
     keep_first: int = field(default=4, metadata={"help": "the '+' rule: blocks at the start never removed"})
     keep_last: int = field(default=2, metadata={"help": "the '+' rule: blocks at the end never removed"})
+    block_counts: tuple[BlockCount, ...] = field(
+        default=(), metadata={"help": "paper: the official block counts for the paper's architectures; a ratio "
+                                      "they name gives their count instead of round(ratio * blocks)"})
     # perplexity
     eval_seq_len: int = field(default=128, metadata={"help": "paper: 128-token segments"})
     eval_segments: int | None = field(default=None, metadata={"help": "None = whole test set"})
@@ -85,6 +136,33 @@ class Preset:
         for name in ("lora_cutoff", "cpt_block_size", "cpt_val_blocks", "lora_batch", "lora_micro_batch", "cpt_batch", "cpt_micro_batch", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not all(isinstance(c, BlockCount) for c in self.block_counts):
+            raise ValueError(f"block_counts={self.block_counts!r} must be a tuple of BlockCount")
+
+    def official_counts(self, config) -> tuple[BlockCount, ...]:
+        """This preset's ``block_counts`` for the architecture of ``config`` (matched by shape); () if none."""
+        from .architectures import architecture_config
+
+        shape = tuple(getattr(config, k, None) for k in _SHAPE_KEYS)
+        names = {c.architecture for c in self.block_counts}
+        same = {n for n in names if tuple(getattr(architecture_config(n), k, None) for k in _SHAPE_KEYS) == shape}
+        return tuple(c for c in self.block_counts if c.architecture in same)
+
+    def n_blocks_for(self, config, ratio: float) -> int:
+        """Blocks to remove for ``ratio``: the official count where this architecture has one, else rounded."""
+        from .prune import num_blocks_to_remove
+
+        official = [c.n_blocks for c in self.official_counts(config) if abs(c.ratio - ratio) < 1e-9]
+        if official:
+            return official[0]
+        return num_blocks_to_remove(config.num_hidden_layers, ratio=ratio)
+
+    def removal_counts(self, config) -> list[int]:
+        """The block counts a sweep removes: the official ones for this architecture, else one per ``ratios``."""
+        official = self.official_counts(config)
+        if official:
+            return sorted({c.n_blocks for c in official})
+        return sorted({self.n_blocks_for(config, r) for r in self.ratios})
 
 
 # The embedded model at budgets whose numbers hold still between runs; smoke is the same
@@ -107,7 +185,7 @@ PRESETS: dict[str, Preset] = {
     "smoke": replace(_CPU, name="smoke", calib_samples=4, eval_segments=40, ratios=(0.2, 0.35), zero_shot_limit=20,
                      lora_steps=15, cpt_steps=15),
     "cpu": _CPU,
-    "paper": Preset(name="paper", cpt_steps=None),
+    "paper": Preset(name="paper", cpt_steps=None, block_counts=PAPER_BLOCK_COUNTS),
 }
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "remove_blocks",
     "skipping_blocks",
     "num_blocks_for_ratio",
+    "num_blocks_to_remove",
     "check_blocks",
 ]
 
@@ -62,6 +63,23 @@ def num_blocks_for_ratio(n_blocks: int, ratio: float) -> int:
     if n >= n_blocks:
         raise ValueError(f"ratio={ratio} would remove all {n_blocks} blocks")
     return n
+
+
+def num_blocks_to_remove(total: int, ratio: float | None = None, n_blocks: int | None = None) -> int:
+    """How many of ``total`` blocks go: exactly one of ``n_blocks`` (as given) or ``ratio`` (rounded).
+
+    A count is what the official ``script/prune.sh`` passes: it removes 15 of Vicuna-13B's 40
+    blocks and calls that 37 %, while ``round(0.35 * 40)`` is 14; a count says it exactly.
+    """
+    if (ratio is None) == (n_blocks is None):
+        raise ValueError(f"ratio={ratio} and n_blocks={n_blocks}: give exactly one of the two "
+                         f"(the share of the {total} blocks to remove, or how many blocks)")
+    if ratio is not None:
+        return num_blocks_for_ratio(total, ratio)
+    if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or not 1 <= n_blocks < total:
+        raise ValueError(f"n_blocks={n_blocks!r} must be a whole number in 1..{total - 1}: "
+                         f"the blocks to remove of the model's {total} (at least one must stay)")
+    return n_blocks
 
 
 def check_blocks(blocks: Iterable[int], n_blocks: int) -> list[int]:

@@ -112,12 +112,19 @@ def task_manager(tasks=PAPER_TASKS, pack: Path | None | str = "env"):
 
 
 def _lm(model, tokenizer, batch_size):
-    """lm-eval's HF wrapper around the in-memory model (no reload, no copy)."""
+    """lm-eval's HF wrapper around the in-memory model (no reload, no copy).
+
+    BOS as the family says (``Family.zero_shot_bos``), never the tokenizer's default: left to
+    the tokenizer (lm-eval 0.4.13 does), LLaMA's prepends BOS, which the official harness did not.
+    """
     from lm_eval.models.huggingface import HFLM
+
+    from .models import family_of
 
     if isinstance(model, HFLM):
         return model
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                add_bos_token=family_of(model).zero_shot_bos)
 
 
 def average_row(table: pd.DataFrame) -> dict:
