@@ -356,3 +356,55 @@ def test_a_broken_embedded_cache_says_to_delete_it(tmp_path, model_copy, monkeyp
     truncate(model_copy / "model.safetensors", lambda n: n - 1)
     with pytest.raises(CorruptFileError, match="Fix: delete .*the next load_model converts the packaged model"):
         load_model(model_copy, device="cpu")
+
+
+# ---- 5. bad values on the command line: refused by argparse, before any model loads ------------
+
+BAD_VALUES = [  # (argv, what the error must say); --model never exists: nothing gets that far
+    (["prune", "--ratio", "1.5"], "ratio=1.5 must be in (0, 1)"),
+    (["prune", "--ratio", "0"], "ratio=0.0 must be in (0, 1)"),
+    (["prune", "--ratio", "nan"], "ratio=nan must be in (0, 1)"),
+    (["prune", "--ratio=-inf"], "ratio=-inf must be in (0, 1)"),
+    (["prune", "--ratio", "a fifth"], "ratio='a fifth' is not a number"),
+    (["prune", "--calib-samples", "0"], "--calib-samples: 0 must be a whole number >= 1"),
+    (["prune", "--scores", "no-such.csv"], "--scores: 'no-such.csv' is not a file"),
+    (["score", "--n", "-2"], "--n: -2 must be a whole number >= 1"),
+    (["score", "--calib-samples", "2.5"], "--calib-samples: '2.5' is not a whole number"),
+    (["eval", "ppl", "--seq-len", "1"], "--seq-len: 1 must be a whole number >= 2"),
+    (["eval", "ppl", "--max-segments", "0"], "--max-segments: 0 must be a whole number >= 1"),
+    (["eval", "ppl", "--batch-size", "-1"], "--batch-size: -1 must be a whole number >= 1"),
+    (["eval", "zeroshot", "--limit", "0"], "--limit: 0 must be a whole number >= 1"),
+    (["eval", "zeroshot", "--batch-size", "nan"], "--batch-size: 'nan' is not a whole number"),
+    (["retrain", "lora", "--max-steps", "0"], "--max-steps: 0 must be a whole number >= 1"),
+    (["retrain", "lora", "--max-steps", "1e3"], "--max-steps: '1e3' is not a whole number"),
+    (["retrain", "lora", "--seed", "-1"], "--seed: -1 must be a whole number in 0..4294967295"),
+    (["retrain", "lora", "--seed", str(2**64)], f"--seed: {2**64} must be a whole number in 0..4294967295"),
+    (["retrain", "kd", "--temperature", "0"], "temperature=0.0 must be in (0, inf)"),
+    (["retrain", "kd", "--temperature", "inf"], "temperature=inf must be in (0, inf)"),
+    (["retrain", "kd", "--alpha", "1.01"], "alpha=1.01 must be in [0, 1]"),
+    (["retrain", "kd", "--alpha", "nan"], "alpha=nan must be in [0, 1]"),
+    (["retrain", "partial", "--last-k", "0"], "--last-k: 0 must be a whole number >= 1"),
+]
+NEEDS_OUT = {"score": "scores.csv", "prune": "pruned", "retrain": "retrained"}
+
+
+@pytest.mark.parametrize("argv, message", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_a_bad_value_is_one_line_and_exit_code_2_before_any_work(capsys, tmp_path, argv, message):
+    out = ["--out", str(tmp_path / NEEDS_OUT[argv[0]])] if argv[0] in NEEDS_OUT else []
+    code, stdout, err = run_cli(capsys, *argv, "--model", "no-such-model", *out)
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert message in err and "--help" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, parsed", [
+    (["prune", "--ratio", "0.35", "--calib-samples", "4"], {"ratio": 0.35, "calib_samples": 4}),
+    (["eval", "ppl", "--seq-len", "2", "--max-segments", "1"], {"seq_len": 2, "max_segments": 1}),
+    (["retrain", "kd", "--alpha", "0", "--temperature", "2", "--seed", "0"], {"alpha": 0.0, "temperature": 2.0, "seed": 0}),
+])
+def test_good_values_parse_as_before(argv, parsed):
+    from shortened_llm.cli import build_parser
+
+    args = build_parser().parse_args([*argv, "--model", "m", *(["--out", "o"] if argv[0] in NEEDS_OUT else [])])
+    assert {k: getattr(args, k) for k in parsed} == parsed
+    assert all(type(getattr(args, k)) is type(v) for k, v in parsed.items())
