@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import math
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "QUANT_TYPES",
     "LLAMACPP_INSTALL",
     "llama_cpp_available",
+    "gguf_tensor_name",
     "export_gguf",
     "quantize_gguf",
     "read_gguf_metadata",
@@ -388,13 +390,11 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
         writer.add_string(f"{META_PREFIX}.criterion", str(meta["criterion"]))
     _add_vocab(writer, model_dir, config.vocab_size, tokenizer_pre)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.arch.upper()], n_blocks)
-    tied = getattr(config, "tie_word_embeddings", False)
     for name, w in _state_dict(files):
-        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-            continue  # recomputed by llama.cpp / shared with token_embd
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        gguf_name = gguf_tensor_name(config, name)
         if gguf_name is None:
+            continue  # recomputed by llama.cpp / shared with token_embd
+        if gguf_name == "":
             raise ValueError(f"tensor {name!r} of {str(model_dir)!r} has no llama.cpp name for arch {spec.arch!r}")
         if spec.permute_qk and name.endswith("self_attn.q_proj.weight"):
             w = _permute_qk(w, n_head)
@@ -411,6 +411,31 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=progress)
     writer.close()
+
+
+@functools.lru_cache(maxsize=8)
+def _name_map(arch: str, n_blocks: int):
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_blocks)
+
+
+def gguf_tensor_name(config, hf_name: str) -> str | None:
+    """The GGUF tensor name ``export_gguf`` writes the state-dict entry ``hf_name`` of a ``config`` model under.
+
+    ``None`` for what the file leaves out (RoPE's ``inv_freq``, which llama.cpp recomputes; a
+    tied LM head, which is ``token_embd``), ``""`` for a tensor llama.cpp has no name for. The
+    writer and the importance matrix (``imatrix.py``) both name tensors through this one map.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type={model_type!r} cannot be exported to GGUF yet. Supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))} (add an entry to shortened_llm.export.ARCHITECTURES)")
+    if hf_name.endswith("rotary_emb.inv_freq") or (getattr(config, "tie_word_embeddings", False)
+                                                   and hf_name == "lm_head.weight"):
+        return None
+    names = _name_map(ARCHITECTURES[model_type].arch, config.num_hidden_layers)
+    return names.get_name(hf_name, try_suffixes=(".weight", ".bias")) or ""
 
 
 # ---- public: export -------------------------------------------------------------------------

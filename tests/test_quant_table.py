@@ -1,0 +1,119 @@
+"""The importance matrix (against a direct computation, through its file and llama.cpp's reader), the IQ
+types and the imatrix in quantize_gguf, and the size/quality/speed table of every release type."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shortened_llm.imatrix import check_imatrix_fits, compute_imatrix, load_imatrix, save_imatrix
+from shortened_llm.models import save_model, tiny_random_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded):
+    return embedded[1]
+
+
+def _tiny(tokenizer, width: int = 32, layers: int = 3, seed: int = 0, **overrides):
+    """A tiny random Llama on the embedded tokenizer; ``width`` 256 lets the 256-block types (K, IQ) really run."""
+    extra = {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 4, "num_key_value_heads": 2}
+    return tiny_random_model("llama", num_layers=layers, tokenizer=tokenizer, seed=seed, **{**extra, **overrides})
+
+
+@torch.no_grad()
+def _direct_sums(model, ids) -> dict:
+    """Sum of squared inputs of every weight, from the model's hidden states and attention maps, written out."""
+    out = model(ids, output_hidden_states=True, output_attentions=True, use_cache=False)
+    cfg = model.config
+    B, T = ids.shape
+    H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    sq = lambda x: x.double().square().reshape(-1, x.shape[-1]).sum(0)  # noqa: E731
+    sums = {}
+    for i, layer in enumerate(model.model.layers):
+        h = out.hidden_states[i]  # (B, T, C): the block's input
+        x = layer.input_layernorm(h)
+        for name in ("attn_q", "attn_k", "attn_v"):
+            sums[f"blk.{i}.{name}.weight"] = sq(x)
+        v = layer.self_attn.v_proj(x).view(B, T, Hkv, d).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+        heads = (out.attentions[i] @ v).transpose(1, 2).reshape(B, T, H * d)  # (B, T, H*d): o_proj's input
+        sums[f"blk.{i}.attn_output.weight"] = sq(heads)
+        mid = h + layer.self_attn.o_proj(heads)
+        x2 = layer.post_attention_layernorm(mid)
+        sums[f"blk.{i}.ffn_gate.weight"] = sums[f"blk.{i}.ffn_up.weight"] = sq(x2)
+        act = layer.mlp.act_fn(layer.mlp.gate_proj(x2)) * layer.mlp.up_proj(x2)
+        sums[f"blk.{i}.ffn_down.weight"] = sq(act)
+        if i + 1 < len(model.model.layers):  # the written-out block is the model's block
+            torch.testing.assert_close(mid + layer.mlp.down_proj(act), out.hidden_states[i + 1])
+    sums["output.weight"] = sq(out.hidden_states[-1])  # after the final norm: the LM head's input
+    return sums
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_imatrix_equals_a_direct_computation(tokenizer, tied):
+    model = _tiny(tokenizer, tie_word_embeddings=tied, attn_implementation="eager")
+    ids = torch.randint(3, len(tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))
+    imatrix = compute_imatrix(model, ids, batch_size=2)
+    direct = _direct_sums(model, ids)
+    if tied:  # the LM head is token_embd in the file: a lookup with no input to measure
+        direct.pop("output.weight")
+    assert sorted(imatrix.sums) == sorted(direct)
+    for name, expected in direct.items():
+        torch.testing.assert_close(imatrix.sums[name].double().flatten(), expected, rtol=1e-5, atol=1e-6)
+        assert imatrix.counts[name].tolist() == [3 * 16]
+    assert (imatrix.chunk_count, imatrix.chunk_size) == (3, 16)
+    torch.testing.assert_close(imatrix.mean("blk.0.ffn_down.weight"), (direct["blk.0.ffn_down.weight"] / 48).float())
+
+
+def test_imatrix_file_round_trip_and_llama_cpp_layout(tokenizer, tmp_path):
+    from gguf import GGUFReader
+
+    from shortened_llm import remove_blocks
+
+    model = _tiny(tokenizer, layers=4)
+    remove_blocks(model, [1])
+    imatrix = compute_imatrix(model, torch.randint(3, 500, (2, 8)), datasets=["some text"])
+    path = save_imatrix(imatrix, tmp_path / "imatrix.gguf")
+    back = load_imatrix(path)
+    assert sorted(back.sums) == sorted(imatrix.sums) and len(back) == 3 * 7 + 1
+    for name in imatrix.sums:
+        assert torch.equal(back.sums[name], imatrix.sums[name]) and torch.equal(back.counts[name], imatrix.counts[name])
+    assert (back.chunk_count, back.chunk_size, back.datasets) == (2, 8, ["some text"])
+    assert back.model == {"block_count": 3, "original_block_count": 4, "removed_blocks": [1]}
+    reader = GGUFReader(str(path))  # the layout llama-imatrix writes and common_imatrix_load reads
+    assert reader.fields["general.type"].contents() == "imatrix"
+    shapes = {t.name: (list(t.shape), t.tensor_type.name) for t in reader.tensors}
+    assert shapes["blk.0.ffn_down.weight.in_sum2"] == ([64, 1], "F32")  # ggml (n_in, n_mat)
+    assert shapes["blk.0.ffn_down.weight.counts"] == ([1, 1], "F32")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_imatrix(imatrix, path)
+
+
+def _f16(model, tokenizer, path):
+    from shortened_llm.export import export_gguf
+
+    return export_gguf(save_model(model, tokenizer, path), path.with_suffix(".gguf"), "f16", progress=False)
+
+
+def test_an_imatrix_of_another_model_is_refused(tokenizer, tmp_path):
+    from shortened_llm import remove_blocks
+
+    ids = torch.randint(3, 500, (2, 8))
+
+    def pruned(removed, width=32, layers=4):
+        model = _tiny(tokenizer, width=width, layers=layers)
+        remove_blocks(model, removed) if removed else None
+        return model
+
+    gguf_file = _f16(pruned([1]), tokenizer, tmp_path / "pruned-1")
+    assert len(check_imatrix_fits(compute_imatrix(pruned([1]), ids), gguf_file)) == 3 * 7 + 1
+    with pytest.raises(ValueError, match=r"entries for weights that model lacks \(blk\.3\..*4 blocks, this one has 3"):
+        check_imatrix_fits(compute_imatrix(pruned([]), ids), gguf_file)  # the dense model's
+    with pytest.raises(ValueError, match=r"no entry for blk\.2\..*2 blocks, this one has 3"):
+        check_imatrix_fits(compute_imatrix(pruned([1, 2]), ids), gguf_file)
+    with pytest.raises(ValueError, match=r"differ in width, e.g. blk\.0\.attn_k\.weight has 64 input channels in the "
+                                         r"importance matrix and 32 in the model"):
+        check_imatrix_fits(compute_imatrix(pruned([1], width=64), ids), gguf_file)
+    with pytest.raises(ValueError, match=r"blocks \[2\] of 4 removed, this GGUF has blocks \[1\] of 4 removed"):
+        check_imatrix_fits(compute_imatrix(pruned([2]), ids), gguf_file)  # same names and sizes, other blocks
+    with pytest.raises(ValueError, match="not an importance matrix"):
+        check_imatrix_fits(gguf_file, gguf_file)
