@@ -49,6 +49,9 @@ __all__ = [
     "WRITER_TYPES",
     "LLAMA_CPP_TYPES",
     "QUANT_TYPES",
+    "IMATRIX_REQUIRED",
+    "IMATRIX_UNUSED",
+    "RELEASE_TYPES",
     "LLAMACPP_INSTALL",
     "llama_cpp_available",
     "gguf_tensor_name",
@@ -129,8 +132,31 @@ LLAMA_CPP_TYPES: dict[str, str] = {
     "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
     "q3_k_s": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    # llama.cpp's own lossless-range 16-bit type, converted from the f16 file (bf16 -> f16 -> bf16 is exact
+    # for the weights of a bf16 model, whose values f16 holds in its normal range)
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    # llama-quantize's aliases: Q3_K is Q3_K_M, Q4_K is Q4_K_M, Q5_K is Q5_K_M (the same file)
+    "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    # the "i-quants": non-linear grids fitted to an importance matrix (IMATRIX_REQUIRED)
+    "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    "iq4_xs": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+    "iq3_m": "LLAMA_FTYPE_MOSTLY_IQ3_M",
+    "iq3_s": "LLAMA_FTYPE_MOSTLY_IQ3_S",
+    "iq3_xs": "LLAMA_FTYPE_MOSTLY_IQ3_XS",
 }
 QUANT_TYPES: tuple[str, ...] = (*WRITER_TYPES, *LLAMA_CPP_TYPES)
+# Made only with an importance matrix (quantize_gguf(..., imatrix=)). llama.cpp itself refuses only
+# its 1-2 bit types and IQ3_XXS without one; the IQ types here it would make, but they are designed
+# around one, and the public GGUF releases of shortened models make them with one: so does this package.
+IMATRIX_REQUIRED: frozenset[str] = frozenset(q for q in LLAMA_CPP_TYPES if q.startswith("iq"))
+# Types whose quantiser has no use for an importance matrix (a straight conversion, or Q8_0's round-to-nearest)
+IMATRIX_UNUSED: frozenset[str] = frozenset({"f32", "f16", "bf16", "q8_0"})
+# The files of the public GGUF release of a CPT'd shortened Vicuna, in its order
+RELEASE_TYPES: tuple[str, ...] = ("q2_k", "iq3_xs", "iq3_s", "q3_k_s", "iq3_m", "q3_k", "q3_k_m", "q3_k_l",
+                                  "iq4_xs", "iq4_nl", "q4_0", "q4_k_s", "q4_k", "q4_k_m", "q4_1", "q5_0",
+                                  "q5_k_s", "q5_k", "q5_k_m", "q5_1", "q6_k", "q8_0")
 
 # llama.cpp's pre-tokenizer names for the HF byte-level BPE pre-tokenizers we recognise.
 # Keyed by the shape of tokenizer.json's "pre_tokenizer" (see _pre_tokenizer_key); a tokenizer
@@ -442,17 +468,19 @@ def gguf_tensor_name(config, hf_name: str) -> str | None:
 
 def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant: str = "f16",
                 overwrite: bool = False, tokenizer_pre: str | None = None, nthread: int | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, imatrix: str | os.PathLike | None = None) -> Path:
     """Write ``model_dir`` (a Hugging Face dir, pruned or not, or an embedded name) as a GGUF llama.cpp loads.
 
     ``quant``: f32 or f16 are written by the gguf package; q8_0, q4_k_m, ... (``QUANT_TYPES``)
-    are quantised from a temporary f16 file by llama.cpp itself. ``tokenizer_pre`` names
+    are quantised from a temporary f16 file by llama.cpp itself, with the importance matrix
+    ``imatrix`` where given (see ``quantize_gguf``). ``tokenizer_pre`` names
     llama.cpp's pre-tokenizer when the HF one is not in ``PRE_TOKENIZERS``. The file appears
     only when complete (written beside ``out_file``, then renamed).
     """
     from .models import _resolve
 
     quant = _check_quant(quant)
+    _check_imatrix_given(quant, imatrix)
     model_dir, out_file = Path(_resolve(model_dir)), Path(out_file)  # an embedded name -> its cached dir
     _weight_files(model_dir)
     _check_out_file(out_file, overwrite)
@@ -464,30 +492,50 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant
         return out_file
     with _atomic_file(out_file.with_name(out_file.name + ".f16")) as tmp_f16:
         _write_float_gguf(model_dir, tmp_f16, "f16", tokenizer_pre, progress)
-        quantize_gguf(tmp_f16, out_file, quant, overwrite=overwrite, nthread=nthread)
+        quantize_gguf(tmp_f16, out_file, quant, overwrite=overwrite, nthread=nthread, imatrix=imatrix)
         tmp_f16.unlink()  # only a stepping stone
     return out_file
 
 
+def _check_imatrix_given(quant: str, imatrix) -> None:
+    if imatrix is None and quant in IMATRIX_REQUIRED:
+        raise ValueError(f"quant={quant!r} needs an importance matrix (imatrix=PATH): the IQ types are fitted to the "
+                         "mean squared activation of every input channel, and without it their few bits go to the "
+                         "wrong weights. Make one from the calibration text with shortened_llm.imatrix: "
+                         "save_imatrix(calibration_imatrix(model, tokenizer), 'imatrix.gguf') (or llama.cpp's "
+                         "llama-imatrix), then pass imatrix='imatrix.gguf'; `shortened-llm export quant-table` "
+                         "makes one itself")
+
+
 def quantize_gguf(src_file: str | os.PathLike, out_file: str | os.PathLike, quant: str, overwrite: bool = False,
-                  nthread: int | None = None, verbose: bool = False) -> Path:
+                  nthread: int | None = None, verbose: bool = False, imatrix: str | os.PathLike | None = None) -> Path:
     """llama.cpp's own quantiser (``llama_model_quantize``) from an f16/f32 GGUF to ``quant``.
 
     Metadata (block counts, the pruning record, the tokenizer) is copied by llama.cpp. Use it
     to make several types from one ``export_gguf(..., quant="f16")`` file without re-writing it.
+    ``imatrix``: an importance matrix file (``imatrix.save_imatrix``, or llama-imatrix's GGUF),
+    required for the IQ types (``IMATRIX_REQUIRED``), optional for the others; it must have been
+    measured on this very model (``imatrix.check_imatrix_fits``), and its name, dataset and chunk
+    count go into the output's ``quantize.imatrix.*`` keys as llama-quantize writes them.
     ``verbose=True`` shows llama.cpp's per-tensor log (e.g. K-quant fallbacks for widths that
     are not a multiple of 256, like SmolLM2's 576); otherwise only its errors.
     """
     quant = _check_quant(quant)
     if quant not in LLAMA_CPP_TYPES:
         raise ValueError(f"quant={quant!r} is written by export_gguf, not quantised: use one of {', '.join(LLAMA_CPP_TYPES)}")
+    _check_imatrix_given(quant, imatrix)
     _require_llama_cpp(f"quant={quant!r}")
     src_file, out_file = Path(src_file), Path(out_file)
     if not src_file.is_file():
         raise FileNotFoundError(f"src_file={str(src_file)!r} does not exist: write it with export_gguf(..., quant='f16')")
+    if imatrix is not None:
+        from .imatrix import check_imatrix_fits
+
+        check_imatrix_fits(imatrix, src_file)
     _check_out_file(out_file, overwrite)
     with _atomic_file(out_file) as tmp:  # in a child process: a crash in llama.cpp is an error here, not a dead kernel
-        quantize_in_child(src_file, tmp, LLAMA_CPP_TYPES[quant], nthread or torch.get_num_threads(), verbose=verbose)
+        quantize_in_child(src_file, tmp, LLAMA_CPP_TYPES[quant], nthread or torch.get_num_threads(), verbose=verbose,
+                          imatrix=imatrix)
     return out_file
 
 

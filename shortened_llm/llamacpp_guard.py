@@ -146,12 +146,17 @@ def check_gguf_runs(path: str | os.PathLike, n_threads: int = 1) -> None:
 
 
 def quantize_in_child(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, nthread: int,
-                      verbose: bool = False) -> None:
+                      verbose: bool = False, imatrix: str | os.PathLike | None = None) -> None:
     """llama.cpp's ``llama_model_quantize(src, dst)`` to the ``llama_cpp`` constant named ``ftype``, in a child.
 
+    ``imatrix``: an importance matrix in llama-imatrix's GGUF format, read in the child by ggml's
+    own GGUF parser and handed over as llama-quantize hands it (mean = in_sum2 / counts per weight),
+    with its ``quantize.imatrix.*`` keys in the output's metadata.
     llama.cpp's log (its per-tensor choices) is printed when ``verbose``; its last line is in the error otherwise.
     """
-    proc = _run_child(f"quantising {Path(src).name} to {ftype}", "quantize", str(src), str(dst), ftype, str(nthread))
+    extra = () if imatrix is None else (str(imatrix),)
+    proc = _run_child(f"quantising {Path(src).name} to {ftype}", "quantize", str(src), str(dst), ftype, str(nthread),
+                      *extra)
     if verbose:
         print(proc.stdout + proc.stderr, end="")
 
@@ -164,12 +169,101 @@ def _probe(path: str, n_threads: str) -> None:
     llm.eval(ids[31:])  # one more token: the one-row product of generation
 
 
-def _quantize(src: str, dst: str, ftype: str, nthread: str) -> int:
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+
+def _ggml_gguf_api():
+    """ggml's GGUF reader (in libggml-base, which llama_cpp loads), declared for the calls below."""
+    from llama_cpp._ggml import libggml as lib
+
+    p, i64, s = ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p
+    for name, args, res in (("gguf_init_from_file", [s, _GgufInitParams], p), ("gguf_free", [p], None),
+                            ("ggml_free", [p], None), ("gguf_get_n_tensors", [p], i64),
+                            ("gguf_get_tensor_name", [p, i64], s), ("gguf_get_tensor_type", [p, i64], ctypes.c_int),
+                            ("gguf_find_key", [p, s], i64), ("gguf_get_val_u32", [p, i64], ctypes.c_uint32),
+                            ("gguf_get_arr_n", [p, i64], ctypes.c_size_t),
+                            ("gguf_get_arr_str", [p, i64, ctypes.c_size_t], s),
+                            ("ggml_get_tensor", [p, s], p), ("ggml_nelements", [p], i64),
+                            ("ggml_get_data_f32", [p], ctypes.POINTER(ctypes.c_float))):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def _read_imatrix(path: str) -> tuple[dict[str, list[float]], str, int]:
+    """llama-quantize's ``load_imatrix``: per weight in_sum2 / counts, the first dataset and the chunk count.
+
+    Read as llama.cpp's ``common_imatrix_load`` reads it: ggml's GGUF parser, F32 tensors named
+    ``<weight>.in_sum2`` and ``<weight>.counts``, and the three ``imatrix.*`` keys it requires.
+    """
+    lib = _ggml_gguf_api()
+    ctx = ctypes.c_void_p()
+    gguf_ctx = lib.gguf_init_from_file(path.encode(), _GgufInitParams(False, ctypes.pointer(ctx)))
+    if not gguf_ctx:
+        raise SystemExit(f"imatrix {path!r} is not a GGUF file ggml can read")
+    try:
+        keys = {k: lib.gguf_find_key(gguf_ctx, k.encode())
+                for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")}
+        if min(keys.values()) < 0:
+            raise SystemExit(f"imatrix {path!r} lacks {', '.join(k for k, v in keys.items() if v < 0)}")
+        n_sets = lib.gguf_get_arr_n(gguf_ctx, keys["imatrix.datasets"])
+        dataset = lib.gguf_get_arr_str(gguf_ctx, keys["imatrix.datasets"], 0).decode() if n_sets else ""
+        chunks = int(lib.gguf_get_val_u32(gguf_ctx, keys["imatrix.chunk_count"]))
+        names = [lib.gguf_get_tensor_name(gguf_ctx, i).decode() for i in range(lib.gguf_get_n_tensors(gguf_ctx))]
+        if any(lib.gguf_get_tensor_type(gguf_ctx, i) != 0 for i in range(len(names))):  # GGML_TYPE_F32
+            raise SystemExit(f"imatrix {path!r}: sums and counts must be F32")
+
+        def values(name: str) -> list[float]:
+            t = lib.ggml_get_tensor(ctx, name.encode())
+            return lib.ggml_get_data_f32(t)[: lib.ggml_nelements(t)]
+
+        means = {}
+        for name in (n.removesuffix(".in_sum2") for n in names if n.endswith(".in_sum2")):
+            if f"{name}.counts" not in names:
+                raise SystemExit(f"imatrix {path!r}: {name}.in_sum2 has no {name}.counts")
+            sums, counts = values(f"{name}.in_sum2"), [round(c) for c in values(f"{name}.counts")]
+            width = len(sums) // len(counts)
+            means[name] = [sums[j * width + i] / counts[j] if counts[j] > 0 else 1.0
+                           for j in range(len(counts)) for i in range(width)]
+        return means, dataset, chunks
+    finally:
+        lib.gguf_free(gguf_ctx)
+        lib.ggml_free(ctx)
+
+
+def _kv_overrides(llama_cpp, values: dict) -> ctypes.Array:
+    """``llama_model_kv_override`` entries (str or int), terminated by an empty key, as llama-quantize builds them."""
+    out = (llama_cpp.llama_model_kv_override * (len(values) + 1))()
+    for o, (key, value) in zip(out, values.items()):
+        o.key = key.encode()
+        if isinstance(value, str):
+            o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+        else:
+            o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(value)
+    return out
+
+
+def _quantize(src: str, dst: str, ftype: str, nthread: str, imatrix: str | None = None) -> int:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype)
     params.nthread = int(nthread)
+    if imatrix is not None:
+        means, dataset, chunks = _read_imatrix(imatrix)
+        entries = (llama_cpp.llama_model_imatrix_data * (len(means) + 1))()  # the last, all NULL, ends the array
+        arrays = []  # the float arrays must outlive the call
+        for entry, (name, mean) in zip(entries, means.items()):
+            arrays.append((ctypes.c_float * len(mean))(*mean))
+            entry.name, entry.data, entry.size = name.encode(), arrays[-1], len(mean)
+        params.imatrix = entries
+        kv = {"quantize.imatrix.file": Path(imatrix).name, "quantize.imatrix.entries_count": len(means)}
+        if dataset:
+            kv["quantize.imatrix.dataset"] = dataset
+        if chunks > 0:
+            kv["quantize.imatrix.chunks_count"] = chunks
+        params.kv_overrides = overrides = _kv_overrides(llama_cpp, kv)  # noqa: F841 (kept alive for the call)
     return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
 
 

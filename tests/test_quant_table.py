@@ -88,6 +88,18 @@ def test_imatrix_file_round_trip_and_llama_cpp_layout(tokenizer, tmp_path):
         save_imatrix(imatrix, path)
 
 
+def test_llama_cpp_reads_the_imatrix_file_as_its_own(tokenizer, tmp_path):
+    """The quantising child reads the file with ggml's GGUF parser (as common_imatrix_load) and gets mean = sum / count."""
+    pytest.importorskip("llama_cpp")
+    from shortened_llm.llamacpp_guard import _read_imatrix
+
+    imatrix = compute_imatrix(_tiny(tokenizer), torch.randint(3, 500, (2, 8)), datasets=["x"])
+    means, dataset, chunks = _read_imatrix(str(save_imatrix(imatrix, tmp_path / "imatrix.gguf")))
+    assert (dataset, chunks) == ("x", 2) and sorted(means) == sorted(imatrix.sums)
+    for name, mean in means.items():
+        torch.testing.assert_close(torch.tensor(mean), imatrix.mean(name))
+
+
 def _f16(model, tokenizer, path):
     from shortened_llm.export import export_gguf
 
@@ -117,3 +129,91 @@ def test_an_imatrix_of_another_model_is_refused(tokenizer, tmp_path):
         check_imatrix_fits(compute_imatrix(pruned([2]), ids), gguf_file)  # same names and sizes, other blocks
     with pytest.raises(ValueError, match="not an importance matrix"):
         check_imatrix_fits(gguf_file, gguf_file)
+
+
+# ---- quantize_gguf with an importance matrix ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, tokenizer):
+    """A 2-block random Llama of width 256 (K and IQ blocks of 256 fit), its f16 GGUF and its importance matrix."""
+    from shortened_llm.imatrix import calibration_imatrix
+
+    model = _tiny(tokenizer, width=256, layers=2, seed=1, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("wide")
+    f16 = _f16(model, tokenizer, folder / "wide")
+    imatrix = save_imatrix(calibration_imatrix(model, tokenizer, n_samples=8, seq_len=64), folder / "imatrix.gguf")
+    return f16, imatrix
+
+
+@pytest.fixture(scope="module")
+def segments(tokenizer):
+    from shortened_llm.evaluate import ppl_segments
+
+    return ppl_segments(tokenizer, "wikitext2", seq_len=32, max_segments=3)
+
+
+def test_iq_types_refuse_to_run_without_an_imatrix(wide, tmp_path, tiny_llama_dir):
+    from shortened_llm.export import IMATRIX_REQUIRED, export_gguf, quantize_gguf
+
+    assert IMATRIX_REQUIRED == {"iq3_xs", "iq3_s", "iq3_m", "iq4_xs", "iq4_nl"}
+    with pytest.raises(ValueError, match=r"quant='iq4_xs' needs an importance matrix \(imatrix=PATH\).*calibration_imatrix"):
+        quantize_gguf(wide[0], tmp_path / "x.gguf", "IQ4_XS")
+    with pytest.raises(ValueError, match="quant='iq3_m' needs an importance matrix"):
+        export_gguf(tiny_llama_dir, tmp_path / "y.gguf", "iq3_m")
+    assert not list(tmp_path.iterdir())
+
+
+def test_iq4_xs_with_an_imatrix_loads_and_stays_close_to_f16(wide, tmp_path, segments):
+    pytest.importorskip("llama_cpp")
+    from shortened_llm.export import gguf_token_nll, load_gguf, quantize_gguf, read_gguf_metadata
+
+    f16, imatrix = wide
+    out = quantize_gguf(f16, tmp_path / "iq4_xs.gguf", "iq4_xs", imatrix=imatrix)
+    assert "IQ4_XS" in read_gguf_metadata(out)["tensor_types"]  # real IQ4_XS blocks, not only fallbacks
+    ref = gguf_token_nll(load_gguf(f16, n_ctx=64), segments)
+    nll = gguf_token_nll(load_gguf(out, n_ctx=64), segments)
+    assert abs(nll.mean() - ref.mean()) < 0.01 * ref.mean()
+    # per token, not only on average: a file of zeros would score ln(V) on every token
+    assert torch.corrcoef(torch.stack([nll, ref]))[0, 1] > 0.95
+
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(out)).fields  # what llama-quantize records of the imatrix
+    assert fields["quantize.imatrix.file"].contents() == "imatrix.gguf"
+    assert fields["quantize.imatrix.entries_count"].contents() == 2 * 7
+    assert fields["quantize.imatrix.chunks_count"].contents() == 8
+    assert fields["quantize.imatrix.dataset"].contents().startswith("bookcorpus")
+
+
+def test_an_imatrix_changes_a_k_quant_file(wide, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    from shortened_llm.export import quantize_gguf
+
+    f16, imatrix = wide
+    plain = GGUFReader(str(quantize_gguf(f16, tmp_path / "plain.gguf", "q4_k_m")))
+    weighted = GGUFReader(str(quantize_gguf(f16, tmp_path / "weighted.gguf", "q4_k_m", imatrix=imatrix)))
+    a, b = ({t.name: t for t in r.tensors} for r in (plain, weighted))
+    assert {n: t.tensor_type for n, t in a.items()} == {n: t.tensor_type for n, t in b.items()}  # same types
+    assert a["blk.0.ffn_down.weight"].tensor_type.name in ("Q4_K", "Q6_K", "Q5_K")
+    changed = [n for n in a if n.startswith("blk.") and a[n].data.tobytes() != b[n].data.tobytes()]
+    assert len(changed) == 2 * 7  # every weight the imatrix covers, rounded differently; norms untouched
+    assert "quantize.imatrix.file" not in plain.fields
+
+
+def test_a_wrong_imatrix_is_refused_before_llama_cpp_and_a_failing_one_is_one_line(wide, tmp_path, tokenizer):
+    pytest.importorskip("llama_cpp")
+    from shortened_llm.export import quantize_gguf
+
+    f16, imatrix = wide
+    other = save_imatrix(compute_imatrix(_tiny(tokenizer, width=256, layers=3), torch.randint(3, 500, (1, 8))),
+                         tmp_path / "other.gguf")
+    with pytest.raises(ValueError, match="entries for weights that model lacks"):
+        quantize_gguf(f16, tmp_path / "x.gguf", "q4_k_m", imatrix=other)
+    broken = load_imatrix(imatrix)
+    broken.sums["blk.0.ffn_down.weight"][0, 0] = float("nan")  # fits by name and size: only llama.cpp objects
+    with pytest.raises(RuntimeError, match=r"quantising wide.gguf to LLAMA_FTYPE_MOSTLY_Q4_K_M \(exit code 1\): "
+                                           r"llama_model_quantize: failed to quantize: imatrix contains non-finite"):
+        quantize_gguf(f16, tmp_path / "x.gguf", "q4_k_m", imatrix=save_imatrix(broken, tmp_path / "nan.gguf"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf", "other.gguf"]
