@@ -68,6 +68,10 @@ class Family:
     layer_periods: tuple[str, ...] = ()
     # Dotted paths from a block to other modules holding ``layer_idx`` ("" = the block itself).
     extra_index_paths: tuple[str, ...] = ()
+    # Dotted path from a block to the linear layer whose output the block adds to the residual
+    # stream as its MLP's contribution (ReplaceMe folds its map in there); None where a norm
+    # comes between (Gemma-2/3's post_feedforward_layernorm), so no linear map can be folded.
+    mlp_out: str | None = "mlp.down_proj"
 
     @property
     def index_paths(self) -> tuple[str, ...]:
@@ -82,12 +86,14 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("model.layers", "self_attn", layer_lists=_SLIDING, first_k_counts=("max_window_layers",)),
     "qwen3": Family("model.layers", "self_attn", layer_lists=_SLIDING, first_k_counts=("max_window_layers",)),
     "gemma": Family("model.layers", "self_attn", bos_every=True, zero_shot_bos=True),
-    "gemma2": Family("model.layers", "self_attn", bos_every=True, zero_shot_bos=True, layer_lists=_SLIDING),
+    "gemma2": Family("model.layers", "self_attn", bos_every=True, zero_shot_bos=True, layer_lists=_SLIDING,
+                     mlp_out=None),
     "gemma3_text": Family("model.layers", "self_attn", bos_every=True, zero_shot_bos=True, layer_lists=_SLIDING,
-                          layer_periods=("sliding_window_pattern", "_sliding_window_pattern"), extra_index_paths=("",)),
+                          layer_periods=("sliding_window_pattern", "_sliding_window_pattern"), extra_index_paths=("",),
+                          mlp_out=None),
     "phi3": Family("model.layers", "self_attn"),  # one sliding_window for every block
-    "opt": Family("model.decoder.layers", "self_attn"),
-    "gpt_neox": Family("gpt_neox.layers", "attention"),
+    "opt": Family("model.decoder.layers", "self_attn", mlp_out="fc2"),
+    "gpt_neox": Family("gpt_neox.layers", "attention", mlp_out="mlp.dense_4h_to_h"),
 }
 
 # Tiny random models (tests, notebook 03): small enough that a forward takes milliseconds,

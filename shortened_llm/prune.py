@@ -37,6 +37,9 @@ class PruningRecord:
     ratio: float | None = None
     scores: list[float] | None = None  # one per original block, higher = more important
     method: str = "depth"
+    # a training-free recovery folded into the weights (ReplaceMe: objective, calibration, fits);
+    # written to pruning.json only when there is one, so plain pruned dirs read as before
+    recovery: dict | None = None
 
     @property
     def kept_blocks(self) -> list[int]:
@@ -44,7 +47,10 @@ class PruningRecord:
         return [i for i in range(self.original_num_blocks) if i not in removed]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        data = asdict(self)
+        if data["recovery"] is None:
+            del data["recovery"]
+        return json.dumps(data, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "PruningRecord":
