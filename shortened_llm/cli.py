@@ -73,6 +73,7 @@ SEED = _whole(0, 2**32 - 1)  # what numpy accepts as a seed
 RATIO = _real("ratio", 0, 1)  # the share of blocks to remove
 ALPHA = _real("alpha", 0, 1, low_open=False, high_open=False)  # a weight between two losses
 TEMPERATURE = _real("temperature", 0, math.inf)
+RIDGE = _real("ridge", 0, math.inf, low_open=False)  # a share of mean diag(M^T M); 0 = plain least squares
 
 
 class _Parser(argparse.ArgumentParser):
@@ -260,6 +261,14 @@ def cmd_retrain(args) -> int:
         result = distill(args.model, args.teacher, dataset=args.data or "c4", max_steps=args.max_steps,
                          temperature=args.temperature, alpha=args.alpha, hidden_loss=args.hidden_loss,
                          lora=args.lora, **common)
+    elif args.method == "replaceme":
+        from .replaceme import replaceme
+
+        if not args.teacher:
+            raise ValueError("retrain replaceme needs --teacher: the dense model the pruned one was cut from")
+        result = replaceme(args.model, args.teacher, out_dir=args.out, n_samples=args.calibration_samples,
+                           dataset=args.data or "bookcorpus", objective=args.objective, ridge=args.ridge,
+                           seed=1234 if args.seed is None else args.seed, overwrite=args.overwrite)
     elif args.method == "partial":
         from .distill import partial_retrain
 
@@ -286,6 +295,24 @@ def cmd_export_gguf(args) -> int:
         return 2
     _print_json({"out": str(out), "quant": args.quant, "size_mb": round(file_size_mb(out), 1),
                  **read_gguf_metadata(out)})
+    return 0
+
+
+def cmd_export_quant_table(args) -> int:
+    """Every release type: size, bits per weight, PPL in llama.cpp, speed, quantise time; rows to --out as measured."""
+    from .imatrix import IMATRIX_SAMPLES
+    from .quant_table import DEFAULT_TYPES, quant_table
+
+    try:
+        table = quant_table(args.model, args.out, types=args.types or DEFAULT_TYPES, dense=args.dense,
+                            imatrix=args.imatrix, max_segments=args.max_segments, seq_len=args.seq_len,
+                            prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repeats=args.repeats,
+                            imatrix_samples=args.imatrix_samples or IMATRIX_SAMPLES,
+                            work_dir=args.work_dir, keep_files=args.keep_files, progress=False)
+    except (PermissionError, IsADirectoryError, ImportError, RuntimeError) as err:
+        print(f"shortened-llm: error: {err}", file=sys.stderr)
+        return 2
+    _print_json({"out": args.out, "rows": table.round(4).to_dict(orient="records")})
     return 0
 
 
@@ -316,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     how_many.add_argument("--ratio", type=RATIO, default=0.2,
                           help="share of blocks to remove, in (0, 1); --preset paper gives the official count "
                                "for the paper's models (e.g. 0.29 of Vicuna-13B = 11 blocks)")
-    how_many.add_argument("--n-blocks", type=int, default=None,
+    how_many.add_argument("--n-blocks", type=COUNT, default=None,
                           help="blocks to remove, instead of --ratio (the official script's 6/9/11 of LLaMA-7B)")
     p.add_argument("--method", default="depth", choices=["depth", "width"],
                    help="depth: remove blocks; width: remove KV groups and MLP channels by magnitude from every "
@@ -344,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_eval_zeroshot)
 
     p = sub.add_parser("retrain", help="LoRA, continued pretraining, or CPT then LoRA; saves a plain HF model")
-    p.add_argument("method", choices=["lora", "cpt", "cpt-lora", "kd", "partial"])
+    p.add_argument("method", choices=["lora", "cpt", "cpt-lora", "kd", "partial", "replaceme"])
     p.add_argument("--model", required=True, help="pruned model dir (or embedded name / hub id)")
     p.add_argument("--out", required=True, help="output model dir (appears only when training finished)")
     p.add_argument("--max-steps", type=COUNT, default=None, help="optimizer steps (default: the preset's)")
@@ -353,12 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=None, help="default: the preset's seed")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in <out>.checkpoints/")
-    p.add_argument("--teacher", default=None, help="kd: the dense teacher (embedded name, dir or hub id)")
+    p.add_argument("--teacher", default=None, help="kd, replaceme: the dense teacher (embedded name, dir or hub id)")
     p.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="kd: softmax temperature T (KL scaled by T^2)")
     p.add_argument("--alpha", type=ALPHA, default=0.0, help="kd: weight of the LM loss (the KL gets 1 - alpha)")
     p.add_argument("--hidden-loss", action="store_true", help="kd: add per-block hidden-state MSE (needs pruning.json)")
     p.add_argument("--lora", action="store_true", help="kd: train a LoRA adapter instead of every weight")
     p.add_argument("--last-k", type=COUNT, default=3, help="partial: fine-tune the last K blocks and the LM head")
+    p.add_argument("--calibration-samples", type=COUNT, default=128, help="replaceme: calibration samples of 128 tokens")
+    p.add_argument("--objective", choices=["lstsq", "cosine"], default="lstsq", help="replaceme: the fit's objective")
+    p.add_argument("--ridge", type=RIDGE, default=0.0, help="replaceme: ridge lambda, a share of mean diag(M^T M)")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("export", help="export a (pruned) model for other runtimes")
@@ -369,6 +399,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant", default="f16", help="f32, f16 (gguf only); q8_0, q4_k_m, ... (need the llamacpp extra)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_export_gguf)
+    q = export_sub.add_parser("quant-table", help="every GGUF release type: size, bits/weight, PPL, speed; prints JSON")
+    q.add_argument("--model", required=True, help="HF model dir (e.g. runs/smoke/pruned/ppl-0.20) or embedded name")
+    q.add_argument("--dense", default=None, help="the model it was pruned from: its rows beside the pruned ones")
+    q.add_argument("--types", nargs="+", default=None, help="default: bf16 and the 22 release types (f16 always)")
+    q.add_argument("--out", default=None, help="CSV, written row by row; a rerun measures only missing rows")
+    q.add_argument("--imatrix", default="both", choices=["both", "with", "without"],
+                   help="K-quant / legacy rows with and/or without the importance matrix (IQ types: always with)")
+    q.add_argument("--max-segments", type=COUNT, default=20, help="WikiText-2 segments for the PPL")
+    q.add_argument("--seq-len", type=SEQ_LEN, default=128)
+    q.add_argument("--prompt-tokens", type=COUNT, default=128, help="prompt length of the speed test")
+    q.add_argument("--gen-tokens", type=COUNT, default=32, help="greedy tokens of the speed test")
+    q.add_argument("--repeats", type=COUNT, default=3, help="timed runs per type (median and spread)")
+    q.add_argument("--imatrix-samples", type=COUNT, default=None,
+                   help="calibration windows of 128 tokens for the importance matrix (default 64)")
+    q.add_argument("--work-dir", default=None, help="GGUF files (default: <out>-gguf/ beside --out)")
+    q.add_argument("--keep-files", action="store_true", help="keep every quantised file (default: f16 + imatrix only)")
+    q.set_defaults(func=cmd_export_quant_table)
 
     p = sub.add_parser("reproduce", help="run every notebook with papermill (figures/ and runs/)")
     p.add_argument("--preset", default="smoke", help=f"{', '.join(PRESETS)}; cpu takes hours, see the README")

@@ -138,3 +138,20 @@ def test_cosine_objective_lowers_the_cosine_distance(teacher_and_ids):
 
     assert distance(cos.transform) < distance(plain.transform)
     assert cos.residual_after >= plain.residual_after - 1e-9  # least squares is the minimum of the squared residual
+
+
+def test_cli_retrain_replaceme(tmp_path, tiny_llama_dir, embedded, capsys):
+    from shortened_llm import load_model, save_model
+    from shortened_llm.cli import main
+
+    teacher, tokenizer = load_model(tiny_llama_dir)
+    pruned = save_model(_pruned(teacher, [2, 3]), tokenizer, tmp_path / "pruned")
+    out = tmp_path / "replaced"
+    args = ["retrain", "replaceme", "--model", str(pruned), "--out", str(out), "--calibration-samples", "2"]
+    assert main(args) == 2 and "needs --teacher" in capsys.readouterr().err
+    assert main([*args, "--teacher", str(tiny_llama_dir), "--ridge", "-1"]) == 2
+    assert "ridge=-1.0 must be in [0, inf)" in capsys.readouterr().err
+    assert main([*args, "--teacher", str(tiny_llama_dir)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method"] == "replaceme" and printed["steps"] == 0
+    assert json.loads((out / "pruning.json").read_text())["recovery"]["calibration"]["n_samples"] == 2
