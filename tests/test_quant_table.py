@@ -217,3 +217,93 @@ def test_a_wrong_imatrix_is_refused_before_llama_cpp_and_a_failing_one_is_one_li
                                            r"llama_model_quantize: failed to quantize: imatrix contains non-finite"):
         quantize_gguf(f16, tmp_path / "x.gguf", "q4_k_m", imatrix=save_imatrix(broken, tmp_path / "nan.gguf"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf", "other.gguf"]
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+TABLE_ARGS = dict(types=("q8_0", "q4_k_m", "iq4_nl"), max_segments=2, seq_len=32, prompt_tokens=16, gen_tokens=4,
+                  repeats=1, imatrix_samples=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory, tokenizer):
+    """The table of a tiny pruned model (blocks 4 -> 3) and its dense model, three types."""
+    from shortened_llm import remove_blocks
+    from shortened_llm.quant_table import quant_table
+
+    pytest.importorskip("llama_cpp")
+    folder = tmp_path_factory.mktemp("table")
+    model = _tiny(tokenizer, layers=4, seed=3)
+    dense = save_model(model, tokenizer, folder / "tiny-dense")
+    remove_blocks(model, [1])
+    pruned = save_model(model, tokenizer, folder / "tiny-pruned")
+    out = folder / "table.csv"
+    return quant_table(pruned, out, dense=dense, **TABLE_ARGS), out, pruned, dense
+
+
+def test_quant_table_rows_and_known_answers(table_run, tokenizer):
+    from shortened_llm import load_model
+    from shortened_llm.evaluate import perplexity
+    from shortened_llm.models import count_params
+    from shortened_llm.quant_table import COLUMNS, work_dir_for
+
+    table, out, pruned, dense = table_run
+    assert list(table.columns) == COLUMNS
+    assert [(r.type, r.imatrix, r.model) for r in table.itertuples()] == [
+        (t, i, m) for t, i in [("f16", False), ("q8_0", False), ("q4_k_m", False), ("q4_k_m", True), ("iq4_nl", True)]
+        for m in ("tiny-pruned", "tiny-dense")]  # each dense row beside its pruned one
+    f16 = table[table.type == "f16"].set_index("model")
+    for label, folder, blocks in (("tiny-pruned", pruned, 3), ("tiny-dense", dense, 4)):
+        model, _ = load_model(folder)
+        # llama.cpp's PPL on the ids transformers sees, llama.cpp's parameter count, the f16 file on disk
+        hf = perplexity(model, tokenizer, seq_len=32, max_segments=2, progress=False)
+        assert f16.ppl[label] == pytest.approx(hf, rel=5e-3)
+        assert f16.n_params[label] == count_params(model)
+        assert f16.size_mb[label] == (work_dir_for(out) / f"{label}-f16.gguf").stat().st_size / 1e6
+        assert set(table[table.model == label].block_count) == {blocks}
+    assert (table.bpw == 8e6 * table.size_mb / table.n_params).all()
+    rows = table.set_index(["model", "type", "imatrix"])
+    for m in ("tiny-pruned", "tiny-dense"):
+        assert rows.ppl_ratio[m, "f16", False] == 1.0
+        assert rows.bpw[m, "f16", False] > rows.bpw[m, "q8_0", False] > rows.bpw[m, "q4_k_m", False] > 8
+        assert rows.ppl_ratio[m, "iq4_nl", True] == pytest.approx(1, abs=0.05)
+    assert (table.prompt_tps > 0).all() and (table.gen_tps > 0).all() and (table.segments == 2).all()
+    assert (table[table.type != "f16"].quantize_s > 0).all()
+    left = sorted(p.name for p in work_dir_for(out).iterdir())  # quantised files go once measured
+    assert left == ["tiny-dense-f16.gguf", "tiny-dense-imatrix.gguf", "tiny-pruned-f16.gguf", "tiny-pruned-imatrix.gguf"]
+
+
+def test_a_rerun_measures_only_the_missing_rows(table_run, monkeypatch):
+    import pandas as pd
+
+    from shortened_llm import quant_table as qt
+
+    table, out, pruned, dense = table_run
+    measured = []
+    real = qt._measure
+    monkeypatch.setattr(qt, "_measure", lambda m, quant, imx, *a: measured.append((m.label, quant, imx)) or real(m, quant, imx, *a))
+    again = qt.quant_table(pruned, out, dense=dense, **{**TABLE_ARGS, "types": ("q4_k", "q5_0", *TABLE_ARGS["types"])})
+    assert sorted(measured) == sorted((m, "q5_0", i) for m in ("tiny-pruned", "tiny-dense") for i in (False, True))
+    old = again[again.type.isin(table.type)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, table, check_dtype=False)  # kept from the file, not measured again
+    alias = again[again.type == "q4_k"].reset_index(drop=True)  # llama-quantize's alias: the same file, not remade
+    assert set(alias.same_file_as) == {"q4_k_m"}
+    assert (alias.ppl.values == table[table.type == "q4_k_m"].ppl.values).all()
+    assert len(pd.read_csv(out)) == len(again) == len(table) + 8
+
+
+def test_cli_quant_table(table_run, capsys, monkeypatch):
+    import json
+
+    from shortened_llm import quant_table as qt
+    from shortened_llm.cli import main
+
+    table, out, pruned, dense = table_run
+    monkeypatch.setattr(qt, "_measure", lambda *a: pytest.fail("a row in the CSV was measured again"))
+    args = ["export", "quant-table", "--model", str(pruned), "--out", str(out), "--max-segments", "2", "--seq-len", "32"]
+    assert main([*args, "--types", "q8_0"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["model"], r["type"]) for r in rows] == [("tiny-pruned", "f16"), ("tiny-pruned", "q8_0")]
+    assert rows[1]["ppl"] == pytest.approx(table.set_index(["model", "type"]).ppl["tiny-pruned", "q8_0"], rel=1e-4)
+    assert main([*args, "--types", "q4_k_mm"]) == 2
+    assert "Did you mean 'q4_k_m'?" in capsys.readouterr().err
