@@ -25,6 +25,7 @@ also change a tied LM head, so such spans are refused with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -101,9 +102,23 @@ def _check_pair(teacher: nn.Module, record) -> list[tuple[int, int]]:
     return spans
 
 
+class _EnoughActivations(Exception):
+    """Raised by a hook after the last block a fit needs: the later blocks and the LM head are never run."""
+
+
+def _raise(error: Exception):
+    raise error
+
+
 @torch.no_grad()
 def _activations(teacher, input_ids, spans, batch_size, progress, keep: bool):
-    """Per span: the normal-equation sums (and, with ``keep``, the activations) over ``input_ids``."""
+    """Per span: the normal-equation sums (and, with ``keep``, the activations) over ``input_ids``.
+
+    All from one pass of the dense teacher, the same ``Y``, ``M`` and ``L`` for every span.
+    Fitting span after span on the pruned model with the earlier maps folded in was tried on
+    the embedded model (20 %, PPL criterion, 128 x 128 tokens): WikiText-2 PPL 124.9 vs 122.7
+    here without ridge, 121.3 vs 121.8 with ridge 0.1, at 3-5x the time. Not worth it.
+    """
     blocks = get_blocks(teacher)
     d = teacher.config.hidden_size
     wanted = {i for s, e in spans for i in (s - 1, e)}
@@ -116,13 +131,16 @@ def _activations(teacher, input_ids, spans, batch_size, progress, keep: bool):
     for s, _ in spans:
         layer = _mlp_out(teacher, blocks[s - 1], f"block {s - 1}")
         hooks.append(layer.register_forward_hook(lambda m, a, out, i=s - 1: mlp_outputs.__setitem__(i, out.detach())))
+    last = max(e for _, e in spans)  # nothing after this block is needed: stop the forward there
+    hooks.append(blocks[last].register_forward_hook(lambda m, a, out: _raise(_EnoughActivations())))
     sums = {span: {"MtM": torch.zeros(d, d, dtype=torch.float64), "MtR": torch.zeros(d, d, dtype=torch.float64),
                    "before": 0.0, "tokens": 0, "kept": []} for span in spans}
     device = next(teacher.parameters()).device
     try:
         batches = input_ids.split(batch_size)
         for batch in tqdm(batches, desc="ReplaceMe activations", unit="batch", disable=not progress):
-            teacher(input_ids=batch.to(device), use_cache=False)
+            with contextlib.suppress(_EnoughActivations):
+                teacher(input_ids=batch.to(device), use_cache=False)
             for span in spans:
                 s, e = span
                 M = mlp_outputs[s - 1].reshape(-1, d).double().cpu()
