@@ -26,13 +26,11 @@ same ids as the HF one (what generation from a text prompt relies on).
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models import _get_path, _unwrap, count_params, get_blocks
-from .prune import PruningRecord, check_blocks
+from .prune import PruningRecord
 
 __all__ = [
     "relative_to",

@@ -75,7 +75,7 @@ def test_folded_down_proj_equals_applying_t(teacher_and_ids):
 
 
 def test_saved_model_reloads_identically_and_records_the_fit(teacher_and_ids, tmp_path, tiny_llama_dir, embedded):
-    from shortened_llm import load_model, save_model
+    from shortened_llm import load_model
 
     tokenizer = embedded[1]
     teacher, _ = load_model(tiny_llama_dir)
