@@ -391,7 +391,8 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
 
 # ---- notebook 09: one retraining of one pruned model, trained or loaded, then evaluated ---------
 
-RECOVERY = ("none", "lora", "partial", "kd")
+# "replaceme+kd": ReplaceMe's training-free map first, then KD from the replaced model
+RECOVERY = ("none", "lora", "partial", "kd", "replaceme", "replaceme+lora", "replaceme+kd")
 
 
 def quick_eval(model, tokenizer, preset: Preset) -> dict:
@@ -410,6 +411,10 @@ def quick_eval(model, tokenizer, preset: Preset) -> dict:
 def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-135m", preset: str | Preset = "smoke",
             steps: int | None = None, **overrides) -> dict:
     """Train-or-load ``method`` (one of ``RECOVERY``) on a pruned model dir, evaluate it, return one table row.
+
+    ``replaceme`` fits ReplaceMe's linear maps (no training; its own calibration, 128 x 128
+    tokens of the books set); ``replaceme+lora`` / ``replaceme+kd`` then train from the replaced
+    model, and their seconds are the sum of both stages.
 
     Equal budget: LoRA, partial and KD take the same optimizer steps (``steps``, default
     ``preset.lora_steps``) of the same global batch and sequence length (the ``cpt_*`` budget is
@@ -433,20 +438,30 @@ def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-13
     if method == "none":
         model, tokenizer = load_model(pruned)
     else:
+        training = method.removeprefix("replaceme").removeprefix("+")  # "" for ReplaceMe alone
+        start, seconds = str(pruned), 0.0
         with track_peak_memory() as memory:
-            if method == "lora":
-                result = lora_retrain(str(pruned), out_dir=model_dir, preset=preset, max_steps=steps, progress=False,
+            if method.startswith("replaceme"):
+                from .replaceme import replaceme
+
+                replaced = out_dir / "replaceme" if training else model_dir
+                result = replaceme(start, teacher, out_dir=replaced, overwrite=True, progress=False)
+                start, seconds = str(replaced), result.seconds
+            if training == "lora":
+                result = lora_retrain(start, out_dir=model_dir, preset=preset, max_steps=steps, progress=False,
                                       overwrite=True)
-            elif method == "partial":
-                result = partial_retrain(str(pruned), out_dir=model_dir, preset=preset, max_steps=steps,
+            elif training == "partial":
+                result = partial_retrain(start, out_dir=model_dir, preset=preset, max_steps=steps,
                                          progress=False, overwrite=True, **equal)
-            else:
-                result = distill(str(pruned), teacher, out_dir=model_dir, preset=preset, max_steps=steps,
+            elif training == "kd":
+                result = distill(start, teacher, out_dir=model_dir, preset=preset, max_steps=steps,
                                  progress=False, overwrite=True, **equal)
         model, tokenizer = result.model, result.tokenizer
-        row.update(steps=result.steps, seconds=round(result.seconds, 2), peak_mb=round(memory["peak_mb"], 1),
+        if training:
+            seconds += result.seconds
+        row.update(steps=result.steps, seconds=round(seconds, 2), peak_mb=round(memory["peak_mb"], 1),
                    growth_mb=round(memory["growth_mb"], 1))
-        if method == "kd":
+        if training == "kd":
             info = json.loads((model_dir / "training.json").read_text())
             row.update(teacher_mb=info["teacher_weights_mb"], student_mb=info["student_weights_mb"],
                        trainable_params=info["trainable_params"])

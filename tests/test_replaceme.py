@@ -155,3 +155,19 @@ def test_cli_retrain_replaceme(tmp_path, tiny_llama_dir, embedded, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["method"] == "replaceme" and printed["steps"] == 0
     assert json.loads((out / "pruning.json").read_text())["recovery"]["calibration"]["n_samples"] == 2
+
+
+def test_recovery_table_rows_replaceme_then_kd(tmp_path, tiny_llama_dir):
+    """notebook 09's `recover`: ReplaceMe alone (no step) and ReplaceMe then KD (trains from the replaced model)."""
+    from shortened_llm import load_model, save_model
+    from shortened_llm.distill import RECOVERY, recover
+
+    teacher, tokenizer = load_model(tiny_llama_dir)
+    pruned = save_model(_pruned(teacher, [2, 3]), tokenizer, tmp_path / "pruned")
+    alone = recover(pruned, "replaceme", tmp_path / "rm", teacher=str(tiny_llama_dir), preset="tiny")
+    both = recover(pruned, "replaceme+kd", tmp_path / "rm-kd", teacher=str(tiny_llama_dir), preset="tiny", steps=1)
+    assert {"replaceme", "replaceme+lora", "replaceme+kd"} <= set(RECOVERY)
+    assert alone["steps"] == 0 and alone["seconds"] > 0 and alone["params"] == both["params"]
+    assert both["steps"] == 1 and both["seconds"] > alone["seconds"] / 10
+    trained_from = json.loads((tmp_path / "rm-kd" / "model" / "pruning.json").read_text())
+    assert trained_from["recovery"]["method"] == "replaceme"  # KD started from the replaced model, record kept
