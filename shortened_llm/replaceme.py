@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .models import _get_path, _unwrap, family_of, get_blocks
 
-__all__ = ["OBJECTIVES", "contiguous_spans", "fit_replaceme", "replaceme", "SpanFit"]
+__all__ = ["OBJECTIVES", "SpanFit", "check_teacher", "contiguous_spans", "fit_replaceme", "fold_into_model", "replaceme"]
 
 OBJECTIVES = ("lstsq", "cosine")
 
@@ -85,6 +85,29 @@ def _mlp_out(model: nn.Module, block: nn.Module, where: str) -> nn.Linear:
         raise TypeError(f"{family.mlp_out!r} of {where} is a {type(layer).__name__}, not nn.Linear: "
                         f"FAMILIES[{model.config.model_type!r}].mlp_out does not match this transformers version")
     return layer
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a teacher the pruned ``student`` was not cut from.
+
+    Every kept block's attention weights must be those of the teacher's block with the same
+    original index (``pruning.json``), up to what training may have changed: a relative
+    difference above 0.5 means another base model (two random inits differ by about 1.4).
+    """
+    _check_pair(teacher, getattr(student, "pruning", None))
+    family = family_of(teacher)
+    far = []
+    for new, orig in enumerate(student.pruning.kept_blocks):
+        mine = next(_get_path(get_blocks(student)[new], family.attn).parameters()).float()
+        theirs = next(_get_path(get_blocks(teacher)[orig], family.attn).parameters()).float()
+        if mine.shape != theirs.shape:
+            raise ValueError(f"block {new} of the pruned model ({tuple(mine.shape)}) and block {orig} of the teacher "
+                             f"({tuple(theirs.shape)}) differ in shape: pass the dense model it was pruned from")
+        if (mine - theirs).norm() > 0.5 * theirs.norm():
+            far.append(orig)
+    if far:
+        raise ValueError(f"the pruned model's blocks from original blocks {far} do not match the teacher's: it was cut "
+                         "from another model; pass the dense model it was pruned from")
 
 
 def _check_pair(teacher: nn.Module, record) -> list[tuple[int, int]]:
@@ -269,6 +292,7 @@ def replaceme(model, teacher, tokenizer=None, out_dir: str | Path | None = None,
         raise ValueError("pass the tokenizer with a model object (it draws the calibration samples)")
     record = getattr(student, "pruning", None)
     teacher = _unwrap(teacher).eval()
+    check_teacher(student, teacher)
     ids = calibration_batches(tokenizer, n_samples, seq_len, seed, dataset, bos_every=family_of(teacher).bos_every)
     fits = fit_replaceme(teacher, record, ids, objective=objective, ridge=ridge, batch_size=batch_size,
                          progress=progress)

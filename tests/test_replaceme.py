@@ -171,3 +171,17 @@ def test_recovery_table_rows_replaceme_then_kd(tmp_path, tiny_llama_dir):
     assert both["steps"] == 1 and both["seconds"] > alone["seconds"] / 10
     trained_from = json.loads((tmp_path / "rm-kd" / "model" / "pruning.json").read_text())
     assert trained_from["recovery"]["method"] == "replaceme"  # KD started from the replaced model, record kept
+
+
+def test_a_teacher_of_another_base_model_is_refused(teacher_and_ids):
+    from shortened_llm.replaceme import check_teacher
+
+    teacher, _ = teacher_and_ids
+    student = _pruned(teacher, [2, 3])
+    check_teacher(student, teacher)  # its own teacher
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1e-3 * torch.randn_like(p))  # a little training changes nothing
+    check_teacher(student, teacher)
+    with pytest.raises(ValueError, match=r"original blocks \[0, 1, 4, 5\] do not match the teacher's"):
+        check_teacher(student, make_tiny_llama(num_layers=6, seed=4))  # same shape, another init
