@@ -87,6 +87,7 @@ def _mlp_out(model: nn.Module, block: nn.Module, where: str) -> nn.Linear:
     return layer
 
 
+@torch.no_grad()
 def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a teacher the pruned ``student`` was not cut from.
 
