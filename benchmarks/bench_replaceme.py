@@ -24,7 +24,7 @@ import torch
 from shortened_llm.evaluate import perplexity
 from shortened_llm.llamacpp_guard import cpu_model
 from shortened_llm.models import load_model
-from shortened_llm.replaceme import replaceme
+from shortened_llm.replaceme import DEFAULT_RIDGE, replaceme
 from shortened_llm.retrain import lora_retrain, pruned_model
 
 METHODS = ("replaceme", "lora", "kd", "replaceme+lora", "replaceme+kd")
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="smoke", help="budgets of the pruning and of LoRA / KD")
     p.add_argument("--calibration", type=int, nargs="*", default=[32, 128], help="ReplaceMe calibration samples of 128 tokens")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, help="ReplaceMe ridge lambda (a share of mean diag(M^T M))")
     p.add_argument("--eval-segments", type=int, default=40)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     replaced = {}
     for n in args.calibration:
         start = time.perf_counter()
-        result = replaceme(copy.deepcopy(pruned), dense, tokenizer, n_samples=n, progress=False)
+        result = replaceme(copy.deepcopy(pruned), dense, tokenizer, n_samples=n, ridge=args.ridge, progress=False)
         seconds = time.perf_counter() - start
         replaced[n] = result.model
         rows.append((f"replaceme ({n} x 128 tokens)", ppl(result.model), seconds))
