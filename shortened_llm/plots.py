@@ -10,7 +10,8 @@ import pandas as pd
 import seaborn as sns
 
 __all__ = ["save_figure", "plot_block_scores", "plot_reference_curve", "plot_ppl_bars", "plot_generation_sweep",
-           "plot_score_heatmap", "plot_rank_correlation", "plot_ppl_vs_ratio"]
+           "plot_score_heatmap", "plot_rank_correlation", "plot_ppl_vs_ratio", "plot_quant_table",
+           "plot_replaceme_residuals"]
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -137,4 +138,79 @@ def plot_ppl_vs_ratio(table: pd.DataFrame, dataset: str = "WikiText-2", ax=None)
     ax.set_xlabel("share of blocks removed")
     ax.set_ylabel(f"{dataset} perplexity")
     ax.set_title(f"{dataset} perplexity after one-shot depth pruning")
+    return ax.figure
+
+
+# ---- GGUF quantisation (notebook 08) ------------------------------------------------------------
+
+def plot_quant_table(table: pd.DataFrame, reference: str | None = None, note: str = "", ax=None):
+    """Perplexity (relative to ``reference``'s f16 file) against file size, one point per GGUF type, labelled.
+
+    ``table`` is ``quant_table.quant_table``'s output. ``reference``: the model whose f16 PPL is 1
+    (default: the last model, the dense one when the table has one), so points of a pruned and a
+    dense model compare on one scale: at equal size (x), lower is better. Filled markers: made with
+    the importance matrix. ``note`` goes in a corner (model, preset, segments).
+    """
+    models = list(dict.fromkeys(table.model))
+    reference = reference or models[-1]
+    ref = table[(table.model == reference) & (table.type == "f16")].ppl
+    if ref.empty:
+        raise ValueError(f"reference={reference!r} has no f16 row; models in the table: {', '.join(map(str, models))}")
+    df = table[table.same_file_as.fillna("") == ""].assign(rel=lambda d: d.ppl / float(ref.iloc[0]))  # aliases: one point
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 6))
+    colours = dict(zip(models, sns.color_palette(n_colors=len(models))))
+    for (model, imatrix), g in df.groupby(["model", "imatrix"], sort=False):
+        ax.scatter(g.size_mb, g.rel, s=36, marker="o", edgecolors=colours[model], linewidths=1.4,
+                   facecolors=colours[model] if imatrix else "none",
+                   label=f"{model}, {'with' if imatrix else 'without'} imatrix", zorder=3)
+    ax.axhline(1, color="grey", lw=1, ls="--", zorder=1)
+    ax.text(ax.get_xlim()[1], 1, f"{reference} f16 ", va="top", ha="right", fontsize=8, color="grey")
+    if df.rel.max() / df.rel.min() > 3:  # Q2_K of a small model can be many times worse: log, so the rest still reads
+        ax.set_yscale("log")
+        plain = plt.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "1235" else "")  # 1, 2, 3, 5, 10, 20, ...
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("GGUF file size (MB)")
+    ax.set_ylabel(f"WikiText-2 PPL / PPL of {reference} f16")
+    ax.set_title("Quantisation types: perplexity against file size (lower left is better)")
+    ax.legend(fontsize=8, loc="upper right")
+    if note:
+        ax.text(0.01, 0.99, note, transform=ax.transAxes, fontsize=8, color="grey", va="top")
+    low, high = ax.get_ylim()
+    ax.set_ylim(top=high + 0.08 * (high - low))  # room for the top labels
+    # labels: the first of a few offsets that overlaps no label placed before (small types first)
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for r in df.sort_values("size_mb").itertuples():
+        for dx, dy in ((4, 4), (4, -10), (-4, 4), (-4, -10), (4, 14), (4, -20), (-4, 14), (-4, -20)):
+            text = ax.annotate(r.type, (r.size_mb, r.rel), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                               ha="left" if dx > 0 else "right", color=colours[r.model])
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                break
+            text.remove()
+        else:  # nowhere free: no label rather than one on top of another
+            continue
+    return fig
+
+
+def plot_replaceme_residuals(fits, ax=None):
+    """Per removed span: how far the stream lands from where the span would have taken it, before and after ReplaceMe.
+
+    ``fits`` are ``replaceme.SpanFit``: the mean squared residual per token ``||L - h||^2``
+    of plain removal, and ``||L - (Y + M T)||^2`` with the fitted map, on the calibration tokens.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    rows = [{"span": f"{f.span[0]}-{f.span[1]}" if f.span[0] != f.span[1] else str(f.span[0]), "fit": name, "residual": value}
+            for f in fits for name, value in (("plain removal", f.residual_before), ("ReplaceMe", f.residual_after))]
+    sns.barplot(pd.DataFrame(rows), x="span", y="residual", hue="fit", palette={"plain removal": "#c44e52", "ReplaceMe": "#4c72b0"},
+                ax=ax)
+    ax.set_yscale("log")
+    ax.set_xlabel("removed span (original block indices)")
+    ax.set_ylabel("mean squared residual per token")
+    ax.set_title("Distance to the removed span's output, on calibration tokens")
     return ax.figure

@@ -155,10 +155,13 @@ def _measure(m: _Model, quant: str, with_imatrix: bool, prompt_tokens: int, gen_
     if quant == "f16":
         path, seconds = f16, m.f16_seconds
     else:
-        path = m.work_dir / f"{m.label}-{quant}{'-imatrix' if with_imatrix else ''}.gguf"
+        name = f"{m.label}-{quant}{'-imatrix' if with_imatrix else ''}.gguf"
+        # a file only measured gets a hidden name of its own: never one of export_gguf's / compare_formats' files
+        path = m.work_dir / (name if keep_files else f".{name}.measuring")
         imatrix = m.imatrix() if with_imatrix else None
         t0 = time.perf_counter()
-        # overwrite: a file of this name in the table's own folder is one an interrupted run left
+        # overwrite: a file of this name in the table's folder is this table's, from an interrupted run or the
+        # same quantisation (same f16 file and type) made before
         quantize_gguf(f16, path, quant, overwrite=True, nthread=threads, imatrix=imatrix)
         seconds = time.perf_counter() - t0
     segments = m.segments()
@@ -193,7 +196,9 @@ def quant_table(model: str | os.PathLike, out_csv: str | os.PathLike | None = No
     ``model`` (and ``dense``): Hugging Face dirs or embedded names. GGUF files go to ``work_dir``
     (default ``work_dir_for(out_csv)``, or a temporary folder without ``out_csv``); each model's f16
     file and importance matrix (``<label>-imatrix.gguf``, ``imatrix_samples`` x 128 calibration
-    tokens) stay there and are reused, a quantised file is deleted once measured unless ``keep_files``.
+    tokens) stay there and are reused (a folder of ``compare_formats`` serves: same file names), a
+    quantised file is deleted once measured unless ``keep_files`` (then ``<label>-<type>[-imatrix].gguf``).
+    The f16 row's ``quantize_s`` is the time ``export_gguf`` took to write it (empty when it was there).
     Returned sorted by type, then imatrix, then model, so a dense row sits beside its pruned one.
     """
     import tempfile

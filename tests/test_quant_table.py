@@ -106,6 +106,21 @@ def _f16(model, tokenizer, path):
     return export_gguf(save_model(model, tokenizer, path), path.with_suffix(".gguf"), "f16", progress=False)
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt_neox", "phi3", "qwen3"])
+def test_the_imatrix_names_every_family_s_weights_as_the_gguf_does(model_type, tokenizer, tmp_path):
+    """Fused QKV (Phi-3, GPT-NeoX), fused gate/up (Phi-3), q/k norms (Qwen3): one name map for file and imatrix."""
+    from shortened_llm.export import ARCHITECTURES
+    from shortened_llm.models import get_blocks
+
+    assert model_type in ARCHITECTURES
+    extra = {"phi3": {"sliding_window": None}, "qwen3": {"use_sliding_window": False}}.get(model_type, {})
+    model = tiny_random_model(model_type, num_layers=2, tokenizer=tokenizer, **extra)
+    gguf_file = _f16(model, tokenizer, tmp_path / model_type)
+    imatrix = check_imatrix_fits(compute_imatrix(model, torch.randint(3, 500, (1, 8))), gguf_file)
+    linears = [m for m in get_blocks(model)[0].modules() if isinstance(m, torch.nn.Linear)]
+    assert len([n for n in imatrix.sums if n.startswith("blk.0.")]) == len(linears)  # every one, none twice
+
+
 def test_an_imatrix_of_another_model_is_refused(tokenizer, tmp_path):
     from shortened_llm import remove_blocks
 
@@ -307,3 +322,21 @@ def test_cli_quant_table(table_run, capsys, monkeypatch):
     assert rows[1]["ppl"] == pytest.approx(table.set_index(["model", "type"]).ppl["tiny-pruned", "q8_0"], rel=1e-4)
     assert main([*args, "--types", "q4_k_mm"]) == 2
     assert "Did you mean 'q4_k_m'?" in capsys.readouterr().err
+
+
+def test_the_figure_labels_every_file_once_and_never_on_top_of_another(table_run):
+    from shortened_llm.plots import plot_quant_table
+
+    table = table_run[0]
+    fig = plot_quant_table(table, note="tiny")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "GGUF file size (MB)" and "PPL of tiny-dense f16" in ax.get_ylabel() and ax.get_title()
+    points = sum(len(c.get_offsets()) for c in ax.collections)
+    assert points == len(table) == 10
+    labels = [t for t in ax.texts if t.get_text() in set(table.type)]
+    assert 0 < len(labels) <= points
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    with pytest.raises(ValueError, match="reference='nope' has no f16 row"):
+        plot_quant_table(table, reference="nope")
