@@ -13,6 +13,7 @@ os.environ.setdefault("SHORTENED_LLM_DATA", str((ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SHORTENED_LLM_DTYPE", "float32")  # tiny known answers are fp32; tests/test_dtype.py tests "auto"
 
 # per-test time limits by kind, and a --dist loadgroup that survives a dead worker
 from run_limits import pytest_collection_modifyitems, pytest_xdist_make_scheduler  # noqa: E402,F401
@@ -29,6 +30,27 @@ def make_tiny_llama(num_layers: int = 4, seed: int = 0, vocab_size: int = 128, *
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def make_char_tokenizer(bos_first: bool = False):
+    """A ~100-token character tokenizer (tiny LM heads: each training step takes milliseconds).
+
+    ``bos_first`` prepends BOS to every encoding, as LLaMA's tokenizer does.
+    """
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    if bos_first:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
 
 
 @pytest.fixture

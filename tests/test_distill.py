@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import copy
 import json
-import string
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_llama
+from conftest import make_char_tokenizer, make_tiny_llama
 from shortened_llm.distill import check_same_vocab, distill, kd_loss, partial_retrain
 from shortened_llm.prune import remove_blocks
 from shortened_llm.subblock import remove_sublayers
@@ -21,16 +20,7 @@ FAST = dict(preset="tiny", max_steps=2, progress=False, cpt_batch=2, cpt_micro_b
 @pytest.fixture(scope="module")
 def char_tok():
     """A ~100-token character tokenizer: keeps the LM head tiny so each training step takes milliseconds."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return make_char_tokenizer(bos_first=False)
 
 
 def _pair(tok, n_layers=4, drop=(1,)):

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import copy
 import json
-import string
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_char_tokenizer, make_tiny_llama
 
 from shortened_llm.architectures import architecture_config
 from shortened_llm.cli import main
@@ -73,17 +72,7 @@ def test_official_counts_give_the_official_parameter_counts_and_shares():
 @pytest.fixture(scope="module")
 def bos_tok():
     """A character tokenizer that prepends BOS by default, as LLaMA's does."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return make_char_tokenizer(bos_first=True)
 
 
 def _prune(capsys, *argv):
