@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .artifacts import check_replaceable
 from .llamacpp_guard import LlamaCppCrash
+from .precision import forced_dtype, parse_dtype, precision_record
 from .presets import PRESETS
 
 __all__ = ["main", "build_parser"]
@@ -59,6 +60,21 @@ def _real(name: str, low: float, high: float, low_open: bool = True, high_open: 
             raise argparse.ArgumentTypeError(f"{name}={value} must be in {interval}")
         return value
     return real
+
+
+def _dtype(text: str) -> str:
+    """``--dtype``: auto or a dtype name; an unknown one lists the valid ones."""
+    try:
+        parse_dtype(text, "--dtype")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", type=_dtype, default="auto",
+                   help="what the model runs in: auto (bf16 where the CPU or GPU has bf16 units, else fp32 on a CPU, "
+                        "fp16 on an older GPU), float32, bfloat16 or float16; beats $SHORTENED_LLM_DTYPE and the preset")
 
 
 def _existing_file(text: str) -> str:
@@ -104,6 +120,7 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=COUNT, default=None, help="override the preset's calibration samples")
     p.add_argument("--unit", default="block", choices=["block", "attn", "mlp"],
                    help="what is scored/removed: whole blocks, or attention / MLP halves (ppl, sleb, bi, reverse, random)")
+    _add_dtype_arg(p)  # block scoring itself runs in fp32 whatever the model's dtype
 
 
 def cmd_score(args) -> int:
@@ -114,7 +131,7 @@ def cmd_score(args) -> int:
     if getattr(args, "unit", "block") != "block":
         return _cmd_unit(args, prune=False)
     split_criterion(args.criterion)  # fail on a bad name before loading anything
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, preset=args.preset)
     scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion,
                               **criterion_options(args.criterion, args.n))
     save_scores(args.out, scores)
@@ -141,7 +158,7 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     check_replaceable(out, args.overwrite, flag="--overwrite")
     preset = get_preset(args.preset)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, preset=preset)
     ratio = None if args.n_blocks is not None else args.ratio
     if ratio is None:
         n = num_blocks_to_remove(num_blocks(model), n_blocks=args.n_blocks)
@@ -169,7 +186,7 @@ def _cmd_width(args) -> int:
 
     out = Path(args.out)
     check_replaceable(out, args.overwrite, flag="--overwrite")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, preset=args.preset)
     before = count_params(model)
     width_prune(model, ratio=args.ratio)
     save_model(model, tokenizer, out, overwrite=args.overwrite)
@@ -194,7 +211,7 @@ def _cmd_unit(args, prune: bool) -> int:
                          f"use one of {', '.join(sorted(SUB_CRITERIA))} (each also with '+')")
     if prune:
         check_replaceable(args.out, args.overwrite, flag="--overwrite")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, preset=args.preset)
     ids = None if base in ("reverse", "random") else _calibration(args, tokenizer, model)
     if not prune:
         scores = sublayer_importance(model, ids, args.unit, base, **({"n": args.n} if base == "sleb" and args.n else {}))
@@ -225,7 +242,7 @@ def cmd_eval_ppl(args) -> int:
                      max_segments=args.max_segments, batch_size=args.batch_size)
     _print_json({"model": args.model, "dataset": args.dataset, "ppl": ppl, "seq_len": args.seq_len, "bos": bos,
                  "max_segments": args.max_segments, "params": count_params(model),
-                 "seconds": round(time.perf_counter() - t0, 2)})
+                 "seconds": round(time.perf_counter() - t0, 2), "precision": precision_record(model)})
     return 0
 
 
@@ -236,7 +253,8 @@ def cmd_eval_zeroshot(args) -> int:
     check_tasks(args.tasks or PAPER_TASKS)  # fail on a bad name before loading anything
     model, tokenizer = load_model(args.model)
     table = zero_shot(model, tokenizer, tasks=args.tasks or PAPER_TASKS, limit=args.limit, batch_size=args.batch_size)
-    _print_json({"model": args.model, "limit": args.limit, "results": table.to_dict(orient="records")})
+    _print_json({"model": args.model, "limit": args.limit, "precision": precision_record(model),
+                 "results": table.to_dict(orient="records")})
     return 0
 
 
@@ -362,12 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bos", default=None, choices=["once", "per-segment"], help="default: the model family's")
     q.add_argument("--max-segments", type=COUNT, default=None)
     q.add_argument("--batch-size", type=COUNT, default=8)
+    _add_dtype_arg(q)
     q.set_defaults(func=cmd_eval_ppl)
     q = eval_sub.add_parser("zeroshot", help="zero-shot accuracy with lm-eval (offline pack if set); prints JSON")
     q.add_argument("--model", default="smollm2-135m")
     q.add_argument("--tasks", nargs="+", default=None, help="default: the paper's seven tasks")
     q.add_argument("--limit", type=COUNT, default=None, help="first N documents of each task (default: all)")
     q.add_argument("--batch-size", type=COUNT, default=16)
+    _add_dtype_arg(q)
     q.set_defaults(func=cmd_eval_zeroshot)
 
     p = sub.add_parser("retrain", help="LoRA, continued pretraining, or CPT then LoRA; saves a plain HF model")
@@ -389,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=COUNT, default=128, help="replaceme: calibration samples of 128 tokens")
     p.add_argument("--objective", choices=["lstsq", "cosine"], default="lstsq", help="replaceme: the fit's objective")
     p.add_argument("--ridge", type=RIDGE, default=0.0, help="replaceme: ridge lambda, a share of mean diag(M^T M)")
+    _add_dtype_arg(p)  # the model (and a kd/replaceme teacher) as loaded; training.json records it
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("export", help="export a (pruned) model for other runtimes")
@@ -433,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help, or a value argparse refused: its exit code, returned like any other
         return stop.code
     try:
-        return args.func(args)
+        with forced_dtype(getattr(args, "dtype", None)):  # --dtype reaches the loads inside the package too
+            return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, IndexError, KeyError, LlamaCppCrash) as err:
         print(f"shortened-llm: error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from torch import nn
 
 from .artifacts import atomic_dir
 from .errors import CorruptFileError, MismatchError
+from .precision import choose_dtype, dtype_name, precision_record
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -330,13 +331,30 @@ def _check_pruning_record(path: Path, record, config: dict, fix: str) -> None:
             "the weights are the model you mean")
 
 
+def _dtype_device(device, device_map):
+    """The device whose hardware ``dtype="auto"`` asks: ``device``, a one-device ``device_map``, else the default."""
+    if device is not None:
+        return device
+    if isinstance(device_map, (str, torch.device)) and str(device_map).split(":")[0] in ("cpu", "cuda", "mps"):
+        return device_map
+    return None  # CUDA when present, else CPU (device_map="auto" puts the first shard on the GPU)
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     device: str | torch.device | None = None,
     device_map: str | dict | None = None,
+    preset=None,
 ):
     """Return ``(model, tokenizer)`` for an embedded name, a local directory or a hub id.
+
+    ``dtype="auto"`` lets ``precision.choose_dtype`` decide: ``$SHORTENED_LLM_DTYPE``, else
+    ``preset``'s ``dtype`` field (a ``Preset`` or a preset name), else the hardware (bf16 on a GPU
+    or CPU with bf16 units, fp16 on older GPUs, fp32 on other CPUs); it prints its reason once.
+    An explicit dtype (``torch.float32``, ``"bfloat16"``, ``"fp16"``) is used as given, and
+    ``dtype=None`` keeps the checkpoint's own dtype (its config's, else fp32). ``model.precision``
+    holds ``{"dtype", "reason"}`` for the artifacts' metadata.
 
     A directory written by ``save_model`` also restores its ``pruning.json`` record as
     ``model.pruning`` so a pruned model keeps track of which original blocks it holds.
@@ -349,8 +367,13 @@ def load_model(
 
     if local.is_dir():
         _check_model_dir(local)
+    choice = None if dtype is None else choose_dtype(dtype, preset=preset, device=_dtype_device(device, device_map))
+    if choice is not None:
+        dtype = choice.dtype
     if is_subblock_dir(local):  # removed attention/MLP halves: plain from_pretrained cannot express them
-        return load_subblock_model(local, dtype=dtype, device=device, device_map=device_map)
+        model, tokenizer = load_subblock_model(local, dtype=dtype, device=device, device_map=device_map)
+        model.precision = choice.record() if choice is not None else precision_record(model)
+        return model, tokenizer
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -371,6 +394,8 @@ def load_model(
     if device_map is None:
         model.to(device)
     model.eval()
+    model.precision = choice.record() if choice is not None else \
+        {"dtype": dtype_name(model.dtype), "reason": "the checkpoint's own dtype (dtype=None)"}
     tokenizer = AutoTokenizer.from_pretrained(source)
     record = local / "pruning.json"
     if record.exists():
@@ -392,6 +417,9 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, overwrit
             tokenizer.save_pretrained(tmp)
         record = getattr(model, "pruning", None)
         if record is not None:
+            # PruningRecord of a model load_model chose a dtype for: the dtype pruning ran in, and why
+            if getattr(record, "precision", "no such field") is None and getattr(model, "precision", None):
+                record.precision = precision_record(model)
             (tmp / "pruning.json").write_text(record.to_json())
             if hasattr(record, "seal_dir"):  # subblock.SubBlockRecord: make plain from_pretrained refuse it
                 record.seal_dir(tmp)

@@ -12,7 +12,8 @@
   block counts for the paper's models (``PAPER_BLOCK_COUNTS``).
 
 A preset is a frozen dataclass; any field can be overridden by name:
-``get_preset("smoke", eval_segments=50)``.
+``get_preset("smoke", eval_segments=50)``. Its ``dtype`` ("auto": bf16 where the CPU or GPU has
+bf16 units, else fp32 on a CPU) is the weakest of the dtype overrides (``precision.choose_dtype``).
 """
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ PAPER_BLOCK_COUNTS = (
 @dataclass(frozen=True)
 class Preset:
     name: str = field(default="custom", metadata={"help": "label shown in tables and figures"})
+    dtype: str = field(default="auto", metadata={"help": "what models load in: auto = what the hardware runs fast "
+                                                         "(precision.choose_dtype); float32, bfloat16 or float16. "
+                                                         "Weaker than --dtype and $SHORTENED_LLM_DTYPE"})
     # block scoring
     calib_samples: int = field(default=10, metadata={"help": "paper: 10 BookCorpus samples"})
     calib_seq_len: int = field(default=128, metadata={"help": "paper: 128 tokens per sample"})
@@ -120,6 +124,9 @@ class Preset:
     repeats: int = field(default=3, metadata={"help": "timed runs after warm-up"})
 
     def __post_init__(self):
+        from .precision import parse_dtype
+
+        parse_dtype(self.dtype, "Preset.dtype")  # an unknown name fails here, listing the valid ones
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise ValueError(f"calib_samples={self.calib_samples} must be >= 1 and calib_seq_len={self.calib_seq_len} >= 2")
         for r in (self.ratio, *self.ratios):

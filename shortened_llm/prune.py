@@ -40,6 +40,9 @@ class PruningRecord:
     # a training-free recovery folded into the weights (ReplaceMe: objective, calibration, fits);
     # written to pruning.json only when there is one, so plain pruned dirs read as before
     recovery: dict | None = None
+    # {"dtype", "reason"}: what load_model chose for the model when this record was first saved (block
+    # scoring itself runs in fp32); written only when known, so records of plain HF objects read as before
+    precision: dict | None = None
 
     @property
     def kept_blocks(self) -> list[int]:
@@ -48,8 +51,9 @@ class PruningRecord:
 
     def to_json(self) -> str:
         data = asdict(self)
-        if data["recovery"] is None:
-            del data["recovery"]
+        for optional in ("recovery", "precision"):
+            if data[optional] is None:
+                del data[optional]
         return json.dumps(data, indent=2) + "\n"
 
     @classmethod

@@ -32,6 +32,7 @@ from torch import nn
 
 from .artifacts import atomic_dir, atomic_write_text, pruned_dir
 from .models import count_params, get_blocks, load_model, save_model
+from .precision import precision_record
 from .presets import Preset, get_preset
 from .prompts import alpaca_prompt, load_instructions, response_of, tokenize_record
 
@@ -355,7 +356,8 @@ def lora_retrain(model, tokenizer=None, out_dir: str | os.PathLike = "retrained/
         adapter_tmp.rename(staging / ADAPTER_DIR)
     info = {"method": "lora", "steps": trainer.state.global_step, "seconds": round(seconds, 2), "seed": seed,
             "processes": _world_size(), "train_records": len(train_rows), "val_records": len(val_rows),
-            "params": count_params(merged), "base": base_print, "preset": preset.name, **_settings(preset, "lora_")}
+            "params": count_params(merged), "base": base_print, "preset": preset.name,
+            "precision": precision_record(merged), **_settings(preset, "lora_")}
     _publish(trainer, work, out_dir, overwrite, info, keep_checkpoints)
     return RetrainResult(merged, tokenizer, out_dir, "lora", trainer.state.global_step, seconds,
                          list(trainer.state.log_history))
@@ -394,7 +396,7 @@ def continued_pretrain(model, tokenizer=None, out_dir: str | os.PathLike = "retr
     info = {"method": "cpt", "steps": trainer.state.global_step, "seconds": round(seconds, 2), "seed": seed,
             "processes": _world_size(), "train_blocks": len(train_rows), "val_blocks": len(val_rows),
             "tokens_per_step": preset.cpt_batch * preset.cpt_block_size, "base": _fingerprint(model),
-            "preset": preset.name, **_settings(preset, "cpt_")}
+            "preset": preset.name, "precision": precision_record(model), **_settings(preset, "cpt_")}
     _publish(trainer, work, out_dir, overwrite, info, keep_checkpoints)
     trained = trainer.model
     trained.eval()
