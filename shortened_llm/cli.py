@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-k", type=COUNT, default=3, help="partial: fine-tune the last K blocks and the LM head")
     p.add_argument("--calibration-samples", type=COUNT, default=128, help="replaceme: calibration samples of 128 tokens")
     p.add_argument("--objective", choices=["lstsq", "cosine"], default="lstsq", help="replaceme: the fit's objective")
-    p.add_argument("--ridge", type=RIDGE, default=0.0, help="replaceme: ridge lambda, a share of mean diag(M^T M)")
+    p.add_argument("--ridge", type=RIDGE, default=0.1, help="replaceme: ridge lambda, a share of mean diag(M^T M) (0: plain least squares)")
     _add_dtype_arg(p)  # the model (and a kd/replaceme teacher) as loaded; training.json records it
     p.set_defaults(func=cmd_retrain)
 

@@ -253,6 +253,12 @@ def _train(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, method: st
         remove_unused_columns=False, ddp_find_unused_parameters=False,
     )
     model.config.use_cache = False  # no KV cache while training
+    # fp32 master weights: AdamW on bf16/fp16 weights loses the small updates (a bf16 weight
+    # has 8 bits of mantissa), so a model loaded in half precision trains in fp32 and goes
+    # back to its dtype afterwards. (bf16 autocast over fp32 weights, for speed, is not done yet.)
+    half = next((p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
+    if half is not None:
+        model.float()
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
                       data_collator=_collate(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                              else tokenizer.eos_token_id),
@@ -265,6 +271,8 @@ def _train(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, method: st
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     model.config.use_cache = True
+    if half is not None:
+        model.to(half)
     return trainer, time.perf_counter() - t0, work
 
 

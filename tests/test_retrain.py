@@ -119,3 +119,15 @@ def test_interrupted_cpt_leaves_no_output_and_resumes_to_the_same_weights(tmp_pa
         torch.testing.assert_close(a, b, msg=name)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         continued_pretrain(tiny(tok), tok, out, max_steps=1, **FAST)
+
+
+def test_a_half_precision_model_trains_on_fp32_master_weights(tmp_path, tok):
+    """bf16 weights (dtype="auto" on a bf16 CPU) train in fp32, like the fp32 copy of the same weights, and stay bf16."""
+    half = tiny(tok).to(torch.bfloat16)
+    same = tiny(tok).to(torch.bfloat16).float()  # the same rounded weights, in fp32
+    a = continued_pretrain(half, tok, tmp_path / "half", max_steps=2, **FAST)
+    b = continued_pretrain(same, tok, tmp_path / "fp32", max_steps=2, **FAST)
+    assert [r["loss"] for r in a.log if "loss" in r] == [r["loss"] for r in b.log if "loss" in r]
+    assert a.model.dtype == torch.bfloat16 and b.model.dtype == torch.float32
+    w = b.model.model.layers[0].mlp.down_proj.weight
+    torch.testing.assert_close(a.model.model.layers[0].mlp.down_proj.weight, w.to(torch.bfloat16), rtol=0, atol=0)
