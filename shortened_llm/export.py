@@ -194,6 +194,15 @@ def _check_quant(quant: str) -> str:
     return q
 
 
+def _exportable_type(config) -> str:
+    """``config.model_type``, refused with the list of supported ones when llama.cpp has no layout for it here."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type={model_type!r} cannot be exported to GGUF yet. Supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))} (add an entry to shortened_llm.export.ARCHITECTURES)")
+    return model_type
+
+
 def _weight_files(model_dir: Path) -> list[Path]:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model_dir={str(model_dir)!r} is not a directory: pass a Hugging Face model dir "
@@ -333,10 +342,7 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
 
     files = _weight_files(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"model_type={model_type!r} cannot be exported to GGUF yet. Supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))} (add an entry to shortened_llm.export.ARCHITECTURES)")
+    model_type = _exportable_type(config)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     local_rope = rope.get("sliding_attention") if isinstance(rope.get("sliding_attention"), dict) else None
     rope = rope.get("full_attention", rope) if local_rope else rope  # Gemma3: one RoPE per attention type
@@ -451,10 +457,7 @@ def gguf_tensor_name(config, hf_name: str) -> str | None:
     tied LM head, which is ``token_embd``), ``""`` for a tensor llama.cpp has no name for. The
     writer and the importance matrix (``imatrix.py``) both name tensors through this one map.
     """
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"model_type={model_type!r} cannot be exported to GGUF yet. Supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))} (add an entry to shortened_llm.export.ARCHITECTURES)")
+    model_type = _exportable_type(config)
     if hf_name.endswith("rotary_emb.inv_freq") or (getattr(config, "tie_word_embeddings", False)
                                                    and hf_name == "lm_head.weight"):
         return None

@@ -51,22 +51,23 @@ class LlamaCppCrash(RuntimeError):
     """llama.cpp killed its process (SIGILL, SIGSEGV, ...): raised in the parent, which lives on."""
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name (``lscpu``'s "Model name"), for error messages and timing reports."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of Linux's /proc/cpuinfo (None elsewhere)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``lscpu``'s "Model name"), for error messages and timing reports."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_has_amx() -> bool:
     """Does the CPU have Intel AMX tiles (``lscpu`` flag ``amx_tile``)? False where it cannot tell."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return "amx_tile" in line.split()
-    return False
+    return "amx_tile" in (_cpuinfo("flags") or "").split()
 
 
 def amx_compiled_in(llama_cpp) -> bool:
