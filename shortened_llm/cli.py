@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-loss", action="store_true", help="kd: add per-block hidden-state MSE (needs pruning.json)")
     p.add_argument("--lora", action="store_true", help="kd: train a LoRA adapter instead of every weight")
     p.add_argument("--last-k", type=COUNT, default=3, help="partial: fine-tune the last K blocks and the LM head")
-    p.add_argument("--calibration-samples", type=COUNT, default=128, help="replaceme: calibration samples of 128 tokens")
+    p.add_argument("--calibration-samples", type=COUNT, default=256, help="replaceme: calibration samples of 128 tokens")
     p.add_argument("--objective", choices=["lstsq", "cosine"], default="lstsq", help="replaceme: the fit's objective")
     p.add_argument("--ridge", type=RIDGE, default=0.1, help="replaceme: ridge lambda, a share of mean diag(M^T M) (0: plain least squares)")
     _add_dtype_arg(p)  # the model (and a kd/replaceme teacher) as loaded; training.json records it

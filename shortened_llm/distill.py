@@ -412,7 +412,7 @@ def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-13
             steps: int | None = None, **overrides) -> dict:
     """Train-or-load ``method`` (one of ``RECOVERY``) on a pruned model dir, evaluate it, return one table row.
 
-    ``replaceme`` fits ReplaceMe's linear maps (no training; its own calibration, 128 x 128
+    ``replaceme`` fits ReplaceMe's linear maps (no training; its own calibration, 256 x 128
     tokens of the books set); ``replaceme+lora`` / ``replaceme+kd`` then train from the replaced
     model, and their seconds are the sum of both stages.
 
