@@ -5,6 +5,7 @@ from .importance import block_importance, blocks_to_remove
 from .models import DEFAULT_MODEL, load_model, save_model
 from .prune import remove_blocks
 from .reference import reference_table
+from . import subblock  # noqa: F401  (registers load_model's loader of sub-block dirs)
 from .zeroshot import PAPER_TASKS, zero_shot
 
 __version__ = "0.1.0"

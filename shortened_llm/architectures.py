@@ -20,7 +20,8 @@ from typing import Literal
 
 import torch
 
-from .prune import num_blocks_for_ratio
+from .models import get_blocks
+from .prune import num_blocks_for_ratio, num_blocks_to_remove
 
 __all__ = ["CONFIGS_DIR", "PAPER_RATIOS", "architecture_names", "architecture_config", "pruned_config",
            "architecture_only_model"]
@@ -95,3 +96,49 @@ def architecture_only_model(name: str, dtype: torch.dtype | str = torch.float16,
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+# ---- the official block counts of a preset (``Preset.block_counts``), per architecture ----------
+
+# What identifies an architecture in a loaded model's config: the shape, not the name (a local
+# copy of Vicuna-13B has no name we could trust). Any model of that shape gets its counts.
+_SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "vocab_size")
+
+
+def official_counts(preset, config) -> tuple:
+    """``preset.block_counts`` for the architecture of ``config`` (matched by shape); () if none."""
+    shape = tuple(getattr(config, k, None) for k in _SHAPE_KEYS)
+    names = {c.architecture for c in preset.block_counts}
+    same = {n for n in names if tuple(getattr(architecture_config(n), k, None) for k in _SHAPE_KEYS) == shape}
+    return tuple(c for c in preset.block_counts if c.architecture in same)
+
+
+def n_blocks_for(preset, config, ratio: float) -> int:
+    """Blocks to remove for ``ratio``: the official count where this architecture has one, else rounded."""
+    official = [c.n_blocks for c in official_counts(preset, config) if abs(c.ratio - ratio) < 1e-9]
+    if official:
+        return official[0]
+    return num_blocks_to_remove(config.num_hidden_layers, ratio=ratio)
+
+
+def removal_counts(preset, config) -> list[int]:
+    """The block counts a sweep removes: the official ones for this architecture, else one per ``preset.ratios``."""
+    official = official_counts(preset, config)
+    if official:
+        return sorted({c.n_blocks for c in official})
+    return sorted({n_blocks_for(preset, config, r) for r in preset.ratios})
+
+
+def block_count_params(count) -> tuple[int, int]:
+    """(dense, pruned) parameter counts of a ``presets.BlockCount``, from its config on the meta device (no memory)."""
+    model = architecture_only_model(count.architecture, device="meta")
+    dense = sum(p.numel() for p in model.parameters())
+    per_block = sum(p.numel() for p in get_blocks(model)[0].parameters())
+    return dense, dense - count.n_blocks * per_block
+
+
+def param_share(count) -> float:
+    """Share of the dense model's parameters a ``presets.BlockCount`` removes: what "20 %" stands for, roughly."""
+    dense, pruned = block_count_params(count)
+    return 1 - pruned / dense

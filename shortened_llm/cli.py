@@ -140,6 +140,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    from .architectures import n_blocks_for
     from .artifacts import load_scores
     from .importance import PLUS_RULE, block_importance, blocks_to_remove, check_removable, criterion_options, split_criterion
     from .models import load_model, num_blocks, save_model
@@ -163,7 +164,7 @@ def cmd_prune(args) -> int:
     if ratio is None:
         n = num_blocks_to_remove(num_blocks(model), n_blocks=args.n_blocks)
     else:  # the paper preset knows the official count for the paper's models
-        n = preset.n_blocks_for(model.config, ratio)
+        n = n_blocks_for(preset, model.config, ratio)
     keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
     check_removable(num_blocks(model), n, **keep)  # before any scoring work
     if args.scores:

@@ -27,12 +27,10 @@ same ids as the HF one (what generation from a text prompt relies on).
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .gguf_layout import ARCHITECTURES, exportable_type, gguf_tensor_name
 from .llamacpp_guard import check_gguf_runs, open_llama, quantize_in_child
 
 __all__ = [
@@ -69,48 +68,6 @@ __all__ = [
 LLAMACPP_INSTALL = 'pip install "shortened-llm[llamacpp]"  (builds llama.cpp from source: ~5 min on 2 cores)'
 META_PREFIX = "shortened_llm"  # custom GGUF keys: shortened_llm.original_block_count, ...
 
-
-@dataclass(frozen=True)
-class GgufArch:
-    """How a Hugging Face family maps onto a llama.cpp architecture."""
-
-    arch: str  # llama.cpp architecture name (gguf.MODEL_ARCH_NAMES value)
-    # HF applies RoPE to the two halves of a head (rotate_half); llama.cpp's llama arch to
-    # interleaved pairs, so the rows of q_proj and k_proj are reordered on export.
-    permute_qk: bool = True
-    # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w, so its norm weights are stored + 1
-    norm_plus_one: bool = False
-    # GPT-NeoX's fused query_key_value holds [q, k, v] per head; llama.cpp reads all of q,
-    # then all of k, then all of v, so the rows are regrouped on export.
-    qkv_per_head: bool = False
-    # llama.cpp fixes Gemma2/3's sliding/global pattern by position: block i slides iff
-    # i % swa_period < swa_period - 1. A pruned model must still have that pattern.
-    swa_period: int = 0
-
-
-# Keyed by config.model_type, like models.FAMILIES. Mistral is a Llama in llama.cpp. The
-# sliding window of Mistral and Phi-3 (one window on every block) is not exported: llama.cpp's
-# llama and phi3 archs attend to the whole context (measured: with a window of 8, llama.cpp's
-# NLL leaves HF's at the 9th token whatever window the GGUF states), so the two agree up to
-# ``sliding_window`` tokens and ``export_gguf`` warns when the window is shorter than the context.
-ARCHITECTURES: dict[str, GgufArch] = {
-    "llama": GgufArch("llama"),
-    "mistral": GgufArch("llama"),
-    # Qwen rotates the two halves of a head in HF and in llama.cpp (NEOX RoPE): no reordering;
-    # Qwen2's q/k/v biases and Qwen3's per-head q/k norms map by name like the weights.
-    "qwen2": GgufArch("qwen2", permute_qk=False),
-    "qwen3": GgufArch("qwen3", permute_qk=False),
-    "gemma": GgufArch("gemma", permute_qk=False, norm_plus_one=True),
-    # Gemma2/3: sliding and global blocks alternate in a pattern llama.cpp derives from the block
-    # index (see swa_period); soft-capping, the window and the local RoPE base go in the metadata.
-    "gemma2": GgufArch("gemma2", permute_qk=False, norm_plus_one=True, swa_period=2),
-    "gemma3_text": GgufArch("gemma3", permute_qk=False, norm_plus_one=True, swa_period=6),
-    # Phi-3's fused qkv_proj ([q | k | v]) and gate_up_proj ([gate | up]) are what llama.cpp's
-    # phi3 arch reads as attn_qkv and ffn_up; NEOX RoPE like HF.
-    "phi3": GgufArch("phi3", permute_qk=False),
-    # LayerNorm with biases, partial rotary, parallel residual: all read from the config.
-    "gpt_neox": GgufArch("gptneox", permute_qk=False, qkv_per_head=True),
-}
 
 # Types the gguf writer produces directly (no llama.cpp needed): name -> torch dtype of 2-D tensors
 WRITER_TYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16}
@@ -192,15 +149,6 @@ def _check_quant(quant: str) -> str:
         raise ValueError(f"Unknown quant={quant!r}.{hint} Available: {', '.join(QUANT_TYPES)} "
                          f"(f32/f16 need only the gguf package; the others llama.cpp: {LLAMACPP_INSTALL})")
     return q
-
-
-def _exportable_type(config) -> str:
-    """``config.model_type``, refused with the list of supported ones when llama.cpp has no layout for it here."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"model_type={model_type!r} cannot be exported to GGUF yet. Supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))} (add an entry to shortened_llm.export.ARCHITECTURES)")
-    return model_type
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -342,7 +290,7 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
 
     files = _weight_files(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    model_type = _exportable_type(config)
+    model_type = exportable_type(config)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     local_rope = rope.get("sliding_attention") if isinstance(rope.get("sliding_attention"), dict) else None
     rope = rope.get("full_attention", rope) if local_rope else rope  # Gemma3: one RoPE per attention type
@@ -441,28 +389,6 @@ def _write_float_gguf(model_dir: Path, out_file: Path, quant: str, tokenizer_pre
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=progress)
     writer.close()
-
-
-@functools.lru_cache(maxsize=8)
-def _name_map(arch: str, n_blocks: int):
-    import gguf
-
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_blocks)
-
-
-def gguf_tensor_name(config, hf_name: str) -> str | None:
-    """The GGUF tensor name ``export_gguf`` writes the state-dict entry ``hf_name`` of a ``config`` model under.
-
-    ``None`` for what the file leaves out (RoPE's ``inv_freq``, which llama.cpp recomputes; a
-    tied LM head, which is ``token_embd``), ``""`` for a tensor llama.cpp has no name for. The
-    writer and the importance matrix (``imatrix.py``) both name tensors through this one map.
-    """
-    model_type = _exportable_type(config)
-    if hf_name.endswith("rotary_emb.inv_freq") or (getattr(config, "tie_word_embeddings", False)
-                                                   and hf_name == "lm_head.weight"):
-        return None
-    names = _name_map(ARCHITECTURES[model_type].arch, config.num_hidden_layers)
-    return names.get_name(hf_name, try_suffixes=(".weight", ".bias")) or ""
 
 
 # ---- public: export -------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class ImportanceMatrix:
 
 def _linear_names(model: nn.Module) -> dict[str, nn.Linear]:
     """GGUF weight name -> the ``nn.Linear`` whose weight it is, for every linear layer the GGUF holds."""
-    from .export import gguf_tensor_name
+    from .gguf_layout import gguf_tensor_name
 
     out = {}
     for name, module in model.named_modules():

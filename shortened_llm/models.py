@@ -21,6 +21,7 @@ from torch import nn
 from .artifacts import atomic_dir
 from .errors import CorruptFileError, MismatchError
 from .precision import choose_dtype, dtype_name, precision_record
+from .record import PruningRecord
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -340,6 +341,18 @@ def _dtype_device(device, device_map):
     return None  # CUDA when present, else CPU (device_map="auto" puts the first shard on the GPU)
 
 
+# Directories that plain ``from_pretrained`` cannot load, each with its own loader:
+# ``(recognises(path) -> bool, load(path, dtype=, device=, device_map=) -> (model, tokenizer))``.
+# A step that writes such directories registers here (``subblock`` does on import), so this
+# module imports no step.
+DIR_LOADERS: list[tuple] = []
+
+
+def register_dir_loader(recognises, load) -> None:
+    """Let ``load_model`` open the directories ``recognises`` accepts with ``load``."""
+    DIR_LOADERS.append((recognises, load))
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype | str | None = "auto",
@@ -363,15 +376,14 @@ def load_model(
 
     source = _resolve(name_or_path)
     local = Path(source)
-    from .subblock import is_subblock_dir, load_subblock_model
-
     if local.is_dir():
         _check_model_dir(local)
     choice = None if dtype is None else choose_dtype(dtype, preset=preset, device=_dtype_device(device, device_map))
     if choice is not None:
         dtype = choice.dtype
-    if is_subblock_dir(local):  # removed attention/MLP halves: plain from_pretrained cannot express them
-        model, tokenizer = load_subblock_model(local, dtype=dtype, device=device, device_map=device_map)
+    special = next((load for recognises, load in DIR_LOADERS if recognises(local)), None)
+    if special is not None:  # e.g. removed attention/MLP halves: plain from_pretrained cannot express them
+        model, tokenizer = special(local, dtype=dtype, device=device, device_map=device_map)
         model.precision = choice.record() if choice is not None else precision_record(model)
         return model, tokenizer
     try:
@@ -399,8 +411,6 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source)
     record = local / "pruning.json"
     if record.exists():
-        from .prune import PruningRecord
-
         model.pruning = PruningRecord.from_json(record.read_text())
     return model, tokenizer
 

@@ -22,7 +22,6 @@ Imports nothing from the package: every step may ask it.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
 import sys
 import warnings
@@ -30,12 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .dtypes import ALIASES, DTYPES, dtype_name, parse_dtype
+
 __all__ = ["DTYPES", "ALIASES", "ENV_VAR", "DtypeChoice", "dtype_name", "parse_dtype", "hardware_dtype",
            "choose_dtype", "forced_dtype", "precision_record"]
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
-                           "half": "float16"}
 ENV_VAR = "SHORTENED_LLM_DTYPE"
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # bf16 / fp16 matrix products where the CPU lacks the units, measured on this package's EPYC with
@@ -62,32 +60,6 @@ class DtypeChoice:
     def record(self) -> dict:
         """What the artifacts' metadata keep: ``{"dtype": "bfloat16", "reason": ...}``."""
         return {"dtype": self.name, "reason": self.reason}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16 -> "bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(value, what: str = "dtype") -> torch.dtype | None:
-    """A ``torch.dtype`` from a name, an alias or a dtype; ``None`` for ``"auto"``.
-
-    ``what`` names the argument in the error (``--dtype``, ``SHORTENED_LLM_DTYPE``, ``Preset.dtype``).
-    """
-    if isinstance(value, torch.dtype):
-        if value not in _SHORT:
-            raise ValueError(f"{what}={value} is not a floating dtype a model can run in: use one of "
-                             f"{', '.join(DTYPES)}")
-        return value
-    text = str(value).strip().lower().removeprefix("torch.")
-    if text == "auto":
-        return None
-    if text in DTYPES or text in ALIASES:
-        return DTYPES[ALIASES.get(text, text)]
-    names = ["auto", *DTYPES, *ALIASES]
-    close = difflib.get_close_matches(text, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown {what} {value!r}.{hint} Available: {', '.join(names)}")
 
 
 def _device_type(device) -> str:

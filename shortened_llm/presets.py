@@ -21,12 +21,6 @@ from dataclasses import dataclass, field, fields, replace
 
 __all__ = ["BlockCount", "PAPER_BLOCK_COUNTS", "Preset", "PRESETS", "get_preset"]
 
-# What identifies an architecture in a loaded model's config: the shape, not the name (a local
-# copy of Vicuna-13B has no name we could trust). Any model of that shape gets its counts.
-_SHAPE_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-               "num_key_value_heads", "vocab_size")
-
-
 @dataclass(frozen=True)
 class BlockCount:
     """One pruned model of the official ``script/prune.sh``: ``n_blocks`` of an architecture's blocks removed.
@@ -44,25 +38,9 @@ class BlockCount:
             raise ValueError(f"BlockCount({self.architecture!r}, ratio={self.ratio}, n_blocks={self.n_blocks}): "
                              "ratio must be in (0, 1) and n_blocks >= 1")
 
-    def param_counts(self) -> tuple[int, int]:
-        """(dense, pruned) parameter counts, from the architecture config on the meta device (no memory)."""
-        from .architectures import architecture_only_model
-        from .models import get_blocks
-
-        model = architecture_only_model(self.architecture, device="meta")
-        dense = sum(p.numel() for p in model.parameters())
-        per_block = sum(p.numel() for p in get_blocks(model)[0].parameters())
-        return dense, dense - self.n_blocks * per_block
-
-    @property
-    def param_share(self) -> float:
-        """Share of the dense model's parameters removed: what "20 %" stands for, roughly."""
-        dense, pruned = self.param_counts()
-        return 1 - pruned / dense
-
 
 # Official script/prune.sh (Nota-NetsPresso/shortened-llm): LLaMA-7B (32 blocks) and Vicuna-13B
-# (40 blocks). Parameter shares: see ``BlockCount.param_share`` (tests/test_protocol.py pins them).
+# (40 blocks). Parameter shares: see ``architectures.param_share`` (tests/test_protocol.py pins them).
 PAPER_BLOCK_COUNTS = (
     BlockCount("llama-1-7b", 0.20, 6), BlockCount("llama-1-7b", 0.27, 9), BlockCount("llama-1-7b", 0.35, 11),
     BlockCount("vicuna-13b", 0.21, 8), BlockCount("vicuna-13b", 0.29, 11), BlockCount("vicuna-13b", 0.37, 15),
@@ -124,7 +102,7 @@ class Preset:
     repeats: int = field(default=3, metadata={"help": "timed runs after warm-up"})
 
     def __post_init__(self):
-        from .precision import parse_dtype
+        from .dtypes import parse_dtype
 
         parse_dtype(self.dtype, "Preset.dtype")  # an unknown name fails here, listing the valid ones
         if self.calib_samples < 1 or self.calib_seq_len < 2:
@@ -145,31 +123,6 @@ class Preset:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not all(isinstance(c, BlockCount) for c in self.block_counts):
             raise ValueError(f"block_counts={self.block_counts!r} must be a tuple of BlockCount")
-
-    def official_counts(self, config) -> tuple[BlockCount, ...]:
-        """This preset's ``block_counts`` for the architecture of ``config`` (matched by shape); () if none."""
-        from .architectures import architecture_config
-
-        shape = tuple(getattr(config, k, None) for k in _SHAPE_KEYS)
-        names = {c.architecture for c in self.block_counts}
-        same = {n for n in names if tuple(getattr(architecture_config(n), k, None) for k in _SHAPE_KEYS) == shape}
-        return tuple(c for c in self.block_counts if c.architecture in same)
-
-    def n_blocks_for(self, config, ratio: float) -> int:
-        """Blocks to remove for ``ratio``: the official count where this architecture has one, else rounded."""
-        from .prune import num_blocks_to_remove
-
-        official = [c.n_blocks for c in self.official_counts(config) if abs(c.ratio - ratio) < 1e-9]
-        if official:
-            return official[0]
-        return num_blocks_to_remove(config.num_hidden_layers, ratio=ratio)
-
-    def removal_counts(self, config) -> list[int]:
-        """The block counts a sweep removes: the official ones for this architecture, else one per ``ratios``."""
-        official = self.official_counts(config)
-        if official:
-            return sorted({c.n_blocks for c in official})
-        return sorted({self.n_blocks_for(config, r) for r in self.ratios})
 
 
 # The embedded model at budgets whose numbers hold still between runs; smoke is the same

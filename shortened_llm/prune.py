@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from torch import nn
 
 from .models import _get_path, family_of, get_blocks, set_blocks, _unwrap
+from .record import PruningRecord
 
 __all__ = [
     "PruningRecord",
@@ -25,42 +24,6 @@ __all__ = [
     "num_blocks_to_remove",
     "check_blocks",
 ]
-
-
-@dataclass
-class PruningRecord:
-    """What ``pruning.json`` holds: enough to map every kept block back to the original."""
-
-    original_num_blocks: int
-    removed_blocks: list[int] = field(default_factory=list)  # original indices, sorted
-    criterion: str | None = None
-    ratio: float | None = None
-    scores: list[float] | None = None  # one per original block, higher = more important
-    method: str = "depth"
-    # a training-free recovery folded into the weights (ReplaceMe: objective, calibration, fits);
-    # written to pruning.json only when there is one, so plain pruned dirs read as before
-    recovery: dict | None = None
-    # {"dtype", "reason"}: what load_model chose for the model when this record was first saved (block
-    # scoring itself runs in fp32); written only when known, so records of plain HF objects read as before
-    precision: dict | None = None
-
-    @property
-    def kept_blocks(self) -> list[int]:
-        removed = set(self.removed_blocks)
-        return [i for i in range(self.original_num_blocks) if i not in removed]
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        for optional in ("recovery", "precision"):
-            if data[optional] is None:
-                del data[optional]
-        return json.dumps(data, indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> "PruningRecord":
-        data = json.loads(text)
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
 
 
 def num_blocks_for_ratio(n_blocks: int, ratio: float) -> int:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import _get_path, _unwrap, count_params, get_blocks
+from .models import _get_path, _unwrap, count_params, get_blocks, register_dir_loader
 from .prune import PruningRecord
 
 __all__ = [
@@ -579,3 +579,6 @@ def relative_to(speed, baseline: str = "dense"):
     base = speed[speed.model == baseline].set_index("context")
     return speed.assign(speedup=speed.context.map(base.latency_s) / speed.latency_s,
                         kv_vs_dense=speed.kv_cache_mb / speed.context.map(base.kv_cache_mb))
+
+
+register_dir_loader(is_subblock_dir, load_subblock_model)  # load_model opens sub-block dirs

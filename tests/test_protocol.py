@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import make_char_tokenizer, make_tiny_llama
 
-from shortened_llm.architectures import architecture_config
+from shortened_llm.architectures import (architecture_config, block_count_params, n_blocks_for, official_counts,
+                                         param_share, removal_counts)
 from shortened_llm.cli import main
 from shortened_llm.importance import block_importance
 from shortened_llm.models import save_model, tiny_random_model
@@ -38,33 +39,33 @@ OFFICIAL = {"llama-1-7b": {0.20: 6, 0.27: 9, 0.35: 11}, "vicuna-13b": {0.21: 8, 
 @pytest.mark.parametrize("arch", sorted(OFFICIAL))
 def test_paper_preset_gives_the_official_counts_for_the_papers_models(arch):
     paper, config = PRESETS["paper"], architecture_config(arch)
-    assert {c.ratio: c.n_blocks for c in paper.official_counts(config)} == OFFICIAL[arch]
-    assert {r: paper.n_blocks_for(config, r) for r in OFFICIAL[arch]} == OFFICIAL[arch]
-    assert paper.removal_counts(config) == sorted(OFFICIAL[arch].values())
+    assert {c.ratio: c.n_blocks for c in official_counts(paper, config)} == OFFICIAL[arch]
+    assert {r: n_blocks_for(paper, config, r) for r in OFFICIAL[arch]} == OFFICIAL[arch]
+    assert removal_counts(paper, config) == sorted(OFFICIAL[arch].values())
 
 
 def test_official_counts_differ_from_rounding_where_the_script_does():
     vicuna = architecture_config("vicuna-13b")
-    assert PRESETS["paper"].n_blocks_for(vicuna, 0.29) == 11
-    assert PRESETS["smoke"].n_blocks_for(vicuna, 0.29) == 12  # round(0.29 * 40): no official table there
+    assert n_blocks_for(PRESETS["paper"], vicuna, 0.29) == 11
+    assert n_blocks_for(PRESETS["smoke"], vicuna, 0.29) == 12  # round(0.29 * 40): no official table there
 
 
 def test_other_models_keep_rounding_in_the_paper_preset():
     paper = PRESETS["paper"]
     llama3 = architecture_config("llama-3-8b")  # 32 blocks like LLaMA-7B, another shape
-    assert paper.official_counts(llama3) == ()
-    assert paper.removal_counts(llama3) == [round(r * 32) for r in paper.ratios]
+    assert official_counts(paper, llama3) == ()
+    assert removal_counts(paper, llama3) == [round(r * 32) for r in paper.ratios]
     pruned = type(llama3).from_dict({**architecture_config("llama-1-7b").to_dict(), "num_hidden_layers": 26})
-    assert paper.official_counts(pruned) == ()  # counts are for the dense model only
+    assert official_counts(paper, pruned) == ()  # counts are for the dense model only
 
 
 def test_official_counts_give_the_official_parameter_counts_and_shares():
     paper = PRESETS["paper"]
     official = dict(zip(*reference_table("official_results")[["model", "params"]].T.values))
     counts = {(c.architecture, c.n_blocks): c for c in paper.block_counts}
-    assert counts["llama-1-7b", 6].param_counts() == (official["llama-1-7b"], official["st-llama-1-5.5b-ppl"])
-    assert counts["vicuna-13b", 8].param_counts()[1] == official["st-vicuna-v1.3-10.5b-ppl"]
-    shares = {key: round(c.param_share, 3) for key, c in counts.items()}
+    assert block_count_params(counts["llama-1-7b", 6]) == (official["llama-1-7b"], official["st-llama-1-5.5b-ppl"])
+    assert block_count_params(counts["vicuna-13b", 8])[1] == official["st-vicuna-v1.3-10.5b-ppl"]
+    shares = {key: round(param_share(c), 3) for key, c in counts.items()}
     assert shares == {("llama-1-7b", 6): 0.180, ("llama-1-7b", 9): 0.270, ("llama-1-7b", 11): 0.330,
                       ("vicuna-13b", 8): 0.195, ("vicuna-13b", 11): 0.268, ("vicuna-13b", 15): 0.366}
 
