@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .artifacts import atomic_file
 from .gguf_layout import ARCHITECTURES, exportable_type, gguf_tensor_name
 from .llamacpp_guard import check_gguf_runs, open_llama, quantize_in_child
 
@@ -414,10 +415,10 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant
     llama_cpp = _require_llama_cpp(f"quant={quant!r}") if quant in LLAMA_CPP_TYPES else None
 
     if llama_cpp is None:
-        with _atomic_file(out_file) as tmp:
+        with atomic_file(out_file) as tmp:
             _write_float_gguf(model_dir, tmp, quant, tokenizer_pre, progress)
         return out_file
-    with _atomic_file(out_file.with_name(out_file.name + ".f16")) as tmp_f16:
+    with atomic_file(out_file.with_name(out_file.name + ".f16")) as tmp_f16:
         _write_float_gguf(model_dir, tmp_f16, "f16", tokenizer_pre, progress)
         quantize_gguf(tmp_f16, out_file, quant, overwrite=overwrite, nthread=nthread, imatrix=imatrix)
         tmp_f16.unlink()  # only a stepping stone
@@ -460,17 +461,10 @@ def quantize_gguf(src_file: str | os.PathLike, out_file: str | os.PathLike, quan
 
         check_imatrix_fits(imatrix, src_file)
     _check_out_file(out_file, overwrite)
-    with _atomic_file(out_file) as tmp:  # in a child process: a crash in llama.cpp is an error here, not a dead kernel
+    with atomic_file(out_file) as tmp:  # in a child process: a crash in llama.cpp is an error here, not a dead kernel
         quantize_in_child(src_file, tmp, LLAMA_CPP_TYPES[quant], nthread or torch.get_num_threads(), verbose=verbose,
                           imatrix=imatrix)
     return out_file
-
-
-def _atomic_file(out_file: Path):
-    """A temp path beside ``out_file`` that replaces it only when the block succeeds (artifacts.atomic_file)."""
-    from .artifacts import atomic_file
-
-    return atomic_file(out_file)
 
 
 def read_gguf_metadata(gguf_file: str | os.PathLike) -> dict:
