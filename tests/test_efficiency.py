@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
-
 import time
 
 import pandas as pd
@@ -127,6 +127,17 @@ def test_is_oom():
 
 
 def test_rss_sampler_sees_a_big_allocation():
+    # The garbage collector may free an earlier test's model while this one allocates, and the
+    # resident size then falls by as much as it rises: collect first, and hold it off.
+    gc.collect()
+    gc.disable()
+    try:
+        _sample_a_big_allocation()
+    finally:
+        gc.enable()
+
+
+def _sample_a_big_allocation():
     with efficiency._Sampler(efficiency._rss_bytes, period=0.001) as s:
         base = efficiency._rss_bytes()
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched

@@ -265,14 +265,13 @@ def test_artifacts_get_the_users_umask(tmp_path, umask, file_mode, dir_mode):
 
     import torch
 
-    from shortened_llm.artifacts import save_scores
-    from shortened_llm.export import _atomic_file
+    from shortened_llm.artifacts import atomic_file, save_scores
 
     old = os.umask(umask)
     try:
         model_dir = save_model(pruned_tiny(), None, tmp_path / "run" / "pruned")
         scores = save_scores(tmp_path / "run" / "scores" / "ppl.csv", torch.tensor([1.0, 2.0]))
-        with _atomic_file(tmp_path / "run" / "model.gguf") as tmp:  # export's GGUF writes
+        with atomic_file(tmp_path / "run" / "model.gguf") as tmp:  # export's GGUF writes
             tmp.write_bytes(b"GGUF")
     finally:
         os.umask(old)
