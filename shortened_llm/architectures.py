@@ -13,13 +13,13 @@ first): depth = fewer blocks, width = the head counts and ``intermediate_size`` 
 """
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from .errors import unknown_name
 from .models import get_blocks
 from .prune import num_blocks_for_ratio, num_blocks_to_remove
 
@@ -41,9 +41,7 @@ def architecture_config(name: str):
 
     path = CONFIGS_DIR / f"{name}.json"
     if not path.exists():
-        close = difflib.get_close_matches(name, architecture_names(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown architecture {name!r}.{hint} Available: {', '.join(architecture_names())}")
+        raise unknown_name("architecture", name, architecture_names())
     values = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     config.name_or_path = f"arch:{name}"

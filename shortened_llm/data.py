@@ -7,7 +7,6 @@ Without the pack, the same names load the datasets the official code uses from t
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import os
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .errors import unknown_name
 
 __all__ = ["DATASETS", "data_dir", "load_texts", "load_records", "calibration_batches", "set_offline_if_pack"]
 
@@ -102,9 +103,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def _unknown(name: str) -> ValueError:
-    close = difflib.get_close_matches(name, DATASETS, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"Unknown dataset {name!r}.{hint} Available: {', '.join(sorted(DATASETS))}")
+    return unknown_name("dataset", name, sorted(DATASETS))
 
 
 @functools.lru_cache(maxsize=16)

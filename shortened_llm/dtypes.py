@@ -5,9 +5,9 @@ both read names through here, so neither imports the other for it.
 """
 from __future__ import annotations
 
-import difflib
-
 import torch
+
+from .errors import unknown_name
 
 __all__ = ["DTYPES", "ALIASES", "dtype_name", "parse_dtype"]
 
@@ -37,6 +37,4 @@ def parse_dtype(value, what: str = "dtype") -> torch.dtype | None:
     if text in DTYPES or text in ALIASES:
         return DTYPES[ALIASES.get(text, text)]
     names = ["auto", *DTYPES, *ALIASES]
-    close = difflib.get_close_matches(text, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown {what} {value!r}.{hint} Available: {', '.join(names)}")
+    raise unknown_name(what, value, names)

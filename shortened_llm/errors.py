@@ -6,10 +6,25 @@ exactly the one it expects. Imports nothing from the package: every module may r
 """
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
+from typing import Iterable
 
-__all__ = ["ArtifactError", "CorruptFileError", "MismatchError", "ForeignDirError"]
+__all__ = ["ArtifactError", "CorruptFileError", "MismatchError", "ForeignDirError", "unknown_name"]
+
+
+def unknown_name(what: str, name, choices: Iterable[str], available: str | None = None, note: str = "") -> ValueError:
+    """``Unknown <what> 'nam'. Did you mean 'name'? Available: a, b, c<note>``: the one error for a name not in a registry.
+
+    ``choices`` are what the close match is looked for in; ``available`` is how they are listed
+    when that should read differently (e.g. criteria "each also with '+'"). Returned, not raised,
+    so the caller's ``raise`` shows in its own traceback.
+    """
+    choices = list(choices)
+    close = difflib.get_close_matches(str(name), choices, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"Unknown {what} {name!r}.{hint} Available: {available or ', '.join(choices)}{note}")
 
 
 class ArtifactError(ValueError):

@@ -26,7 +26,6 @@ same ids as the HF one (what generation from a text prompt relies on).
 """
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_file
+from .errors import unknown_name
 from .gguf_layout import ARCHITECTURES, exportable_type, gguf_tensor_name
 from .llamacpp_guard import check_gguf_runs, open_llama, quantize_in_child
 
@@ -145,10 +145,8 @@ def _require_llama_cpp(what: str):
 def _check_quant(quant: str) -> str:
     q = str(quant).lower()
     if q not in QUANT_TYPES:
-        close = difflib.get_close_matches(q, QUANT_TYPES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown quant={quant!r}.{hint} Available: {', '.join(QUANT_TYPES)} "
-                         f"(f32/f16 need only the gguf package; the others llama.cpp: {LLAMACPP_INSTALL})")
+        raise unknown_name("quant", q, QUANT_TYPES,
+                           note=f" (f32/f16 need only the gguf package; the others llama.cpp: {LLAMACPP_INSTALL})")
     return q
 
 

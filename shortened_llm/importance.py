@@ -20,7 +20,6 @@ keep_last=2)``, the official code's heuristic, here a visible parameter).
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import math
 from typing import Callable
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import unknown_name
 from .evaluate import _shifted_nll
 from .models import _unwrap, get_blocks
 from .prune import num_blocks_for_ratio, skipping_blocks
@@ -68,9 +68,7 @@ def split_criterion(criterion: str) -> tuple[str, bool]:
     base, plus = (criterion[:-1], True) if criterion.endswith("+") else (criterion, False)
     if base not in CRITERIA:
         names = sorted(CRITERIA) + sorted(f"{c}+" for c in CRITERIA)
-        close = difflib.get_close_matches(criterion, names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown criterion {criterion!r}.{hint} Available: {', '.join(sorted(CRITERIA))} (each also with '+')")
+        raise unknown_name("criterion", criterion, names, available=", ".join(sorted(CRITERIA)), note=" (each also with '+')")
     return base, plus
 
 

@@ -7,7 +7,6 @@ official code found WikiText-2 PPL of 3.1 million without it and 17 with it).
 """
 from __future__ import annotations
 
-import difflib
 import fcntl
 import importlib.util
 import json
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .artifacts import atomic_dir
-from .errors import CorruptFileError, MismatchError
+from .errors import CorruptFileError, MismatchError, unknown_name
 from .precision import choose_dtype, dtype_name, precision_record
 from .record import PruningRecord
 
@@ -197,9 +196,7 @@ def tiny_random_model(model_type: str = "llama", num_layers: int = 4, vocab_size
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_type not in TINY_CONFIGS:
-        close = difflib.get_close_matches(str(model_type), TINY_CONFIGS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"model_type={model_type!r} has no tiny config.{hint} Available: {', '.join(sorted(TINY_CONFIGS))}")
+        raise unknown_name("tiny model_type", model_type, sorted(TINY_CONFIGS))
     if num_layers < 1:
         raise ValueError(f"num_layers={num_layers} must be >= 1")
     ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}

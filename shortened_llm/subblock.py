@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import unknown_name
 from .models import _get_path, _unwrap, count_params, get_blocks, register_dir_loader
 from .prune import PruningRecord
 
@@ -421,14 +422,10 @@ def sublayer_importance(model, input_ids: torch.Tensor | None, unit: str, criter
     Criteria: ``ppl`` (one-shot), ``sleb`` (iterative greedy PPL; ``n`` halves), ``bi``
     (input/output similarity), ``reverse``, ``random``.
     """
-    import difflib
-
     _check_unit(unit)
     _sublayers(model)
     if criterion not in SUB_CRITERIA:
-        close = difflib.get_close_matches(str(criterion), SUB_CRITERIA, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown sub-block criterion {criterion!r}.{hint} Available: {', '.join(sorted(SUB_CRITERIA))}")
+        raise unknown_name("sub-block criterion", criterion, sorted(SUB_CRITERIA))
     if criterion not in ("reverse", "random") and (input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] < 2):
         raise ValueError(f"criterion {criterion!r} needs calibration input_ids of shape (n_samples, seq_len >= 2)")
     return SUB_CRITERIA[criterion](model, input_ids, unit, **options)

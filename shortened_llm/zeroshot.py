@@ -16,7 +16,6 @@ tables mark it with ``note="pack-substitute"``.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import tempfile
 import time
@@ -29,6 +28,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .data import data_dir, set_offline_if_pack
+from .errors import unknown_name
 
 __all__ = [
     "PAPER_TASKS",
@@ -67,9 +67,7 @@ def check_tasks(tasks) -> list[str]:
         raise ValueError(f"tasks=[] is empty: pass one or more of {', '.join(PAPER_TASKS)}")
     for name in tasks:
         if name not in REPORTED_METRIC:
-            close = difflib.get_close_matches(str(name), PAPER_TASKS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"Unknown zero-shot task {name!r}.{hint} Available: {', '.join(PAPER_TASKS)}")
+            raise unknown_name("zero-shot task", name, PAPER_TASKS)
     return tasks
 
 
