@@ -11,7 +11,7 @@ on the real model, which is what the ratio measures. Calibration is then random 
 Naive: for each block i, one batched forward pass of the model without block i (all
 calibration samples in one batch). Fast (``reuse_prefix=True``): one pass of the base model
 caches the hidden state entering every block, then for each i only the blocks after i run.
-Both compute the loss the same way (the model's own logits, then ``_shifted_nll``).
+Both compute the loss the same way (the model's own logits, then ``shifted_nll``).
 
 The machine is shared, so the two are interleaved at the finest grain that is still honest:
 for every block, the naive removal and the fast removal are timed back to back (their order

@@ -26,7 +26,7 @@ def _one(model_name: str, samples: int, seq_len: int, batch: int, checkpointing:
     import torch
 
     from shortened_llm import block_importance, calibration_batches, load_model
-    from shortened_llm.efficiency import _rss_bytes, _Sampler, weights_mb
+    from shortened_llm.efficiency import rss_bytes, Sampler, weights_mb
     from shortened_llm.models import get_blocks
 
     model, tok = load_model(model_name, device=device)
@@ -37,9 +37,9 @@ def _one(model_name: str, samples: int, seq_len: int, batch: int, checkpointing:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    base_rss = _rss_bytes()
+    base_rss = rss_bytes()
     t0 = time.perf_counter()
-    with _Sampler(_rss_bytes) as rss:
+    with Sampler(rss_bytes) as rss:
         scores = block_importance(model, ids, criterion="taylor", batch_size=batch,
                                   gradient_checkpointing=checkpointing, progress=False)
     seconds = time.perf_counter() - t0

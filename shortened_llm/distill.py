@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifacts import atomic_write_text
-from .models import _unwrap, count_params, get_blocks, load_model, save_model
+from .efficiency import weights_mb
+from .models import unwrap, count_params, get_blocks, load_model, save_model
 from .presets import Preset, get_preset
 from .retrain import (ADAPTER_DIR, BASE_FILE, RetrainResult, _fingerprint, _prepare_out, _publish, _resolve_model,
                       _settings, _train_on_cpt_budget, _world_size, packed_rows)
@@ -57,8 +58,8 @@ class KDSettings:
 
 def check_same_vocab(student, teacher, tokenizer, teacher_tokenizer=None) -> None:
     """Refuse a teacher whose vocabulary differs: the KL compares distributions over the same ids."""
-    s_v = _unwrap(student).get_output_embeddings().weight.shape[0]
-    t_v = _unwrap(teacher).get_output_embeddings().weight.shape[0]
+    s_v = unwrap(student).get_output_embeddings().weight.shape[0]
+    t_v = unwrap(teacher).get_output_embeddings().weight.shape[0]
     if s_v != t_v:
         raise ValueError(f"teacher has {t_v} output logits, student {s_v}: knowledge distillation needs the same "
                          "vocabulary. Use the dense model the student was pruned from as the teacher.")
@@ -70,7 +71,7 @@ def check_same_vocab(student, teacher, tokenizer, teacher_tokenizer=None) -> Non
 
 def _block_map(student, teacher) -> list[int]:
     """Original (teacher) block index of each student block, from the student's pruning record."""
-    record = getattr(student, "pruning", None) or getattr(_unwrap(student), "pruning", None)
+    record = getattr(student, "pruning", None) or getattr(unwrap(student), "pruning", None)
     if record is None:
         raise ValueError("hidden_loss needs to know which teacher block each student block was: the student has no "
                          "pruning record (model.pruning / pruning.json). Pass a model pruned by shortened_llm "
@@ -143,7 +144,7 @@ def _kd_trainer_class():
             kd = self.kd
             ids, labels = inputs["input_ids"], inputs["labels"]
             mask = inputs.get("attention_mask")
-            student = _unwrap(self.accelerator.unwrap_model(model))
+            student = unwrap(self.accelerator.unwrap_model(model))
             teacher = kd.teacher
             if next(teacher.parameters()).device != ids.device:
                 teacher.to(ids.device)
@@ -202,7 +203,7 @@ def track_peak_memory(device=None):
     resident set size sampled in a thread (efficiency.py's sampler), so ``peak_mb`` includes
     the Python runtime and libraries; ``growth_mb`` is the rise over the level before the block.
     """
-    from .efficiency import _rss_bytes, _Sampler
+    from .efficiency import rss_bytes, Sampler
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result: dict = {}
@@ -213,16 +214,11 @@ def track_peak_memory(device=None):
         peak = torch.cuda.max_memory_allocated(device)
         result.update(peak_mb=peak / MB, before_mb=before / MB, growth_mb=(peak - before) / MB, source="cuda")
         return
-    before = _rss_bytes()
-    with _Sampler(_rss_bytes, period=0.02) as sampler:
+    before = rss_bytes()
+    with Sampler(rss_bytes, period=0.02) as sampler:
         yield result
     peak = max(sampler.values + [before])
     result.update(peak_mb=peak / MB, before_mb=before / MB, growth_mb=(peak - before) / MB, source="rss")
-
-
-def _weights_mb(model) -> float:
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    return sum(t.numel() * t.element_size() for t in tensors) / MB
 
 
 # ---- shared setup ---------------------------------------------------------------------------
@@ -324,7 +320,7 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
             "seed": seed, "processes": _world_size(), "train_blocks": len(train_rows), "val_blocks": len(val_rows),
             "tokens_per_step": preset.cpt_batch * preset.cpt_block_size, "temperature": temperature, "alpha": alpha,
             "hidden_weight": hidden_weight, "kd_chunk": kd_chunk, "teacher_dtype": str(next(teacher.parameters()).dtype),
-            "student_weights_mb": round(_weights_mb(trained), 2), "teacher_weights_mb": round(_weights_mb(teacher), 2),
+            "student_weights_mb": round(weights_mb(trained), 2), "teacher_weights_mb": round(weights_mb(teacher), 2),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "params": count_params(trained), "base": base_print, "preset": preset.name,
             **{f"memory_{k}": (round(v, 2) if isinstance(v, float) else v) for k, v in memory.items()},
@@ -356,7 +352,7 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
     train_rows, val_rows = packed_rows(tokenizer, dataset, preset.cpt_block_size, preset.cpt_val_blocks)
     record = getattr(model, "pruning", None)
     set_seed(seed)
-    inner = _unwrap(model)
+    inner = unwrap(model)
     model.train().requires_grad_(False)
     trainable = [*get_blocks(inner)[n - last_k:], inner.get_output_embeddings()]
     final_norm = getattr(getattr(inner, "model", None), "norm", None)

@@ -53,7 +53,7 @@ MB = 2**20
 
 # ---- samplers: a thread that calls ``read()`` every ``period`` seconds ----------------------
 
-class _Sampler:
+class Sampler:
     """Collect ``read()`` values in a daemon thread while the ``with`` block runs."""
 
     def __init__(self, read: Callable[[], float], period: float = 0.01):
@@ -78,7 +78,7 @@ class _Sampler:
             self.values.append(float(self.read()))
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     """Current resident set size of this process (psutil when installed, else /proc)."""
     try:
         import psutil
@@ -89,7 +89,7 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _maxrss_bytes() -> int:
+def maxrss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
@@ -212,12 +212,12 @@ def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tok
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         cuda0 = torch.cuda.memory_allocated(device)  # other models on the same GPU are not this one's memory
-    rss0, maxrss0 = _rss_bytes(), _maxrss_bytes()
+    rss0, maxrss0 = rss_bytes(), maxrss_bytes()
     nvml = _nvml_reader(device)
-    with _Sampler(_rss_bytes) as rss:
+    with Sampler(rss_bytes) as rss:
         for _ in range(warmup):
             run()
-        with _Sampler(nvml[0], period=0.05) if nvml else contextlib.nullcontext() as util:
+        with Sampler(nvml[0], period=0.05) if nvml else contextlib.nullcontext() as util:
             times = [timer(run) for _ in range(repeats)]
         prefill_times = [timer(first) for _ in range(repeats)] if prefill else []
     if nvml:
@@ -229,7 +229,7 @@ def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tok
         peak_mb, mem_source = w_mb + growth_mb, "cuda_max_allocated_growth"
     else:
         peak_rss = max(rss.values)
-        maxrss1 = _maxrss_bytes()
+        maxrss1 = maxrss_bytes()
         if maxrss1 > maxrss0:  # the lifetime high-water mark rose during this call: it is this call's peak
             peak_rss = max(peak_rss, maxrss1)
         growth_mb = max(peak_rss - rss0, 0) / MB

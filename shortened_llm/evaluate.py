@@ -77,11 +77,11 @@ def token_nll(model, input_ids: torch.Tensor, batch_size: int = 8, progress: boo
     for i in starts:
         batch = input_ids[i : i + batch_size].to(device)
         logits = model(batch, use_cache=False).logits  # (B, T, V)
-        losses.append(_shifted_nll(logits, batch).cpu())
+        losses.append(shifted_nll(logits, batch).cpu())
     return torch.cat(losses)
 
 
-def _shifted_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def shifted_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Per-token NLL of ids[:, 1:] under logits[:, :-1], in float32 whatever the model dtype."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
 

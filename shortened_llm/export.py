@@ -403,11 +403,11 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant
     llama.cpp's pre-tokenizer when the HF one is not in ``PRE_TOKENIZERS``. The file appears
     only when complete (written beside ``out_file``, then renamed).
     """
-    from .models import _resolve
+    from .models import resolve_model_path
 
     quant = _check_quant(quant)
     _check_imatrix_given(quant, imatrix)
-    model_dir, out_file = Path(_resolve(model_dir)), Path(out_file)  # an embedded name -> its cached dir
+    model_dir, out_file = Path(resolve_model_path(model_dir)), Path(out_file)  # an embedded name -> its cached dir
     _weight_files(model_dir)
     _check_out_file(out_file, overwrite)
     llama_cpp = _require_llama_cpp(f"quant={quant!r}") if quant in LLAMA_CPP_TYPES else None
@@ -603,9 +603,9 @@ def compare_formats(model_dir: str | os.PathLike, out_dir: str | os.PathLike, qu
     llama.cpp the GGUF rows have ``ppl=None`` (only f32/f16 can be written then).
     """
     from .evaluate import default_bos, ppl_segments, token_nll
-    from .models import _resolve, load_model, num_blocks
+    from .models import resolve_model_path, load_model, num_blocks
 
-    model_dir = Path(_resolve(model_dir))
+    model_dir = Path(resolve_model_path(model_dir))
     label = label or model_dir.name
     model, tokenizer = load_model(model_dir)
     segments = ppl_segments(tokenizer, dataset, seq_len, default_bos(model), max_segments)

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import unknown_name
-from .evaluate import _shifted_nll
-from .models import _unwrap, get_blocks
+from .evaluate import shifted_nll
+from .models import unwrap, get_blocks
 from .prune import num_blocks_for_ratio, skipping_blocks
 
 __all__ = [
@@ -173,7 +173,7 @@ def _with_hidden(args, kwargs, hidden):
 
 def _device(model) -> torch.device:
     """Where the ids go: the input embeddings' device (the first shard under ``device_map="auto"``)."""
-    emb = _unwrap(model).get_input_embeddings()
+    emb = unwrap(model).get_input_embeddings()
     return emb.weight.device if emb is not None else next(model.parameters()).device
 
 
@@ -191,7 +191,7 @@ def _block_states(model, batch: torch.Tensor) -> list[torch.Tensor]:
     hooks.append(blocks[-1].register_forward_hook(
         lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out)))
     try:
-        _unwrap(model).base_model(batch.to(_device(model)), use_cache=False)
+        unwrap(model).base_model(batch.to(_device(model)), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -226,14 +226,14 @@ def _nll_without(model, batch: torch.Tensor, block: int, inputs: list[torch.Tens
     batch = batch.to(_device(model))
     if inputs is None:
         with skipping_blocks(model, [block]):
-            return _shifted_nll(model(batch, use_cache=False).logits, batch)
+            return shifted_nll(model(batch, use_cache=False).logits, batch)
     if block < n - 1:
         skip, injected = list(range(block + 1)), inputs[block]
     else:
         skip, injected = list(range(block - 1)) + [block], inputs[block - 1]
     with skipping_blocks(model, skip), _inject(get_blocks(model)[0], injected):
         logits = model(batch, use_cache=False).logits
-    return _shifted_nll(logits, batch)
+    return shifted_nll(logits, batch)
 
 
 def _check_blocks_for(criterion: str, model, minimum: int = 2) -> int:
@@ -396,7 +396,7 @@ def taylor_importance(model, input_ids, batch_size: int | None = None, gradient_
                 final[0] = k == len(batches) - 1
                 batch = batch.to(_device(model))
                 logits = model(batch, use_cache=False).logits  # (B, T, V)
-                loss = _shifted_nll(logits, batch.to(logits.device)).sum() / total_tokens
+                loss = shifted_nll(logits, batch.to(logits.device)).sum() / total_tokens
                 del logits
                 loss.backward()
         finally:

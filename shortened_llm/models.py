@@ -133,7 +133,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper, if any."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -158,7 +158,8 @@ def family_of(model_or_config) -> Family:
     return FAMILIES[model_type]
 
 
-def _get_path(obj, dotted: str):
+def get_path(obj, dotted: str):
+    """``get_path(model, "model.layers")``: the attribute a family's dotted name points to."""
     for name in dotted.split("."):
         obj = getattr(obj, name)
     return obj
@@ -166,8 +167,8 @@ def _get_path(obj, dotted: str):
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of ``model`` in order, as the model itself iterates them."""
-    model = _unwrap(model)
-    blocks = _get_path(model, family_of(model).blocks)
+    model = unwrap(model)
+    blocks = get_path(model, family_of(model).blocks)
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"expected an nn.ModuleList at {family_of(model).blocks}, got {type(blocks).__name__}")
     return blocks
@@ -175,9 +176,9 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
 
 def set_blocks(model: nn.Module, blocks: nn.ModuleList) -> None:
     """Put ``blocks`` in place of the model's block list (no config update: see prune.py)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     parent_path, _, name = family_of(model).blocks.rpartition(".")
-    setattr(_get_path(model, parent_path) if parent_path else model, name, blocks)
+    setattr(get_path(model, parent_path) if parent_path else model, name, blocks)
 
 
 def num_blocks(model: nn.Module) -> int:
@@ -263,7 +264,8 @@ def _convert_embedded(spec, name: str, target: Path) -> Path:
     return target
 
 
-def _resolve(name_or_path: str | os.PathLike) -> str:
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """An embedded model's name -> its converted local dir (made once); anything else unchanged."""
     name_or_path = str(name_or_path)
     if name_or_path in EMBEDDED_MODELS:
         return str(_embedded_checkpoint(name_or_path))
@@ -371,7 +373,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = _resolve(name_or_path)
+    source = resolve_model_path(name_or_path)
     local = Path(source)
     if local.is_dir():
         _check_model_dir(local)
@@ -419,7 +421,7 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, overwrit
     loads it with no custom code.
     """
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        _unwrap(model).save_pretrained(tmp)
+        unwrap(model).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         record = getattr(model, "pruning", None)

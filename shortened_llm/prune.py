@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from .models import _get_path, family_of, get_blocks, set_blocks, _unwrap
+from .models import get_path, family_of, get_blocks, set_blocks, unwrap
 from .record import PruningRecord
 
 __all__ = [
@@ -75,7 +75,7 @@ def _renumber(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
     family = family_of(model)
     for new_idx, block in enumerate(blocks):
         for path in family.index_paths:
-            module = _get_path(block, path) if path else block
+            module = get_path(block, path) if path else block
             if not hasattr(module, "layer_idx"):
                 raise AttributeError(
                     f"{type(module).__name__} at {path or '<block>'!r} has no layer_idx: "
@@ -156,7 +156,7 @@ def _subset_config(config, keep: Sequence[int], n_before: int) -> None:
 
 
 def _apply(model: nn.Module, keep: Sequence[int]) -> None:
-    inner = _unwrap(model)
+    inner = unwrap(model)
     old = get_blocks(inner)
     kept = nn.ModuleList(old[i] for i in keep)
     _subset_config(inner.config, keep, len(old))
@@ -194,7 +194,7 @@ def skipping_blocks(model: nn.Module, blocks: Iterable[int]):
 
     No weights are copied, so a sweep over every single-block removal costs no memory.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     old_blocks = get_blocks(inner)
     n = len(old_blocks)
     blocks = check_blocks(blocks, n)

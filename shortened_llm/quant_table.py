@@ -206,7 +206,7 @@ def quant_table(model: str | os.PathLike, out_csv: str | os.PathLike | None = No
     import torch
 
     from .artifacts import atomic_write_text
-    from .models import _resolve
+    from .models import resolve_model_path
 
     plan = _plan(types, imatrix)
     for name, value in (("max_segments", max_segments), ("seq_len", seq_len), ("prompt_tokens", prompt_tokens),
@@ -216,7 +216,7 @@ def quant_table(model: str | os.PathLike, out_csv: str | os.PathLike | None = No
     models = {}
     for path, name in ((model, label), (dense, dense_label)):
         if path is not None:
-            resolved = Path(_resolve(path))
+            resolved = Path(resolve_model_path(path))
             models.setdefault(name or resolved.name, resolved)
     if dense is not None and len(models) < 2:
         raise ValueError(f"model and dense both have the label {next(iter(models))!r}: pass label= / dense_label=")

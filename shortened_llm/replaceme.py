@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import _get_path, _unwrap, family_of, get_blocks
+from .models import get_path, unwrap, family_of, get_blocks
 
 __all__ = ["OBJECTIVES", "SpanFit", "check_teacher", "contiguous_spans", "fit_replaceme", "fold_into_model", "replaceme"]
 
@@ -87,7 +87,7 @@ def _mlp_out(model: nn.Module, block: nn.Module, where: str) -> nn.Linear:
     if getattr(model.config, "do_layer_norm_before", True) is False:
         raise ValueError(f"ReplaceMe needs a pre-norm block; this {model.config.model_type!r} normalises after the "
                          "residual add (do_layer_norm_before=False), so a linear map cannot be folded into its fc2")
-    layer = _get_path(block, family.mlp_out)
+    layer = get_path(block, family.mlp_out)
     if not isinstance(layer, nn.Linear):
         raise TypeError(f"{family.mlp_out!r} of {where} is a {type(layer).__name__}, not nn.Linear: "
                         f"FAMILIES[{model.config.model_type!r}].mlp_out does not match this transformers version")
@@ -106,8 +106,8 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     family = family_of(teacher)
     far = []
     for new, orig in enumerate(student.pruning.kept_blocks):
-        mine = next(_get_path(get_blocks(student)[new], family.attn).parameters()).float()
-        theirs = next(_get_path(get_blocks(teacher)[orig], family.attn).parameters()).float()
+        mine = next(get_path(get_blocks(student)[new], family.attn).parameters()).float()
+        theirs = next(get_path(get_blocks(teacher)[orig], family.attn).parameters()).float()
         if mine.shape != theirs.shape:
             raise ValueError(f"block {new} of the pruned model ({tuple(mine.shape)}) and block {orig} of the teacher "
                              f"({tuple(theirs.shape)}) differ in shape: pass the dense model it was pruned from")
@@ -295,11 +295,11 @@ def replaceme(model, teacher, tokenizer=None, out_dir: str | Path | None = None,
         model, tokenizer = load_model(model)
     if isinstance(teacher, (str, Path)):
         teacher, _ = load_model(teacher)
-    student = _unwrap(model)
+    student = unwrap(model)
     if tokenizer is None:
         raise ValueError("pass the tokenizer with a model object (it draws the calibration samples)")
     record = getattr(student, "pruning", None)
-    teacher = _unwrap(teacher).eval()
+    teacher = unwrap(teacher).eval()
     check_teacher(student, teacher)
     ids = calibration_batches(tokenizer, n_samples, seq_len, seed, dataset, bos_every=family_of(teacher).bos_every)
     fits = fit_replaceme(teacher, record, ids, objective=objective, ridge=ridge, batch_size=batch_size,

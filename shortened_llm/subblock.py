@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import unknown_name
-from .models import _get_path, _unwrap, count_params, get_blocks, register_dir_loader
+from .models import get_path, unwrap, count_params, get_blocks, register_dir_loader
 from .prune import PruningRecord
 
 __all__ = [
@@ -86,7 +86,7 @@ SUBLAYERS: dict[str, SubLayers] = {"llama": _PRE_NORM, "mistral": _PRE_NORM, "ph
 
 
 def _sublayers(model) -> SubLayers:
-    model_type = getattr(_unwrap(model).config, "model_type", None)
+    model_type = getattr(unwrap(model).config, "model_type", None)
     if model_type not in SUBLAYERS:
         raise ValueError(
             f"model_type={model_type!r}: sub-block pruning (unit 'attn' or 'mlp') supports {', '.join(sorted(SUBLAYERS))}. "
@@ -169,7 +169,7 @@ def removed_sublayers(model, unit: str) -> list[int]:
     """Current block positions whose ``unit`` half is gone."""
     names = _sublayers(model)
     path = names.attn if _check_unit(unit) == "attn" else names.mlp
-    return [i for i, b in enumerate(get_blocks(model)) if isinstance(_get_path(b, path), _Removed)]
+    return [i for i, b in enumerate(get_blocks(model)) if isinstance(get_path(b, path), _Removed)]
 
 
 def _renumber_attention(model) -> None:
@@ -177,7 +177,7 @@ def _renumber_attention(model) -> None:
     names = _sublayers(model)
     slot = 0
     for block in get_blocks(model):
-        attn = _get_path(block, names.attn)
+        attn = get_path(block, names.attn)
         if not isinstance(attn, _Removed):
             attn.layer_idx = slot
             slot += 1
@@ -205,7 +205,7 @@ def _swap(block, names: SubLayers, unit: str, replacement: dict | None = None) -
     old = {}
     for p in paths:
         parent_path, _, name = p.rpartition(".")
-        parent = _get_path(block, parent_path) if parent_path else block
+        parent = get_path(block, parent_path) if parent_path else block
         old[p] = getattr(parent, name)
         new = replacement[p] if replacement else (_Removed(unit) if p in (names.attn, names.mlp) else nn.Identity())
         setattr(parent, name, new)
@@ -223,7 +223,7 @@ def remove_sublayers(model, unit: str, blocks: Iterable[int], criterion: str | N
     blocks = _check_halves(model, _check_unit(unit), blocks)
     record = _record(model)
     original = record.kept_blocks
-    inner = _unwrap(model)
+    inner = unwrap(model)
     for i in blocks:
         _swap(get_blocks(inner)[i], names, unit)
     _renumber_attention(inner)
@@ -243,7 +243,7 @@ def skipping_sublayers(model, unit: str, blocks: Iterable[int]):
     """Run ``model`` without the ``unit`` half of ``blocks`` for a while; everything is restored on exit."""
     names = _sublayers(model)
     blocks = _check_halves(model, _check_unit(unit), blocks)
-    inner = _unwrap(model)
+    inner = unwrap(model)
     saved = {i: _swap(get_blocks(inner)[i], names, unit) for i in blocks}
     try:
         _renumber_attention(inner)
@@ -273,7 +273,7 @@ def unit_params(model, unit: str) -> int:
         if unit == "block":
             return count_params(block)
         paths = (names.attn, *names.attn_norms) if unit == "attn" else (names.mlp, *names.mlp_norms)
-        mods = [_get_path(block, p) for p in paths]
+        mods = [get_path(block, p) for p in paths]
         if not isinstance(mods[0], _Removed):
             return sum(count_params(m) for m in mods)
     raise ValueError(f"no live {unit} half left")
@@ -309,14 +309,14 @@ def _register(name: str):
 
 
 def _nll(model, ids: torch.Tensor, batch_size: int | None) -> float:
-    from .evaluate import _shifted_nll
+    from .evaluate import shifted_nll
 
     device = next(model.parameters()).device
     total = 0.0
     step = batch_size or len(ids)
     for i in range(0, len(ids), step):
         batch = ids[i : i + step].to(device)
-        total += _shifted_nll(model(batch, use_cache=False).logits, batch).double().sum().item()
+        total += shifted_nll(model(batch, use_cache=False).logits, batch).double().sum().item()
     return total / (ids.shape[0] * (ids.shape[1] - 1))
 
 
@@ -379,12 +379,12 @@ def _similarity(model, ids, unit: str, batch_size: int | None = None, progress: 
         for i, b in enumerate(blocks):
             hooks.append(b.register_forward_pre_hook(
                 lambda m, a, k, i=i: states[i].append(a[0] if a else k["hidden_states"]), with_kwargs=True))
-            hooks.append(_get_path(b, names.attn).register_forward_hook(
+            hooks.append(get_path(b, names.attn).register_forward_hook(
                 lambda m, a, out, i=i: states[i].append(out[0] if isinstance(out, tuple) else out)))
             hooks.append(b.register_forward_hook(
                 lambda m, a, out, i=i: states[i].append(out[0] if isinstance(out, tuple) else out)))
         try:
-            _unwrap(model)(ids[s : s + step].to(device), use_cache=False)
+            unwrap(model)(ids[s : s + step].to(device), use_cache=False)
         finally:
             for h in hooks:
                 h.remove()
@@ -474,8 +474,8 @@ def kv_cache_bytes(model, seq_len: int, batch_size: int = 1) -> int:
 
     device = next(model.parameters()).device
     ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-    cache = DynamicCache(config=_unwrap(model).config)
-    _unwrap(model)(ids.to(device), cache=cache, use_cache=True, logits_to_keep=1)
+    cache = DynamicCache(config=unwrap(model).config)
+    unwrap(model)(ids.to(device), cache=cache, use_cache=True, logits_to_keep=1)
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                if isinstance(t, torch.Tensor))
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import _unwrap, count_params, get_blocks
+from .models import unwrap, count_params, get_blocks
 from .prune import PruningRecord
 
 __all__ = [
@@ -218,7 +218,7 @@ def width_prune(model: nn.Module, ratio: float | None = None, target_params: int
     ``ratio`` of the blocks by depth removes (embeddings and LM head are never pruned, in
     either method). The result lands within one MLP channel per block of the target.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     blocks = get_blocks(inner)
     before = count_params(inner)
     if (ratio is None) == (target_params is None):

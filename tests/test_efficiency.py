@@ -138,8 +138,8 @@ def test_rss_sampler_sees_a_big_allocation():
 
 
 def _sample_a_big_allocation():
-    with efficiency._Sampler(efficiency._rss_bytes, period=0.001) as s:
-        base = efficiency._rss_bytes()
+    with efficiency.Sampler(efficiency.rss_bytes, period=0.001) as s:
+        base = efficiency.rss_bytes()
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         deadline = time.monotonic() + 5  # a loaded machine may starve the sampler thread for a while
         while time.monotonic() < deadline and (not s.values or max(s.values) - base <= 32 * 2**20):

@@ -90,12 +90,12 @@ def test_criteria_shape_and_removed_halves_infinite(criterion, random_ids):
 
 
 def test_ppl_score_is_the_ppl_without_that_half(random_ids):
-    from shortened_llm.evaluate import _shifted_nll
+    from shortened_llm.evaluate import shifted_nll
 
     model = make_tiny_llama(num_layers=4)
     scores = sublayer_importance(model, random_ids, "attn", "ppl", progress=False)
     with skipping_sublayers(model, "attn", [2]), torch.no_grad():
-        nll = _shifted_nll(model(random_ids).logits, random_ids).double().mean()
+        nll = shifted_nll(model(random_ids).logits, random_ids).double().mean()
     assert scores[2].item() == pytest.approx(torch.exp(nll).item(), rel=1e-6)
     assert removed_sublayers(model, "attn") == []  # the context manager restored everything
     greedy = sublayer_importance(model, random_ids, "attn", "sleb", n=1, progress=False)
