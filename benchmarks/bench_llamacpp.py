@@ -32,7 +32,7 @@ def child(args) -> None:
 
     import llama_cpp
     from shortened_llm import llamacpp_guard
-    from shortened_llm.export import gguf_token_nll
+    from shortened_llm.llamacpp import gguf_token_nll
 
     ids = torch.from_numpy(np.load(args.ids))
     kwargs = dict(n_ctx=ids.shape[1], n_batch=ids.shape[1], logits_all=True, n_threads=args.threads,
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     from shortened_llm.evaluate import ppl_segments
-    from shortened_llm.export import export_gguf, quantize_gguf
+    from shortened_llm.export import export_gguf
+    from shortened_llm.llamacpp import quantize_gguf
     from shortened_llm.llamacpp_guard import cpu_model
     from shortened_llm.models import load_model
 

@@ -1,4 +1,4 @@
-"""GGUF export of (pruned) models, quantisation through llama.cpp, and a check in llama.cpp.
+"""GGUF export of (pruned) models: the writer of the f16/f32 file llama.cpp loads.
 
 People run shortened models on laptops through llama.cpp: the GGUF quantisations (Q2_K
 ... Q8_0) of the paper's CPT'd shortened Vicuna are among the most used artefacts of this
@@ -7,22 +7,22 @@ the ordinary one: ``llama.block_count`` says how many blocks are left, and two c
 (``shortened_llm.original_block_count``, ``shortened_llm.removed_blocks``) say which went.
 
 Two steps, each done by the ecosystem's own tools:
-1. f16/f32 GGUF with ``gguf.GGUFWriter`` (the ``gguf`` package of llama.cpp): tensor names
-   from ``gguf.get_tensor_name_map``, merges and special ids from ``gguf.SpecialVocab``.
-   llama.cpp's own ``convert_hf_to_gguf.py`` is not used because it ships in neither the
-   ``gguf`` nor the ``llama-cpp-python`` wheel (only inside the llama-cpp-python sdist, with
-   its ``conversion/`` package), so this module writes the layouts itself (Llama, Mistral,
-   Qwen2/3, Gemma 1-3, Phi-3, GPT-NeoX; OPT has no llama.cpp architecture). The conventions
-   it follows by hand are few and each is checked by llama.cpp's NLL in the tests: the Q/K
-   row order of the llama arch (``_permute_qk``), GPT-NeoX's fused QKV rows
-   (``_regroup_qkv``), Gemma's norm weights + 1 and Gemma2/3's positional sliding pattern.
-2. Every other type (q8_0, q4_k_m, ...) with llama.cpp's ``llama_model_quantize`` through
-   the ``llama-cpp-python`` bindings (optional extra ``llamacpp``): no private quantiser.
+1. f16/f32 GGUF with ``gguf.GGUFWriter`` (the ``gguf`` package of llama.cpp), in this module:
+   tensor names from ``gguf.get_tensor_name_map`` (through ``gguf_layout``), merges and special
+   ids from ``gguf.SpecialVocab``. llama.cpp's own ``convert_hf_to_gguf.py`` is not used because
+   it ships in neither the ``gguf`` nor the ``llama-cpp-python`` wheel (only inside the
+   llama-cpp-python sdist, with its ``conversion/`` package), so this module writes the layouts
+   itself (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, GPT-NeoX; OPT has no llama.cpp
+   architecture). The conventions it follows by hand are few and each is checked by llama.cpp's
+   NLL in the tests: the Q/K row order of the llama arch (``_permute_qk``), GPT-NeoX's fused QKV
+   rows (``_regroup_qkv``), Gemma's norm weights + 1 and Gemma2/3's positional sliding pattern.
+2. Every other type (q8_0, q4_k_m, ...) with llama.cpp's quantiser: ``llamacpp.quantize_gguf``.
 
-The check (``gguf_token_nll``) feeds llama.cpp the very token ids of
-``evaluate.ppl_segments`` and reads its logits, so the GGUF and the HF model are scored on
-the same segments; ``tokenizer_agreement`` checks that llama.cpp's own tokenizer gives the
-same ids as the HF one (what generation from a text prompt relies on).
+The llama.cpp side (quantiser, loading, NLL, tokenizer agreement, generation) lives in
+``llamacpp.py``, below this module: ``export_gguf`` quantises through it, and ``compare_formats``
+(the HF model against each GGUF on the same PPL segments) stays here because it writes the
+files too. The names that moved are re-exported, so ``from shortened_llm.export import
+quantize_gguf`` keeps working; the type tables live in ``gguf_layout`` (re-exported as well).
 """
 from __future__ import annotations
 
@@ -34,13 +34,37 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .artifacts import atomic_file
-from .errors import unknown_name
-from .gguf_layout import ARCHITECTURES, exportable_type, gguf_tensor_name
-from .llamacpp_guard import check_gguf_runs, open_llama, quantize_in_child
+from .gguf_layout import (
+    ARCHITECTURES,
+    IMATRIX_REQUIRED,
+    IMATRIX_UNUSED,
+    LLAMA_CPP_TYPES,
+    QUANT_TYPES,
+    RELEASE_TYPES,
+    WRITER_TYPES,
+    exportable_type,
+    gguf_tensor_name,
+)
+
+# the quantiser and the llama.cpp check (export_gguf quantises, compare_formats scores); the names
+# that moved from here to llamacpp.py in the split are re-exported so old imports keep working
+from .llamacpp import (
+    LLAMACPP_INSTALL,
+    check_imatrix_given,
+    check_out_file,
+    check_quant,
+    gguf_generate,
+    gguf_perplexity,
+    gguf_token_nll,
+    hf_generate,
+    llama_cpp_available,
+    load_gguf,
+    quantize_gguf,
+    require_llama_cpp,
+    tokenizer_agreement,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -66,53 +90,7 @@ __all__ = [
     "compare_formats",
 ]
 
-LLAMACPP_INSTALL = 'pip install "shortened-llm[llamacpp]"  (builds llama.cpp from source: ~5 min on 2 cores)'
 META_PREFIX = "shortened_llm"  # custom GGUF keys: shortened_llm.original_block_count, ...
-
-
-# Types the gguf writer produces directly (no llama.cpp needed): name -> torch dtype of 2-D tensors
-WRITER_TYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16}
-# Types llama.cpp's quantiser produces from the f16 file: name -> llama_ftype constant in llama_cpp
-LLAMA_CPP_TYPES: dict[str, str] = {
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
-    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
-    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-    "q3_k_l": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
-    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "q3_k_s": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
-    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
-    # llama.cpp's own lossless-range 16-bit type, converted from the f16 file (bf16 -> f16 -> bf16 is exact
-    # for the weights of a bf16 model, whose values f16 holds in its normal range)
-    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
-    # llama-quantize's aliases: Q3_K is Q3_K_M, Q4_K is Q4_K_M, Q5_K is Q5_K_M (the same file)
-    "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q5_k": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    # the "i-quants": non-linear grids fitted to an importance matrix (IMATRIX_REQUIRED)
-    "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
-    "iq4_xs": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
-    "iq3_m": "LLAMA_FTYPE_MOSTLY_IQ3_M",
-    "iq3_s": "LLAMA_FTYPE_MOSTLY_IQ3_S",
-    "iq3_xs": "LLAMA_FTYPE_MOSTLY_IQ3_XS",
-}
-QUANT_TYPES: tuple[str, ...] = (*WRITER_TYPES, *LLAMA_CPP_TYPES)
-# Made only with an importance matrix (quantize_gguf(..., imatrix=)). llama.cpp itself refuses only
-# its 1-2 bit types and IQ3_XXS without one; the IQ types here it would make, but they are designed
-# around one, and the public GGUF releases of shortened models make them with one: so does this package.
-IMATRIX_REQUIRED: frozenset[str] = frozenset(q for q in LLAMA_CPP_TYPES if q.startswith("iq"))
-# Types whose quantiser has no use for an importance matrix (a straight conversion, or Q8_0's round-to-nearest)
-IMATRIX_UNUSED: frozenset[str] = frozenset({"f32", "f16", "bf16", "q8_0"})
-# The files of the public GGUF release of a CPT'd shortened Vicuna, in its order
-RELEASE_TYPES: tuple[str, ...] = ("q2_k", "iq3_xs", "iq3_s", "q3_k_s", "iq3_m", "q3_k", "q3_k_m", "q3_k_l",
-                                  "iq4_xs", "iq4_nl", "q4_0", "q4_k_s", "q4_k", "q4_k_m", "q4_1", "q5_0",
-                                  "q5_k_s", "q5_k", "q5_k_m", "q5_1", "q6_k", "q8_0")
 
 # llama.cpp's pre-tokenizer names for the HF byte-level BPE pre-tokenizers we recognise.
 # Keyed by the shape of tokenizer.json's "pre_tokenizer" (see _pre_tokenizer_key); a tokenizer
@@ -125,31 +103,6 @@ PRE_TOKENIZERS: dict[str, str] = {
 
 # ---- checks ---------------------------------------------------------------------------------
 
-def llama_cpp_available() -> bool:
-    """Whether the optional ``llama-cpp-python`` bindings import (quantisation and the check need them)."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _require_llama_cpp(what: str):
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ImportError(f"{what} needs llama.cpp's Python bindings: {LLAMACPP_INSTALL}") from None
-    return llama_cpp
-
-
-def _check_quant(quant: str) -> str:
-    q = str(quant).lower()
-    if q not in QUANT_TYPES:
-        raise unknown_name("quant", q, QUANT_TYPES,
-                           note=f" (f32/f16 need only the gguf package; the others llama.cpp: {LLAMACPP_INSTALL})")
-    return q
-
-
 def _weight_files(model_dir: Path) -> list[Path]:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model_dir={str(model_dir)!r} is not a directory: pass a Hugging Face model dir "
@@ -161,22 +114,6 @@ def _weight_files(model_dir: Path) -> list[Path]:
         raise FileNotFoundError(f"model_dir={str(model_dir)!r} has a config.json but no weights (*.safetensors or "
                                 "pytorch_model*.bin): save the model with save_model(model, tokenizer, dir)")
     return files
-
-
-def _check_out_file(out_file: Path, overwrite: bool) -> None:
-    if out_file.exists() and not overwrite:
-        raise FileExistsError(f"out_file={str(out_file)!r} already exists: pass overwrite=True (CLI: --overwrite)")
-    if out_file.is_dir():
-        raise IsADirectoryError(f"out_file={str(out_file)!r} is a directory: give a file name such as model-q8_0.gguf")
-    parent = out_file.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PermissionError(f"out_file={str(out_file)!r}: cannot create its folder ({err.strerror}); "
-                              "choose a writable location, e.g. under your run_dir") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"out_file={str(out_file)!r}: folder {str(parent)!r} is not writable; "
-                              "choose a writable location, e.g. under your run_dir")
 
 
 # ---- the f16 / f32 writer -------------------------------------------------------------------
@@ -405,12 +342,12 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant
     """
     from .models import resolve_model_path
 
-    quant = _check_quant(quant)
-    _check_imatrix_given(quant, imatrix)
+    quant = check_quant(quant)
+    check_imatrix_given(quant, imatrix)
     model_dir, out_file = Path(resolve_model_path(model_dir)), Path(out_file)  # an embedded name -> its cached dir
     _weight_files(model_dir)
-    _check_out_file(out_file, overwrite)
-    llama_cpp = _require_llama_cpp(f"quant={quant!r}") if quant in LLAMA_CPP_TYPES else None
+    check_out_file(out_file, overwrite)
+    llama_cpp = require_llama_cpp(f"quant={quant!r}") if quant in LLAMA_CPP_TYPES else None
 
     if llama_cpp is None:
         with atomic_file(out_file) as tmp:
@@ -420,48 +357,6 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, quant
         _write_float_gguf(model_dir, tmp_f16, "f16", tokenizer_pre, progress)
         quantize_gguf(tmp_f16, out_file, quant, overwrite=overwrite, nthread=nthread, imatrix=imatrix)
         tmp_f16.unlink()  # only a stepping stone
-    return out_file
-
-
-def _check_imatrix_given(quant: str, imatrix) -> None:
-    if imatrix is None and quant in IMATRIX_REQUIRED:
-        raise ValueError(f"quant={quant!r} needs an importance matrix (imatrix=PATH): the IQ types are fitted to the "
-                         "mean squared activation of every input channel, and without it their few bits go to the "
-                         "wrong weights. Make one from the calibration text with shortened_llm.imatrix: "
-                         "save_imatrix(calibration_imatrix(model, tokenizer), 'imatrix.gguf') (or llama.cpp's "
-                         "llama-imatrix), then pass imatrix='imatrix.gguf'; `shortened-llm export quant-table` "
-                         "makes one itself")
-
-
-def quantize_gguf(src_file: str | os.PathLike, out_file: str | os.PathLike, quant: str, overwrite: bool = False,
-                  nthread: int | None = None, verbose: bool = False, imatrix: str | os.PathLike | None = None) -> Path:
-    """llama.cpp's own quantiser (``llama_model_quantize``) from an f16/f32 GGUF to ``quant``.
-
-    Metadata (block counts, the pruning record, the tokenizer) is copied by llama.cpp. Use it
-    to make several types from one ``export_gguf(..., quant="f16")`` file without re-writing it.
-    ``imatrix``: an importance matrix file (``imatrix.save_imatrix``, or llama-imatrix's GGUF),
-    required for the IQ types (``IMATRIX_REQUIRED``), optional for the others; it must have been
-    measured on this very model (``imatrix.check_imatrix_fits``), and its name, dataset and chunk
-    count go into the output's ``quantize.imatrix.*`` keys as llama-quantize writes them.
-    ``verbose=True`` shows llama.cpp's per-tensor log (e.g. K-quant fallbacks for widths that
-    are not a multiple of 256, like SmolLM2's 576); otherwise only its errors.
-    """
-    quant = _check_quant(quant)
-    if quant not in LLAMA_CPP_TYPES:
-        raise ValueError(f"quant={quant!r} is written by export_gguf, not quantised: use one of {', '.join(LLAMA_CPP_TYPES)}")
-    _check_imatrix_given(quant, imatrix)
-    _require_llama_cpp(f"quant={quant!r}")
-    src_file, out_file = Path(src_file), Path(out_file)
-    if not src_file.is_file():
-        raise FileNotFoundError(f"src_file={str(src_file)!r} does not exist: write it with export_gguf(..., quant='f16')")
-    if imatrix is not None:
-        from .imatrix import check_imatrix_fits
-
-        check_imatrix_fits(imatrix, src_file)
-    _check_out_file(out_file, overwrite)
-    with atomic_file(out_file) as tmp:  # in a child process: a crash in llama.cpp is an error here, not a dead kernel
-        quantize_in_child(src_file, tmp, LLAMA_CPP_TYPES[quant], nthread or torch.get_num_threads(), verbose=verbose,
-                          imatrix=imatrix)
     return out_file
 
 
@@ -499,97 +394,6 @@ def file_size_mb(path: str | os.PathLike) -> float:
     if path.is_dir():
         return sum(f.stat().st_size for f in _weight_files(path)) / 1e6
     return path.stat().st_size / 1e6
-
-
-# ---- public: the check in llama.cpp ---------------------------------------------------------
-
-def load_gguf(gguf_file: str | os.PathLike, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None,
-              seed: int = 0):
-    """A ``llama_cpp.Llama`` on ``gguf_file`` (CPU), keeping the logits of every position for PPL.
-
-    ``n_threads`` defaults to torch's thread count (``OMP_NUM_THREADS`` / ``torch.set_num_threads``),
-    not to every core: llama.cpp's threads spin at each barrier, so on a machine where other
-    processes (a second test worker, a sweep) hold cores, using all of them runs many times slower.
-    It also sets ``n_threads_batch``, the threads of prompt (batch) evaluation, which is all a
-    PPL pass does: llama-cpp-python would otherwise give it every core. With one other process
-    busy on a 2-core machine that made scoring 3-6x slower (7.6 / 4.4 s vs 1.3 s per 128-token
-    segment).
-
-    The file is first run on a few tokens in a child process (``llamacpp_guard.check_gguf_runs``,
-    once per file): where this llama.cpp build cannot run on this CPU, that raises
-    ``LlamaCppCrash`` with the fix, instead of a SIGILL that kills the notebook kernel.
-    """
-    _require_llama_cpp("loading a GGUF")
-    if not Path(gguf_file).is_file():
-        raise FileNotFoundError(f"gguf_file={str(gguf_file)!r} does not exist: write it with export_gguf first")
-    threads = n_threads or torch.get_num_threads()
-    check_gguf_runs(gguf_file, threads)
-    return open_llama(gguf_file, n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                      n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False)
-
-
-def gguf_token_nll(llm, input_ids: torch.Tensor, progress: bool | str = False) -> torch.Tensor:
-    """NLL of every predicted token under llama.cpp: ``(n, T)`` ids -> ``(n * (T - 1),)``, like ``evaluate.token_nll``.
-
-    Each segment is evaluated from an empty context, as the HF model sees it; llama.cpp's
-    logits of positions 0..T-2 score tokens 1..T-1.
-    """
-    n, T = input_ids.shape
-    if T > llm.n_ctx():
-        raise ValueError(f"segments of {T} tokens exceed the context n_ctx={llm.n_ctx()}: load_gguf(..., n_ctx>={T})")
-    rows = range(n)
-    if progress:
-        rows = tqdm(rows, desc=progress if isinstance(progress, str) else "llama.cpp NLL", unit="seg")
-    losses = []
-    for i in rows:
-        ids = input_ids[i]
-        llm.reset()
-        llm.eval(ids.tolist())
-        logits = torch.from_numpy(llm.scores[: T - 1].copy())  # (T-1, V)
-        losses.append(F.cross_entropy(logits.float(), ids[1:], reduction="none"))
-    return torch.cat(losses)
-
-
-def gguf_perplexity(llm, input_ids: torch.Tensor, progress: bool | str = False) -> float:
-    """exp(mean NLL) over ``input_ids`` (from ``evaluate.ppl_segments``): the paper's protocol in llama.cpp."""
-    return math.exp(gguf_token_nll(llm, input_ids, progress).double().mean().item())
-
-
-def tokenizer_agreement(llm, tokenizer, texts: Sequence[str]) -> dict:
-    """Do llama.cpp and HF tokenise ``texts`` to the same ids, and do both decode them back?
-
-    Returns counts (``ids_equal``, ``roundtrip_equal`` out of ``texts``) and the first
-    mismatch, so a wrong pre-tokenizer shows up before anyone trusts a generation.
-    """
-    ids_equal = roundtrip = 0
-    first = None
-    for text in texts:
-        hf = tokenizer(text, add_special_tokens=False).input_ids
-        lc = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-        back = llm.detokenize(hf).decode("utf-8", errors="replace")
-        ids_equal += hf == lc
-        roundtrip += back == tokenizer.decode(hf)
-        if first is None and (hf != lc or back != tokenizer.decode(hf)):
-            k = next((j for j, (a, b) in enumerate(zip(hf, lc)) if a != b), min(len(hf), len(lc)))
-            first = {"text": text[:80], "position": k, "hf": hf[k : k + 5], "llama_cpp": lc[k : k + 5]}
-    return {"texts": len(texts), "ids_equal": ids_equal, "roundtrip_equal": roundtrip, "first_mismatch": first}
-
-
-def gguf_generate(llm, prompt_ids: Sequence[int], max_new_tokens: int = 32) -> str:
-    """Greedy continuation of the token ids ``prompt_ids`` in llama.cpp (same ids as ``hf_generate`` gets)."""
-    llm.reset()
-    out = llm.create_completion(list(map(int, prompt_ids)), max_tokens=max_new_tokens, temperature=0.0, top_k=1,
-                                repeat_penalty=1.0, seed=0)
-    return out["choices"][0]["text"]
-
-
-@torch.no_grad()
-def hf_generate(model, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int = 32) -> str:
-    """Greedy continuation in transformers, decoded without the prompt: the reference for ``gguf_generate``."""
-    ids = torch.tensor([list(prompt_ids)], device=next(model.parameters()).device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def compare_formats(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quants: Sequence[str] = ("f16", "q8_0", "q4_k_m"),

@@ -1,14 +1,62 @@
-"""How each Hugging Face family is laid out in a GGUF: llama.cpp's architecture and tensor names.
+"""How a model is laid out in a GGUF: llama.cpp's architecture and tensor names per family, and the file types.
 
-The ground floor of the GGUF side: ``export.py`` writes files with it and ``imatrix.py`` names
-its statistics with it, so neither imports the other for names. Imports nothing of the package.
+The ground floor of the GGUF side: ``export.py`` writes files with it, ``llamacpp.py`` quantises
+to its types and ``imatrix.py`` names its statistics with it, so none of them imports another
+for names or types. Imports nothing of the package.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 
-__all__ = ["GgufArch", "ARCHITECTURES", "exportable_type", "tensor_name_map", "gguf_tensor_name"]
+import torch
+
+__all__ = ["GgufArch", "ARCHITECTURES", "exportable_type", "tensor_name_map", "gguf_tensor_name",
+           "WRITER_TYPES", "LLAMA_CPP_TYPES", "QUANT_TYPES", "IMATRIX_REQUIRED", "IMATRIX_UNUSED", "RELEASE_TYPES"]
+
+# Types the gguf writer produces directly (no llama.cpp needed): name -> torch dtype of 2-D tensors
+WRITER_TYPES: dict[str, torch.dtype] = {"f32": torch.float32, "f16": torch.float16}
+# Types llama.cpp's quantiser produces from the f16 file: name -> llama_ftype constant in llama_cpp
+LLAMA_CPP_TYPES: dict[str, str] = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q3_k_l": "LLAMA_FTYPE_MOSTLY_Q3_K_L",
+    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q3_k_s": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    # llama.cpp's own lossless-range 16-bit type, converted from the f16 file (bf16 -> f16 -> bf16 is exact
+    # for the weights of a bf16 model, whose values f16 holds in its normal range)
+    "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    # llama-quantize's aliases: Q3_K is Q3_K_M, Q4_K is Q4_K_M, Q5_K is Q5_K_M (the same file)
+    "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    # the "i-quants": non-linear grids fitted to an importance matrix (IMATRIX_REQUIRED)
+    "iq4_nl": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+    "iq4_xs": "LLAMA_FTYPE_MOSTLY_IQ4_XS",
+    "iq3_m": "LLAMA_FTYPE_MOSTLY_IQ3_M",
+    "iq3_s": "LLAMA_FTYPE_MOSTLY_IQ3_S",
+    "iq3_xs": "LLAMA_FTYPE_MOSTLY_IQ3_XS",
+}
+QUANT_TYPES: tuple[str, ...] = (*WRITER_TYPES, *LLAMA_CPP_TYPES)
+# Made only with an importance matrix (quantize_gguf(..., imatrix=)). llama.cpp itself refuses only
+# its 1-2 bit types and IQ3_XXS without one; the IQ types here it would make, but they are designed
+# around one, and the public GGUF releases of shortened models make them with one: so does this package.
+IMATRIX_REQUIRED: frozenset[str] = frozenset(q for q in LLAMA_CPP_TYPES if q.startswith("iq"))
+# Types whose quantiser has no use for an importance matrix (a straight conversion, or Q8_0's round-to-nearest)
+IMATRIX_UNUSED: frozenset[str] = frozenset({"f32", "f16", "bf16", "q8_0"})
+# The files of the public GGUF release of a CPT'd shortened Vicuna, in its order
+RELEASE_TYPES: tuple[str, ...] = ("q2_k", "iq3_xs", "iq3_s", "q3_k_s", "iq3_m", "q3_k", "q3_k_m", "q3_k_l",
+                                  "iq4_xs", "iq4_nl", "q4_0", "q4_k_s", "q4_k", "q4_k_m", "q4_1", "q5_0",
+                                  "q5_k_s", "q5_k", "q5_k_m", "q5_1", "q6_k", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -59,7 +107,7 @@ def exportable_type(config) -> str:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type={model_type!r} cannot be exported to GGUF yet. Supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))} (add an entry to shortened_llm.export.ARCHITECTURES)")
+                         f"{', '.join(sorted(ARCHITECTURES))} (add an entry to shortened_llm.gguf_layout.ARCHITECTURES)")
     return model_type
 
 

@@ -9,7 +9,7 @@ they have it.
 
 This module computes it in transformers with forward hooks, from the same calibration text the
 block scores use (``data.calibration_batches``), and stores it the way ``llama-imatrix`` does, so
-``llama-quantize --imatrix`` reads our file and ``export.quantize_gguf(..., imatrix=)`` reads
+``llama-quantize --imatrix`` reads our file and ``llamacpp.quantize_gguf(..., imatrix=)`` reads
 theirs. One GGUF file (``general.type = "imatrix"``), per weight two F32 tensors:
 
     <name>.in_sum2   ggml shape (n_in, 1)  sum over tokens of x_j^2
@@ -17,7 +17,7 @@ theirs. One GGUF file (``general.type = "imatrix"``), per weight two F32 tensors
 
 plus ``imatrix.datasets``, ``imatrix.chunk_count`` and ``imatrix.chunk_size``, the keys
 ``llama-quantize`` insists on. Tensor names are the ones ``export_gguf`` writes
-(``export.gguf_tensor_name``). ``shortened_llm.*`` keys record which blocks the model had, so an
+(``gguf_layout.gguf_tensor_name``). ``shortened_llm.*`` keys record which blocks the model had, so an
 importance matrix of the dense model is refused for a pruned one (``check_imatrix_fits``): the
 names and sizes of its blocks 0..n-1 would fit, the statistics would not.
 """

@@ -9,7 +9,7 @@ K-quants and legacy types both with and without it), then per type
 - file size (MB) and bits per weight: 8 x file bytes / parameters, so the vocabulary and the
   metadata count too (llama.cpp's own "BPW" counts tensor bytes only);
 - WikiText-2 perplexity in llama.cpp on the token ids transformers sees (``evaluate.ppl_segments``,
-  ``export.gguf_perplexity``), and its ratio to the same model's f16 file;
+  ``llamacpp.gguf_perplexity``), and its ratio to the same model's f16 file;
 - prompt and generation speed in llama.cpp on this CPU: a ``prompt_tokens`` prompt evaluated at
   once, then ``gen_tokens`` greedy tokens one at a time, the median of ``repeats`` runs after a
   warm-up, with the spread (max - min) / median;
@@ -30,8 +30,9 @@ from typing import Literal, Sequence
 
 import pandas as pd
 
-from .export import IMATRIX_REQUIRED, IMATRIX_UNUSED, LLAMA_CPP_TYPES, RELEASE_TYPES, _check_quant
+from .gguf_layout import IMATRIX_REQUIRED, IMATRIX_UNUSED, LLAMA_CPP_TYPES, RELEASE_TYPES
 from .imatrix import IMATRIX_SAMPLES
+from .llamacpp import check_quant
 
 __all__ = ["COLUMNS", "DEFAULT_TYPES", "quant_table", "equal_size", "work_dir_for"]
 
@@ -55,7 +56,7 @@ def _plan(types: Sequence[str], imatrix: ImatrixRows) -> list[tuple[str, bool]]:
         raise ValueError(f"imatrix={imatrix!r} must be 'both', 'with' or 'without': which K-quant / legacy rows to "
                          "measure (the IQ types are always made with one, f16/bf16/q8_0 never use one)")
     rows = [("f16", False)]
-    for t in dict.fromkeys(_check_quant(t) for t in types):
+    for t in dict.fromkeys(check_quant(t) for t in types):
         if t == "f32":
             raise ValueError("types: f32 is not measured; f16 is the reference row every ratio is to")
         if t == "f16":
@@ -73,7 +74,7 @@ def _speed(path: Path, prompt: list[int], gen_tokens: int, repeats: int, threads
     """Prompt and generation tokens/s in llama.cpp: median of ``repeats`` after one warm-up run."""
     import numpy as np
 
-    from .export import load_gguf
+    from .llamacpp import load_gguf
 
     llm = load_gguf(path, n_ctx=len(prompt) + gen_tokens, logits_all=False, n_threads=threads)
     prompt_s, gen_s = [], []
@@ -148,7 +149,8 @@ class _Model:
 
 def _measure(m: _Model, quant: str, with_imatrix: bool, prompt_tokens: int, gen_tokens: int, repeats: int,
              threads: int, keep_files: bool) -> dict:
-    from .export import file_size_mb, gguf_perplexity, load_gguf, quantize_gguf
+    from .export import file_size_mb
+    from .llamacpp import gguf_perplexity, load_gguf, quantize_gguf
     from .llamacpp_guard import cpu_model
 
     f16 = m.f16_file()
