@@ -1,4 +1,5 @@
-"""The paper's claims, checked on this run's models (the "claims table" of notebook 06).
+"""The paper's claims, checked on this run's models (the "claims table" of notebook 06), and the
+later papers' claims checked on notebook 09's tables (``recovery_claims``).
 
 Each claim of Kim et al. 2024 becomes one row: what the paper says, whether it held here,
 and the numbers behind it, read from the run directory (``runs/<run>/eval/*.csv``,
@@ -17,7 +18,8 @@ from typing import Callable
 
 import pandas as pd
 
-__all__ = ["run_models", "ppl_table", "PAPER_PAIRS", "relative_change", "Claim", "CLAIMS", "claims_table", "load_run_tables"]
+__all__ = ["run_models", "ppl_table", "PAPER_PAIRS", "relative_change", "Claim", "CLAIMS", "claims_table", "recovery_claims",
+           "load_run_tables"]
 
 
 # ---- the run's models -----------------------------------------------------------------------
@@ -264,6 +266,73 @@ def claims_table(ppl: pd.DataFrame | None = None, zeroshot: pd.DataFrame | None 
         held, numbers = claim.check(ppl, zeroshot, efficiency)
         rows.append({"claim": claim.name, "paper": claim.paper, "held": held, "numbers": numbers})
     return pd.DataFrame(rows)
+
+
+# ---- notebook 09: what the recovery, sub-block and speed tables say about the later papers' claims ----
+
+def _verdict(ok: bool) -> str:
+    return "holds" if ok else "does not hold"
+
+
+def recovery_claims(recovery: pd.DataFrame, units: pd.DataFrame, speed: pd.DataFrame, ratios, retrained) -> list[str]:
+    """One line per comparison notebook 09's tables allow; a pair with a side missing is left out.
+
+    ``recovery``: criterion, ratio, method, wikitext2_ppl, seconds (one row per triple, ``random``
+    averaged over seeds). ``units``: ratio, unit (block / attn / mlp), wikitext2_ppl at equal
+    parameters. ``speed``: model, context, speedup, kv_vs_dense (``subblock.relative_to``).
+    ``ratios`` and ``retrained`` (criteria) are the grid's. Unlike ``CLAIMS`` (the paper's, one
+    row each) these claims are made per ratio, criterion and method, so they come as lines, in
+    the order of the tables: per ratio the criteria compared after each method (Lu et al.),
+    then the methods compared per retrained criterion (Minitron, ReplaceMe, partial
+    fine-tuning); then the units, then the speed at each context.
+    """
+    from .distill import RECOVERY
+
+    def row(c, r, m):
+        sel = recovery[(recovery.criterion == c) & (recovery.ratio == r) & (recovery.method == m)]
+        return sel.iloc[0] if len(sel) else None
+
+    def ppl(c, r, m):
+        found = row(c, r, m)
+        return None if found is None else float(found.wikitext2_ppl)
+
+    lines = []
+    for r in ratios:
+        for m in [x for x in RECOVERY if x != "none"]:
+            rev, by_ppl = ppl("reverse", r, m), ppl("ppl", r, m)
+            if rev and by_ppl:
+                lines.append(f"{r:.0%}, {m}: reverse {rev:.1f} vs ppl {by_ppl:.1f} -> Lu et al. ('reverse beats PPL "
+                             f"after fine-tuning') {_verdict(rev < by_ppl)} here")
+        for c in retrained:
+            kd, lora, part = ppl(c, r, "kd"), ppl(c, r, "lora"), ppl(c, r, "partial")
+            if kd and lora:
+                lines.append(f"{r:.0%}, {c}: KD {kd:.1f} vs LoRA {lora:.1f} at equal steps -> Minitron ('KD recovers "
+                             f"best') {_verdict(kd < lora)}")
+            rm, none, rm_kd = ppl(c, r, "replaceme"), ppl(c, r, "none"), ppl(c, r, "replaceme+kd")
+            if rm and none:
+                lines.append(f"{r:.0%}, {c}: ReplaceMe {rm:.1f} vs plain removal {none:.1f} in "
+                             f"{float(row(c, r, 'replaceme').seconds):.0f} s, no training -> "
+                             f"ReplaceMe ('recovers without training') {_verdict(rm < none)}")
+            if rm_kd and kd:
+                lines.append(f"{r:.0%}, {c}: ReplaceMe then KD {rm_kd:.1f} vs KD {kd:.1f} at equal steps -> "
+                             f"'a better start helps KD' {_verdict(rm_kd < kd)}")
+            if part and lora:
+                lines.append(f"{r:.0%}, {c}: partial {part:.1f} vs LoRA {lora:.1f} -> Lu et al. ('partial beats LoRA') "
+                             f"{_verdict(part < lora)}")
+    measured = units.dropna(subset=["wikitext2_ppl"]) if "wikitext2_ppl" in units else units.iloc[0:0]
+    for r, g in measured.groupby("ratio"):
+        p = g.set_index("unit").wikitext2_ppl
+        if {"attn", "block"} <= set(p.index):
+            lines.append(f"{r:.0%} params: attention-only {p['attn']:.1f} vs block {p['block']:.1f} -> 'attention is "
+                         f"more redundant' {_verdict(p['attn'] < p['block'])}")
+        if {"mlp", "block"} <= set(p.index):
+            lines.append(f"{r:.0%} params: MLP-only {p['mlp']:.1f} vs block {p['block']:.1f}")
+    for _, x in speed[speed.model == "attn"].iterrows():
+        blk = speed[(speed.model == "block") & (speed.context == x.context)]
+        if len(blk):
+            lines.append(f"context {x.context}: attention-only speed-up {x.speedup:.2f}x, KV {x.kv_vs_dense:.0%} of "
+                         f"dense; block pruning {blk.speedup.iloc[0]:.2f}x, KV {blk.kv_vs_dense.iloc[0]:.0%}")
+    return lines
 
 
 def load_run_tables(run_dir, results_dir=None) -> dict[str, pd.DataFrame | None]:
