@@ -142,10 +142,11 @@ def cmd_score(args) -> int:
 def cmd_prune(args) -> int:
     from .architectures import n_blocks_for
     from .artifacts import load_scores
-    from .importance import PLUS_RULE, block_importance, blocks_to_remove, check_removable, criterion_options, split_criterion
+    from .importance import split_criterion
     from .models import load_model, num_blocks, save_model
+    from .pipeline import plus_rule, prune_model
     from .presets import get_preset
-    from .prune import num_blocks_to_remove, remove_blocks
+    from .prune import num_blocks_to_remove
 
     method, unit = getattr(args, "method", "depth"), getattr(args, "unit", "block")
     if args.n_blocks is not None and (method, unit) != ("depth", "block"):
@@ -155,7 +156,7 @@ def cmd_prune(args) -> int:
         return _cmd_width(args)
     if unit != "block":
         return _cmd_unit(args, prune=True)
-    _, plus = split_criterion(args.criterion)
+    split_criterion(args.criterion)  # fail on a bad name before loading anything
     out = Path(args.out)
     check_replaceable(out, args.overwrite, flag="--overwrite")
     preset = get_preset(args.preset)
@@ -165,15 +166,10 @@ def cmd_prune(args) -> int:
         n = num_blocks_to_remove(num_blocks(model), n_blocks=args.n_blocks)
     else:  # the paper preset knows the official count for the paper's models
         n = n_blocks_for(preset, model.config, ratio)
-    keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
-    check_removable(num_blocks(model), n, **keep)  # before any scoring work
-    if args.scores:
-        scores = load_scores(args.scores)
-    else:
-        scores = block_importance(model, _calibration(args, tokenizer, model), args.criterion,
-                                  **criterion_options(args.criterion, n))
-    removed = blocks_to_remove(scores, n, **keep)
-    remove_blocks(model, removed, criterion=args.criterion, ratio=ratio, scores=scores)
+    scores = load_scores(args.scores) if args.scores else None
+    ids = None if scores is not None else _calibration(args, tokenizer, model)
+    model, removed, scores = prune_model(model, ids, args.criterion, n, ratio=ratio, scores=scores,
+                                         **plus_rule(args.criterion, preset))
     save_model(model, tokenizer, out, overwrite=args.overwrite)
     _print_json({"criterion": args.criterion, "ratio": ratio, "n_blocks": n, "removed_blocks": removed,
                  "num_blocks": num_blocks(model), "out": str(out)})
@@ -201,27 +197,25 @@ def _cmd_width(args) -> int:
 def _cmd_unit(args, prune: bool) -> int:
     """score/prune with ``--unit attn|mlp``: halves of blocks (subblock.py); ``--ratio`` is the share of halves."""
     from .artifacts import save_scores
-    from .importance import PLUS_RULE
+    from .importance import DATA_FREE, block_importance, check_criterion, criterion_options
     from .models import load_model, num_blocks, save_model
+    from .pipeline import plus_rule, prune_model
     from .prune import num_blocks_for_ratio
-    from .subblock import SUB_CRITERIA, prune_unit, sublayer_importance
 
-    base, plus = (args.criterion[:-1], True) if args.criterion.endswith("+") else (args.criterion, False)
-    if base not in SUB_CRITERIA:
-        raise ValueError(f"--criterion {args.criterion!r} is not available with --unit {args.unit}: "
-                         f"use one of {', '.join(sorted(SUB_CRITERIA))} (each also with '+')")
+    base = check_criterion(args.criterion, args.unit)  # before loading anything
     if prune:
         check_replaceable(args.out, args.overwrite, flag="--overwrite")
     model, tokenizer = load_model(args.model, preset=args.preset)
-    ids = None if base in ("reverse", "random") else _calibration(args, tokenizer, model)
+    ids = None if base in DATA_FREE else _calibration(args, tokenizer, model)
     if not prune:
-        scores = sublayer_importance(model, ids, args.unit, base, **({"n": args.n} if base == "sleb" and args.n else {}))
+        scores = block_importance(model, ids, base, unit=args.unit, **criterion_options(base, args.n))
         save_scores(args.out, scores)
         _print_json({"criterion": args.criterion, "unit": args.unit, "out": args.out, "scores": scores.tolist()})
         return 0
     n = num_blocks_for_ratio(num_blocks(model), args.ratio)
-    keep = PLUS_RULE if plus else {}
-    model, removed = prune_unit(model, ids, args.unit, n, base, ratio=args.ratio, **keep)
+    # the record names the base criterion; the "+" only chooses which halves may go
+    model, removed, _ = prune_model(model, ids, base, n, unit=args.unit, ratio=args.ratio,
+                                    **plus_rule(args.criterion, args.preset))
     save_model(model, tokenizer, args.out, overwrite=args.overwrite)
     _print_json({"criterion": args.criterion, "unit": args.unit, "ratio": args.ratio, "removed": removed,
                  "out": str(args.out)})

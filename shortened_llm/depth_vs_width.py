@@ -17,10 +17,10 @@ import pandas as pd
 import torch
 
 from .artifacts import atomic_write_text, load_scores, pruned_dir, scores_csv
-from .importance import PLUS_RULE, block_importance, blocks_to_remove
 from .models import count_params, load_model, num_blocks
+from .pipeline import plus_rule, prune_model
 from .presets import get_preset
-from .prune import num_blocks_for_ratio, remove_blocks
+from .prune import num_blocks_for_ratio
 from .width import width_prune
 
 __all__ = ["depth_pruned", "pruned_trio", "generate_side_by_side", "explore_ratio", "EXPLORER_CSV"]
@@ -35,11 +35,11 @@ def depth_pruned(dense, tokenizer, ratio: float, run_dir: str | os.PathLike | No
         return model, f"loaded {pruned_dir(run_dir, 'ppl', ratio)}"
     n = num_blocks_for_ratio(num_blocks(dense), ratio)
     if run_dir is not None and scores_csv(run_dir, "ppl").exists():
-        scores, criterion, keep = load_scores(scores_csv(run_dir, "ppl")), "ppl", {}
-    else:
-        scores, criterion, keep = block_importance(dense, None, "magnitude"), "magnitude+", PLUS_RULE
-    removed = blocks_to_remove(scores, n, **keep)
-    model = remove_blocks(copy.deepcopy(dense), removed, criterion=criterion, ratio=ratio, scores=scores)
+        scores, criterion = load_scores(scores_csv(run_dir, "ppl")), "ppl"
+    else:  # the cheap, data-free fallback
+        scores, criterion = None, "magnitude+"
+    model, removed, _ = prune_model(copy.deepcopy(dense), None, criterion, n, ratio=ratio, scores=scores,
+                                    **plus_rule(criterion))
     return model, f"{criterion} scores, removed blocks {removed}"
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import load_texts
-from .models import family_of
+from .families import family_of
 
 __all__ = ["PPL_DATASETS", "perplexity", "ppl_segments", "token_nll", "default_bos"]
 

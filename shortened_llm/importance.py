@@ -13,9 +13,16 @@ each in fp32 whatever the model's dtype: bf16 moves near-ties, and near-ties dec
 - ``sleb`` (Song et al. 2024): greedy removal, re-scoring the survivors after each removal.
 - ``reverse`` and ``random``: data-free baselines (deepest first; seeded shuffle).
 
+Criteria score any pruning unit they declare (``units.UNITS``: ``block``, and the ``attn`` /
+``mlp`` halves of sub-block pruning): ``block_importance(model, ids, "ppl", unit="attn")``
+gives one score per block for its attention half, +inf where that half is already gone, so
+``to_remove`` never picks it. ``ppl``, ``sleb``, ``bi``, ``reverse`` and ``random`` score every
+unit; ``taylor``, ``magnitude`` and ``angular`` whole blocks only.
+
 A "+" suffix (``taylor+``, ``magnitude+``, ``ppl+``) does not change the scores: it protects
-the first and last blocks when choosing what to remove (``blocks_to_remove(keep_first=4,
-keep_last=2)``, the official code's heuristic, here a visible parameter).
+the first and last blocks when choosing what to remove (``to_remove(keep_first=4,
+keep_last=2)``, the official code's heuristic, here a visible parameter whose values are the
+preset's ``keep_first`` / ``keep_last``: ``pipeline.plus_rule``).
 """
 from __future__ import annotations
 
@@ -30,35 +37,56 @@ from tqdm.auto import tqdm
 
 from .errors import unknown_name
 from .evaluate import shifted_nll
-from .models import unwrap, get_blocks
-from .prune import num_blocks_for_ratio, skipping_blocks
+from .families import family_of, get_blocks, get_path, unwrap
+from .presets import Preset
+from .prune import num_blocks_for_ratio
+from .units import get_unit
 
 __all__ = [
     "CRITERIA",
+    "CRITERION_UNITS",
     "DATA_FREE",
     "PLUS_RULE",
     "register_criterion",
+    "criteria_for",
     "split_criterion",
+    "check_criterion",
     "criterion_options",
     "block_importance",
+    "sublayer_importance",
     "check_removable",
+    "to_remove",
     "blocks_to_remove",
+    "sublayers_to_remove",
     "removal_order",
 ]
 
 CRITERIA: dict[str, Callable[..., torch.Tensor]] = {}
 DATA_FREE: set[str] = set()  # criteria that ignore the calibration set (input_ids may be None)
-PLUS_RULE = {"keep_first": 4, "keep_last": 2}  # the official "+" heuristic
+CRITERION_UNITS: dict[str, tuple[str, ...]] = {}  # the pruning units each criterion can score
+# The official "+" heuristic at the preset's defaults (``Preset.keep_first`` / ``keep_last``): one
+# source for the numbers; ``pipeline.plus_rule(criterion, preset)`` reads a given preset's.
+PLUS_RULE = {"keep_first": Preset.keep_first, "keep_last": Preset.keep_last}
 
 
-def register_criterion(name: str, needs_data: bool = True):
+def register_criterion(name: str, needs_data: bool = True, units: tuple[str, ...] = ("block",)):
+    """Register ``fn(model, input_ids, **options)`` as criterion ``name``, scoring the given ``units``.
+
+    A criterion of more than whole blocks takes ``unit=`` and gives +inf to units already removed.
+    """
     def wrap(fn):
         CRITERIA[name] = fn
+        CRITERION_UNITS[name] = tuple(units)
         if not needs_data:
             DATA_FREE.add(name)
         return fn
 
     return wrap
+
+
+def criteria_for(unit: str) -> list[str]:
+    """The criteria that can score ``unit``, sorted."""
+    return sorted(c for c, units in CRITERION_UNITS.items() if unit in units)
 
 
 def split_criterion(criterion: str) -> tuple[str, bool]:
@@ -70,6 +98,19 @@ def split_criterion(criterion: str) -> tuple[str, bool]:
         names = sorted(CRITERIA) + sorted(f"{c}+" for c in CRITERIA)
         raise unknown_name("criterion", criterion, names, available=", ".join(sorted(CRITERIA)), note=" (each also with '+')")
     return base, plus
+
+
+def check_criterion(criterion: str, unit: str = "block") -> str:
+    """The base name of ``criterion`` (``"ppl+" -> "ppl"``) if it scores ``unit``; else one clear error.
+
+    Needs no model: the CLI calls it before loading anything.
+    """
+    get_unit(unit)
+    base, _ = split_criterion(criterion)
+    if unit not in CRITERION_UNITS[base]:
+        raise ValueError(f"criterion {criterion!r} does not score unit {unit!r}: the criteria for {unit!r} are "
+                         f"{', '.join(criteria_for(unit))} (each also with '+')")
+    return base
 
 
 def criterion_options(criterion: str, n: int | None) -> dict:
@@ -94,24 +135,30 @@ def _check_input(input_ids) -> torch.Tensor:
 
 
 def block_importance(model, input_ids: torch.Tensor | None, criterion: str = "ppl", fp32: bool = True,
-                     **options) -> torch.Tensor:
-    """One float per block of ``model``, higher = more important, by ``criterion``.
+                     unit: str = "block", **options) -> torch.Tensor:
+    """One float per block of ``model``, higher = more important, by ``criterion``, for ``unit``.
 
-    Data-free criteria (``magnitude``, ``reverse``, ``random``) accept ``input_ids=None``.
-    ``fp32=True`` scores in fp32 whatever the model's dtype (``_in_fp32``, Taylor's own switch,
-    for every criterion that runs the model): the scores are those of the fp32 model with the
-    same weights. In bf16 the ``ppl`` scores of the embedded model move by up to 11 % and the six
-    blocks removed change (FINDINGS, "bf16 on this CPU"). ``fp32=False``: the model's own dtype.
+    ``unit="block"`` scores whole blocks (the paper); ``"attn"`` / ``"mlp"`` score each block's
+    half, with +inf for halves already removed. A criterion that does not score ``unit`` is
+    refused before any work. Data-free criteria (``magnitude``, ``reverse``, ``random``) accept
+    ``input_ids=None``. ``fp32=True`` scores in fp32 whatever the model's dtype (``_in_fp32``,
+    Taylor's own switch, for every criterion that runs the model): the scores are those of the
+    fp32 model with the same weights. In bf16 the ``ppl`` scores of the embedded model move by up
+    to 11 % and the six blocks removed change (FINDINGS, "bf16 on this CPU"). ``fp32=False``: the
+    model's own dtype.
     """
-    base, _ = split_criterion(criterion)
+    base = check_criterion(criterion, unit)
+    get_unit(unit).check(model)
     accepted = inspect.signature(CRITERIA[base]).parameters
+    if "unit" in accepted:
+        options["unit"] = unit
     if "fp32" in accepted:
         options["fp32"] = fp32  # taylor: the same switch, applied inside (and a no-op once fp32)
     if "progress" not in accepted:
         options.pop("progress", None)  # an instant criterion (no loop): nothing to show, same call for all
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        takes = sorted(set(accepted) - {"model", "input_ids"})
+        takes = sorted(set(accepted) - {"model", "input_ids", "unit"})
         raise ValueError(f"criterion {base!r} takes no option(s) {unknown}; it takes: {', '.join(takes) or 'none'}")
     if base not in DATA_FREE or input_ids is not None:
         input_ids = _check_input(input_ids)
@@ -119,6 +166,12 @@ def block_importance(model, input_ids: torch.Tensor | None, criterion: str = "pp
         scores = CRITERIA[base](model, input_ids, **options)
     assert scores.shape == (len(get_blocks(model)),), (base, scores.shape)
     return scores
+
+
+def sublayer_importance(model, input_ids: torch.Tensor | None, unit: str, criterion: str = "ppl",
+                        **options) -> torch.Tensor:
+    """Compatibility name (notebook 09, old code): ``block_importance`` with the old argument order."""
+    return block_importance(model, input_ids, criterion, unit=unit, **options)
 
 
 def removal_order(scores: torch.Tensor) -> list[int]:
@@ -130,7 +183,7 @@ def removal_order(scores: torch.Tensor) -> list[int]:
 def check_removable(total: int, n: int, keep_first: int = 0, keep_last: int = 0) -> int:
     """Raise unless ``n`` of ``total`` blocks can go while the protected ones stay; returns how many could.
 
-    Called before any scoring work (CLI, notebooks) as well as by ``blocks_to_remove``.
+    Called before any scoring work (CLI, notebooks, ``pipeline.prune_model``) as well as by ``to_remove``.
     """
     if keep_first < 0 or keep_last < 0:
         raise ValueError(f"keep_first={keep_first} and keep_last={keep_last} must be >= 0")
@@ -145,13 +198,28 @@ def check_removable(total: int, n: int, keep_first: int = 0, keep_last: int = 0)
     return removable
 
 
-def blocks_to_remove(scores: torch.Tensor, n: int, keep_first: int = 0, keep_last: int = 0) -> list[int]:
-    """The ``n`` least important blocks, never one of the first ``keep_first`` or last ``keep_last``."""
+def to_remove(scores: torch.Tensor, n: int, keep_first: int = 0, keep_last: int = 0) -> list[int]:
+    """The ``n`` least important units, never one of the first ``keep_first`` or last ``keep_last``.
+
+    Units already removed carry +inf and are never chosen: at most all live ones but one go.
+    """
     total = len(scores)
     check_removable(total, n, keep_first, keep_last)
+    finite = [math.isfinite(float(s)) for s in scores]
+    if n > sum(finite) - 1:
+        raise ValueError(f"n={n} units to remove but only {sum(finite)} are left and one must stay: "
+                         f"remove at most {sum(finite) - 1}")
     protected = set(range(min(keep_first, total))) | set(range(max(total - keep_last, 0), total))
-    candidates = [i for i in removal_order(scores) if i not in protected]
+    candidates = [i for i in removal_order(scores) if i not in protected and finite[i]]
+    if len(candidates) < n:
+        raise ValueError(f"n={n} with keep_first={keep_first}, keep_last={keep_last} reaches already removed units: "
+                         f"only {len(candidates)} live ones are removable")
     return sorted(candidates[:n])
+
+
+# The names each unit's code called it by (the README, notebooks 01-09 and the benchmarks use them)
+blocks_to_remove = to_remove
+sublayers_to_remove = to_remove
 
 
 # ---- ppl: calibration perplexity with one block removed ------------------------------------
@@ -178,24 +246,34 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def _block_states(model, batch: torch.Tensor) -> list[torch.Tensor]:
+def _block_states(model, batch: torch.Tensor, attn_path: str | None = None):
     """The hidden state entering every block, plus the last block's output: ``L + 1`` tensors.
 
     One pass of the base model (no LM head: nothing here needs logits). Each tensor is
-    (B, T, d) on the device of the block that produced or received it.
+    (B, T, d) on the device of the block that produced or received it. With ``attn_path`` (a
+    family's ``SubLayers.attn``) also each block's attention output, ``(states, attn_outputs)``:
+    ``states[i] + attn_outputs[i]`` is the residual stream between block i's two halves.
     """
     blocks = get_blocks(model)
     states: list[torch.Tensor] = []
+    attn_outputs: list[torch.Tensor] = []
     hooks = [b.register_forward_pre_hook(lambda m, a, k: states.append(_hidden_arg(a, k)), with_kwargs=True)
              for b in blocks]
-    hooks.append(blocks[-1].register_forward_hook(
-        lambda m, a, out: states.append(out[0] if isinstance(out, tuple) else out)))
+    hooks.append(blocks[-1].register_forward_hook(lambda m, a, out: states.append(_first(out))))
+    if attn_path is not None:
+        hooks += [get_path(b, attn_path).register_forward_hook(lambda m, a, out: attn_outputs.append(_first(out)))
+                  for b in blocks]
     try:
         unwrap(model).base_model(batch.to(_device(model)), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return states
+    return states if attn_path is None else (states, attn_outputs)
+
+
+def _first(out):
+    """A module's hidden-state output (blocks and attentions return tuples in some families)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _block_inputs(model, batch: torch.Tensor) -> list[torch.Tensor]:
@@ -213,25 +291,27 @@ def _inject(block, hidden: torch.Tensor):
 
 
 @torch.no_grad()
-def _nll_without(model, batch: torch.Tensor, block: int, inputs: list[torch.Tensor] | None) -> torch.Tensor:
-    """Per-token NLL of ``batch`` with ``block`` removed.
+def _nll_without(model, batch: torch.Tensor, block: int, inputs: list[torch.Tensor] | None,
+                 unit: str = "block") -> torch.Tensor:
+    """Per-token NLL of ``batch`` with ``unit`` ``block`` removed.
 
-    Without ``inputs`` this is the naive way: one forward pass of the model minus ``block``.
-    With ``inputs`` (the cached hidden state entering every block) the prefix is not
-    recomputed, since it is the same as in the full model: only the blocks after ``block``
-    run, and the first of them starts from the state that entered ``block``. The last block
-    has no successor, so there the block before it runs once more from its cached input.
+    Without ``inputs`` this is the naive way: one forward pass of the model minus that unit
+    (the only way for a half: its block still runs). With ``inputs`` (the cached hidden state
+    entering every block) a whole block's prefix is not recomputed, since it is the same as in
+    the full model: only the blocks after ``block`` run, and the first of them starts from the
+    state that entered ``block``. The last block has no successor, so there the block before it
+    runs once more from its cached input.
     """
     n = len(get_blocks(model))
     batch = batch.to(_device(model))
     if inputs is None:
-        with skipping_blocks(model, [block]):
+        with get_unit(unit).skipping(model, [block]):
             return shifted_nll(model(batch, use_cache=False).logits, batch)
     if block < n - 1:
         skip, injected = list(range(block + 1)), inputs[block]
     else:
         skip, injected = list(range(block - 1)) + [block], inputs[block - 1]
-    with skipping_blocks(model, skip), _inject(get_blocks(model)[0], injected):
+    with get_unit("block").skipping(model, skip), _inject(get_blocks(model)[0], injected):
         logits = model(batch, use_cache=False).logits
     return shifted_nll(logits, batch)
 
@@ -243,28 +323,39 @@ def _check_blocks_for(criterion: str, model, minimum: int = 2) -> int:
     return n
 
 
-@register_criterion("ppl")
+def _gone_infinite(scores: torch.Tensor, model, unit: str) -> torch.Tensor:
+    """``scores`` with +inf for every unit already removed, so that ``to_remove`` never picks one."""
+    alive = set(get_unit(unit).alive(model))
+    scores[[i for i in range(len(scores)) if i not in alive]] = math.inf
+    return scores
+
+
+@register_criterion("ppl", units=("block", "attn", "mlp"))
 @torch.no_grad()
 def ppl_importance(model, input_ids, batch_size: int | None = None, reuse_prefix: bool = True,
-                   progress: bool = True) -> torch.Tensor:
+                   progress: bool = True, unit: str = "block") -> torch.Tensor:
     """Paper: calibration PPL with block i removed; the block whose loss hurts most is most important.
 
     ``reuse_prefix=True`` caches the hidden state entering each block once and runs only the
     suffix after a removal: about half the block passes of the naive sweep
     (``reuse_prefix=False``), same scores. The final norm and LM head still run once per
     removal, which bounds the gain (about 1.6x for a 30-block model with a 49k vocabulary).
+    For a half (``unit="attn"`` / ``"mlp"``, BlockPruner's measure) its block still runs, so
+    the sweep is the naive one.
     """
     n = _check_blocks_for("ppl", model)
+    alive = get_unit(unit).alive(model)
     totals = torch.zeros(n, dtype=torch.float64)
     count = 0
     for batch in _batches(input_ids, batch_size):
-        cached = _block_inputs(model, batch) if reuse_prefix else None
-        steps = tqdm(range(n), desc="ppl sweep", unit="block", disable=not progress)
+        cached = _block_inputs(model, batch) if reuse_prefix and unit == "block" else None
+        steps = tqdm(alive, desc=f"ppl sweep ({unit})", unit=unit, disable=not progress)
         for i in steps:
-            totals[i] += _nll_without(model, batch, i, cached).double().sum().cpu()
+            totals[i] += _nll_without(model, batch, i, cached, unit).double().sum().cpu()
         count += batch.shape[0] * (batch.shape[1] - 1)
         del cached
-    return torch.tensor([math.exp(t / count) for t in totals.tolist()], dtype=torch.float64)
+    scores = torch.tensor([math.exp(t / count) for t in totals.tolist()], dtype=torch.float64)
+    return _gone_infinite(scores, model, unit)
 
 
 # ---- weight-based: magnitude and taylor -----------------------------------------------------
@@ -415,19 +506,31 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.to(a.device).float(), dim=-1)
 
 
-@register_criterion("bi")
+@register_criterion("bi", units=("block", "attn", "mlp"))
 @torch.no_grad()
-def block_influence(model, input_ids, batch_size: int | None = None, progress: bool = True) -> torch.Tensor:
-    """ShortGPT: 1 - mean cosine(h_in, h_out) over tokens; a block that barely turns h is redundant."""
+def block_influence(model, input_ids, batch_size: int | None = None, progress: bool = True,
+                    unit: str = "block") -> torch.Tensor:
+    """ShortGPT: 1 - mean cosine(h_in, h_out) over tokens; a block that barely turns h is redundant.
+
+    For a half, h_in and h_out are the residual stream before and after that half alone
+    (``h + attn(norm1(h))`` lies between them): ShortGPT's measure per sub-layer.
+    """
     n = _check_blocks_for("bi", model, minimum=1)
+    attn_path = None if unit == "block" else family_of(model).sublayers.attn
     sums, count = torch.zeros(n, dtype=torch.float64), 0
     for batch in tqdm(_batches(input_ids, batch_size), desc="block influence", unit="batch", disable=not progress):
-        states = _block_states(model, batch)
+        states = _block_states(model, batch, attn_path)
+        if attn_path is not None:
+            states, attn_outputs = states
         for i in range(n):
-            sums[i] += (1 - _cosine(states[i], states[i + 1])).double().sum().cpu()
+            h_in, h_out = states[i], states[i + 1]
+            if unit != "block":
+                middle = h_in + attn_outputs[i]  # after the attention half, before the MLP half
+                h_in, h_out = (h_in, middle) if unit == "attn" else (middle, h_out)
+            sums[i] += (1 - _cosine(h_in, h_out)).double().sum().cpu()
         count += batch.numel()
         del states
-    return sums / count
+    return _gone_infinite(sums / count, model, unit)
 
 
 @register_criterion("angular")
@@ -463,50 +566,72 @@ def angular_distance(model, input_ids, n: int = 1, last_token: bool = False, bat
 
 # ---- iterative: sleb --------------------------------------------------------------------------
 
-@register_criterion("sleb")
-@torch.no_grad()
-def sleb_importance(model, input_ids, n: int | None = None, batch_size: int | None = None,
-                    progress: bool = True) -> torch.Tensor:
-    """SLEB: remove the block whose removal hurts calibration PPL least, re-score, repeat ``n`` times.
+def greedy_scores(model, unit: str, n: int, score_alive: Callable[[], torch.Tensor], desc: str = "greedy",
+                  progress: bool = True) -> torch.Tensor:
+    """Greedy removal as scores: remove the lowest-scored unit, re-score the rest, ``n`` times.
 
-    Greedy removal is an order, not a static score, so the score is the step at which a block
-    went (0 = first); the blocks still there get ``n + rank`` by their last-round PPL. Hence
-    ``blocks_to_remove(scores, k)`` for any ``k <= n`` is exactly SLEB's first ``k`` removals.
-    ``n=None`` removes 20 % of the blocks (the paper's mildest ratio). Each step is one
-    prefix-reusing ``ppl`` sweep over the surviving blocks.
+    ``score_alive()`` scores the model as it runs at that moment (the units removed so far are
+    skipped). Greedy removal is an order, not a static score, so the score is the step at
+    which a unit went (0 = first); the units still there get ``n + rank`` by their last-round
+    score, and units removed before the call +inf. Hence ``to_remove(scores, k)`` for any
+    ``k <= n`` is exactly the first ``k`` greedy removals.
     """
-    total = _check_blocks_for("sleb", model)
-    n = num_blocks_for_ratio(total, 0.2) if n is None else n
-    if not 1 <= n <= total - 1:
-        raise ValueError(f"n={n} blocks to remove greedily must be in 1..{total - 1} (at least one block must stay)")
+    units = get_unit(unit)
+    total, alive = len(get_blocks(model)), units.alive(model)
     removed: list[int] = []
-    last_ppl = None
-    for _step in tqdm(range(n), desc="sleb", unit="removal", disable=not progress):
-        alive = [i for i in range(total) if i not in set(removed)]
-        with skipping_blocks(model, removed):
-            last_ppl = ppl_importance(model, input_ids, batch_size=batch_size, progress=False)  # one per alive block
-        removed.append(alive[int(torch.argmin(last_ppl))])
-    scores = torch.zeros(total, dtype=torch.float64)
+    last: dict[int, float] = {}
+    for _step in tqdm(range(n), desc=desc, unit="removal", disable=not progress):
+        candidates = [i for i in alive if i not in set(removed)]
+        with units.skipping(model, removed):
+            now = score_alive()
+        # a skipped block is gone from the list, so the k-th score is the k-th candidate's; a half stays in place
+        values = now if units.skip_shifts_positions else now[candidates]
+        removed.append(candidates[int(torch.argmin(values))])
+        last = dict(zip(candidates, values.tolist()))
+    scores = torch.full((total,), math.inf, dtype=torch.float64)
     for step, b in enumerate(removed):
         scores[b] = step
-    ppl_of = dict(zip(alive, last_ppl.tolist()))
-    survivors = sorted((i for i in range(total) if i not in set(removed)), key=lambda i: (ppl_of[i], i))
+    survivors = sorted((i for i in alive if i not in set(removed)), key=lambda i: (last[i], i))
     for rank, b in enumerate(survivors):
         scores[b] = n + rank
     return scores
 
 
+@register_criterion("sleb", units=("block", "attn", "mlp"))
+@torch.no_grad()
+def sleb_importance(model, input_ids, n: int | None = None, batch_size: int | None = None,
+                    progress: bool = True, unit: str = "block") -> torch.Tensor:
+    """SLEB: remove the block whose removal hurts calibration PPL least, re-score, repeat ``n`` times.
+
+    The scores are ``greedy_scores``' (removal step, then ``n + rank``), so
+    ``blocks_to_remove(scores, k)`` for any ``k <= n`` is exactly SLEB's first ``k`` removals.
+    ``n=None`` removes 20 % of the blocks (the paper's mildest ratio). Each step is one
+    prefix-reusing ``ppl`` sweep over the surviving units. For halves this is BlockPruner's and
+    FinerCut's iterative search.
+    """
+    _check_blocks_for("sleb", model)
+    units = get_unit(unit)
+    alive = len(units.alive(model))
+    n = num_blocks_for_ratio(alive, 0.2) if n is None else n
+    if not 1 <= n <= alive - 1:
+        raise ValueError(f"n={n} {units.plural} to remove greedily must be in 1..{alive - 1} "
+                         f"(at least one {units.noun} must stay)")
+    return greedy_scores(model, unit, n, lambda: ppl_importance(model, input_ids, batch_size=batch_size,
+                                                                 progress=False, unit=unit),
+                         desc=f"sleb ({unit})", progress=progress)
+
+
 # ---- baselines ----------------------------------------------------------------------------------
 
-@register_criterion("reverse", needs_data=False)
-def reverse_order(model, input_ids=None) -> torch.Tensor:
+@register_criterion("reverse", needs_data=False, units=("block", "attn", "mlp"))
+def reverse_order(model, input_ids=None, unit: str = "block") -> torch.Tensor:
     """Deepest first: score = L - i (no data). The baseline every data-driven criterion must beat."""
     n = len(get_blocks(model))
-    return torch.arange(n, 0, -1, dtype=torch.float64)
+    return _gone_infinite(torch.arange(n, 0, -1, dtype=torch.float64), model, unit)
 
 
-@register_criterion("random", needs_data=False)
-def random_order(model, input_ids=None, seed: int = 0) -> torch.Tensor:
+@register_criterion("random", needs_data=False, units=("block", "attn", "mlp"))
+def random_order(model, input_ids=None, seed: int = 0, unit: str = "block") -> torch.Tensor:
     """A seeded random permutation as scores: what choosing blindly gives."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(len(get_blocks(model)), generator=g).double()
+    return _gone_infinite(torch.randperm(len(get_blocks(model)), generator=g).double(), model, unit)

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from .models import get_path, family_of, get_blocks, set_blocks, unwrap
+from .families import family_of, get_blocks, get_path, set_blocks, unwrap
 from .record import PruningRecord
 
 __all__ = [

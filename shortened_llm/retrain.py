@@ -459,28 +459,7 @@ def apply_adapter(model, adapter_dir: str | os.PathLike):
 
 # ---- notebook helpers -----------------------------------------------------------------------
 
-def pruned_model(model: str = "smollm2-135m", run_dir: str | os.PathLike | None = None, ratio: float = 0.2,
-                 preset: str | Preset = "smoke", criterion: str = "ppl"):
-    """Train-or-load: ``run_dir/pruned/<criterion>-<ratio>`` if present, else score, prune and save it there."""
-    from .data import calibration_batches
-    from .importance import PLUS_RULE, block_importance, blocks_to_remove, split_criterion
-    from .models import family_of
-    from .prune import num_blocks_for_ratio, remove_blocks
-
-    path = pruned_dir(run_dir, criterion, ratio) if run_dir is not None else None
-    if path is not None and (path / "config.json").exists():
-        return load_model(path)
-    preset = get_preset(preset)
-    dense, tokenizer = load_model(model)
-    ids = calibration_batches(tokenizer, preset.calib_samples, preset.calib_seq_len, preset.seed,
-                              bos_every=family_of(dense).bos_every)
-    scores = block_importance(dense, ids, criterion)
-    keep = PLUS_RULE if split_criterion(criterion)[1] else {}
-    removed = blocks_to_remove(scores, num_blocks_for_ratio(len(get_blocks(dense)), ratio), **keep)
-    remove_blocks(dense, removed, criterion=criterion, ratio=ratio, scores=scores)
-    if path is not None:
-        save_model(dense, tokenizer, path, overwrite=True)
-    return dense, tokenizer
+from .pipeline import pruned_model  # noqa: E402,F401  (moved: the one pruning pipeline; notebooks import it from here)
 
 
 def retrain_or_load(method: str, model, tokenizer, out_dir: str | os.PathLike, preset: str | Preset = "smoke", **kwargs):

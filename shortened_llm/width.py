@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import unwrap, count_params, get_blocks
-from .prune import PruningRecord
+from .families import WidthProjections, count_params, family_of, get_blocks, unwrap
+from .record import PruningRecord
 
 __all__ = [
     "WidthPlan",
@@ -38,10 +38,8 @@ __all__ = [
     "width_prune",
 ]
 
-# Module names of the Llama-style block that width pruning edits (Llama, Mistral, Qwen2/3, Gemma)
-ATTN, MLP = "self_attn", "mlp"
-QKV, OUT = ("q_proj", "k_proj", "v_proj"), "o_proj"
-GATE_UP, DOWN = ("gate_proj", "up_proj"), "down_proj"
+# The module names width pruning edits are each family's ``Family.width`` (families.FAMILIES):
+# Llama-style blocks (Llama, Mistral, Qwen2/3, Gemma 1-3); None where projections are fused (Phi-3).
 
 
 @dataclass(frozen=True)
@@ -164,9 +162,9 @@ def _kept(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _prune_attention(attn: nn.Module, sizes: dict, n_remove: int) -> None:
+def _prune_attention(attn: nn.Module, names: WidthProjections, sizes: dict, n_remove: int) -> None:
     hd, hpg, kv = sizes["head_dim"], sizes["heads_per_group"], sizes["kv_groups"]
-    q, k, v, o = (getattr(attn, n) for n in (*QKV, OUT))
+    q, k, v, o = (getattr(attn, n) for n in (*names.qkv, names.out))
     # Group g owns query heads g*hpg .. (g+1)*hpg-1 (HF repeat_kv order) and KV head g
     score = (
         q.weight.abs().double().view(kv, hpg * hd, -1).sum((1, 2))
@@ -177,36 +175,44 @@ def _prune_attention(attn: nn.Module, sizes: dict, n_remove: int) -> None:
     groups = _kept(score.cpu(), n_remove).to(q.weight.device)
     q_rows = (groups[:, None] * hpg * hd + torch.arange(hpg * hd, device=groups.device)).flatten()
     kv_rows = (groups[:, None] * hd + torch.arange(hd, device=groups.device)).flatten()
-    attn.q_proj = _slice_linear(q, rows=q_rows)
-    attn.k_proj = _slice_linear(k, rows=kv_rows)
-    attn.v_proj = _slice_linear(v, rows=kv_rows)
-    attn.o_proj = _slice_linear(o, cols=q_rows)
+    for name, layer in zip(names.qkv, (_slice_linear(q, rows=q_rows), _slice_linear(k, rows=kv_rows),
+                                       _slice_linear(v, rows=kv_rows))):
+        setattr(attn, name, layer)
+    setattr(attn, names.out, _slice_linear(o, cols=q_rows))
     for name, value in (("num_heads", len(groups) * hpg), ("num_key_value_heads", len(groups))):
         if hasattr(attn, name):  # older transformers keep the counts on the module
             setattr(attn, name, value)
 
 
 @torch.no_grad()
-def _prune_mlp(mlp: nn.Module, n_remove: int) -> None:
-    gate, up, down = (getattr(mlp, n) for n in (*GATE_UP, DOWN))
+def _prune_mlp(mlp: nn.Module, names: WidthProjections, n_remove: int) -> None:
+    gate, up, down = (getattr(mlp, n) for n in (*names.gate_up, names.down))
     score = gate.weight.abs().double().sum(1) + up.weight.abs().double().sum(1) + down.weight.abs().double().sum(0)
     keep = _kept(score.cpu(), n_remove).to(gate.weight.device)
-    mlp.gate_proj = _slice_linear(gate, rows=keep)
-    mlp.up_proj = _slice_linear(up, rows=keep)
-    mlp.down_proj = _slice_linear(down, cols=keep)
+    for name, layer in zip(names.gate_up, (_slice_linear(gate, rows=keep), _slice_linear(up, rows=keep))):
+        setattr(mlp, name, layer)
+    setattr(mlp, names.down, _slice_linear(down, cols=keep))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(keep)
 
 
-def _check_structure(block: nn.Module) -> None:
-    attn, mlp = getattr(block, ATTN, None), getattr(block, MLP, None)
-    missing = [f"{ATTN}.{n}" for n in (*QKV, OUT) if not isinstance(getattr(attn, n, None), nn.Linear)]
-    missing += [f"{MLP}.{n}" for n in (*GATE_UP, DOWN) if not isinstance(getattr(mlp, n, None), nn.Linear)]
-    if missing:
-        raise TypeError(
-            f"width pruning needs Llama-style blocks (q/k/v/o_proj and gate/up/down_proj Linears); "
-            f"{type(block).__name__} lacks {', '.join(missing)}"
-        )
+_NEEDS = "width pruning needs Llama-style blocks (q/k/v/o_proj and gate/up/down_proj Linears)"
+
+
+def _projections(model: nn.Module) -> WidthProjections:
+    """The family's width names, checked against every block before anything changes."""
+    names = family_of(model).width
+    if names is None:
+        raise TypeError(f"{_NEEDS}; model_type={model.config.model_type!r} has none (fused or other projections): "
+                        "give its family a `width` entry in shortened_llm.families.FAMILIES if it has them")
+    for block in get_blocks(model):
+        attn, mlp = getattr(block, names.attn, None), getattr(block, names.mlp, None)
+        missing = [f"{names.attn}.{n}" for n in (*names.qkv, names.out) if not isinstance(getattr(attn, n, None), nn.Linear)]
+        missing += [f"{names.mlp}.{n}" for n in (*names.gate_up, names.down)
+                    if not isinstance(getattr(mlp, n, None), nn.Linear)]
+        if missing:
+            raise TypeError(f"{_NEEDS}; {type(block).__name__} lacks {', '.join(missing)}")
+    return names
 
 
 def width_prune(model: nn.Module, ratio: float | None = None, target_params: int | None = None,
@@ -231,13 +237,12 @@ def width_prune(model: nn.Module, ratio: float | None = None, target_params: int
         if not 0 < target_params < before:
             raise ValueError(f"target_params={target_params:,} must be in (0, {before:,}), the model's current size")
         to_remove = before - int(target_params)
-    for b in blocks:
-        _check_structure(b)
+    names = _projections(inner)
     plan = plan_width(inner.config, to_remove, len(blocks), kv_groups, channel_multiple)
     sizes = unit_sizes(inner.config)
     for b in blocks:
-        _prune_attention(getattr(b, ATTN), sizes, plan.kv_groups_removed)
-        _prune_mlp(getattr(b, MLP), plan.channels_removed)
+        _prune_attention(getattr(b, names.attn), names, sizes, plan.kv_groups_removed)
+        _prune_mlp(getattr(b, names.mlp), names, plan.channels_removed)
     new = width_config(inner.config, plan)
     for key in ("head_dim", "num_key_value_heads", "num_attention_heads", "intermediate_size"):
         setattr(inner.config, key, getattr(new, key))

@@ -20,16 +20,10 @@ from run_limits import pytest_collection_modifyitems, pytest_xdist_make_schedule
 
 
 def make_tiny_llama(num_layers: int = 4, seed: int = 0, vocab_size: int = 128, **overrides):
-    """A random Llama with GQA small enough that every test on it takes milliseconds."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """``models.tiny_random_model("llama")``: a random Llama with GQA, every test on it takes milliseconds."""
+    from shortened_llm.models import tiny_random_model
 
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return tiny_random_model("llama", num_layers=num_layers, vocab_size=vocab_size, seed=seed, **overrides)
 
 
 def make_char_tokenizer(bos_first: bool = False):

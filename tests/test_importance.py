@@ -189,7 +189,7 @@ def test_bad_input_errors(tiny_llama, random_ids):
 
 def test_cli_score_and_prune_with_sleb_and_plus(tmp_path, monkeypatch):
     """The CLI chains the same calls: sleb gets n from the ratio; a too-large n fails before scoring."""
-    from shortened_llm import cli, importance
+    from shortened_llm import cli, importance, pipeline
 
     model = make_tiny_llama(num_layers=10)
     monkeypatch.setattr("shortened_llm.models.load_model", lambda *a, **k: (model, None))
@@ -201,10 +201,10 @@ def test_cli_score_and_prune_with_sleb_and_plus(tmp_path, monkeypatch):
         seen[criterion] = options
         return real(m, ids, criterion, progress=False, **options)
 
-    monkeypatch.setattr(importance, "block_importance", spy)
+    monkeypatch.setattr(pipeline, "block_importance", spy)  # where the one pipeline scores
     monkeypatch.setattr("shortened_llm.models.save_model", lambda m, t, out, overwrite=False: out)
     assert cli.main(["prune", "--criterion", "sleb", "--ratio", "0.2", "--out", str(tmp_path / "p")]) == 0
-    assert seen["sleb"] == {"n": 2}
+    assert seen["sleb"] == {"n": 2, "unit": "block"}
     assert cli.main(["prune", "--criterion", "taylor+", "--ratio", "0.6", "--out", str(tmp_path / "q")]) == 2
     assert "taylor+" not in seen  # refused before any scoring
 

@@ -10,9 +10,9 @@ import torch
 from conftest import make_tiny_llama
 from shortened_llm.models import count_params, load_model, save_model
 from shortened_llm.prune import remove_blocks
-from shortened_llm.subblock import (SEALED_MODEL_TYPE, SUB_CRITERIA, kv_cache_bytes, n_for_equal_params, prune_unit,
-                                    remove_sublayers, removed_sublayers, skipping_sublayers, sublayer_importance,
-                                    unit_params)
+from shortened_llm.importance import criteria_for
+from shortened_llm.subblock import (SEALED_MODEL_TYPE, kv_cache_bytes, n_for_equal_params, prune_unit, remove_sublayers,
+                                    removed_sublayers, skipping_sublayers, sublayer_importance, unit_params)
 
 
 def _zeroed(model, unit, blocks):
@@ -79,7 +79,7 @@ def test_removing_every_half_is_refused_before_any_change(unit, random_ids):
         prune_unit(model, None, unit, n=2, criterion="reverse")
 
 
-@pytest.mark.parametrize("criterion", sorted(SUB_CRITERIA))
+@pytest.mark.parametrize("criterion", criteria_for("mlp"))
 def test_criteria_shape_and_removed_halves_infinite(criterion, random_ids):
     model = make_tiny_llama(num_layers=4)
     remove_sublayers(model, "mlp", [2])
