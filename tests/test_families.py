@@ -318,3 +318,36 @@ def test_removing_every_block_is_refused(name):
         with skipping_blocks(model, [0, 1]):
             pass
     assert num_blocks(model) == model.config.num_hidden_layers == 2
+
+
+def test_the_ground_floor_imports_nothing_of_the_package_but_errors():
+    import ast
+    from pathlib import Path
+
+    import shortened_llm.families as families
+
+    tree = ast.parse(Path(families.__file__).read_text())
+    relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    absolute = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    absolute |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and not node.level}
+    assert relative == {"errors"} and absolute <= {"__future__", "dataclasses", "torch", "transformers"}
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_sublayer_and_width_names_point_at_real_modules(name):
+    """One table says where everything lives: each name it gives exists in that family's blocks."""
+    from torch import nn
+
+    family = FAMILIES[name]
+    block = get_blocks(tiny_random_model(name, num_layers=1))[0]
+    if family.sublayers is not None:
+        s = family.sublayers
+        for path in (s.attn, *s.attn_norms, s.mlp, *s.mlp_norms):
+            assert isinstance(block.get_submodule(path), nn.Module), path
+    if family.width is not None:
+        w = family.width
+        for path in [f"{w.attn}.{p}" for p in (*w.qkv, w.out)] + [f"{w.mlp}.{p}" for p in (*w.gate_up, w.down)]:
+            assert isinstance(block.get_submodule(path), nn.Linear), path
+    assert (family.sublayers is None) == (name not in ("llama", "mistral", "phi3"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import make_tiny_llama
 from shortened_llm.evaluate import token_nll
 from shortened_llm.importance import (
     CRITERIA, PLUS_RULE, block_importance, blocks_to_remove, criterion_options, removal_order,
-    split_criterion,
+    split_criterion, to_remove,
 )
 from shortened_llm.prune import remove_blocks
 
@@ -253,3 +254,46 @@ def test_explorer_caches_and_matches_a_really_pruned_model(tmp_path, random_ids)
         ex.evaluate("ppl+", 3)
     corr = rank_correlation(scores)
     assert corr.loc["ppl", "ppl"] == pytest.approx(1.0)
+
+
+def test_to_remove_never_picks_a_removed_unit():
+    inf = float("inf")
+    scores = torch.tensor([inf, 0.5, inf, 0.1, 0.3])  # units 0 and 2 are gone
+    assert to_remove(scores, 2) == [3, 4]
+    assert to_remove(scores, 2, keep_last=1) == [1, 3]
+    with pytest.raises(ValueError, match="only 3 are left and one must stay"):
+        to_remove(scores, 3)
+    with pytest.raises(ValueError, match="reaches already removed units"):
+        to_remove(scores, 1, keep_first=2, keep_last=2)  # the one unprotected unit (2) is gone
+    assert blocks_to_remove is to_remove
+
+
+@pytest.mark.parametrize("unit", ["attn", "mlp"])
+def test_a_criterion_scores_only_the_units_it_declares(unit, tiny_llama, random_ids):
+    from shortened_llm.importance import CRITERION_UNITS, check_criterion, criteria_for
+
+    assert criteria_for(unit) == ["bi", "ppl", "random", "reverse", "sleb"]
+    assert set(criteria_for("block")) == set(CRITERION_UNITS)
+    assert check_criterion("sleb+", unit) == "sleb"
+    for criterion in ("taylor", "magnitude+", "angular"):
+        with pytest.raises(ValueError, match=re.escape(f"criterion '{criterion}' does not score unit '{unit}'")):
+            block_importance(tiny_llama, random_ids, criterion, unit=unit)
+
+
+def test_data_free_criteria_give_removed_halves_infinity(tiny_llama):
+    from shortened_llm.subblock import remove_sublayers
+
+    remove_sublayers(tiny_llama, "attn", [1])
+    reverse = block_importance(tiny_llama, None, "reverse", unit="attn")
+    assert reverse.tolist() == [4.0, float("inf"), 2.0, 1.0]
+    assert torch.isinf(block_importance(tiny_llama, None, "random", unit="attn")[1])
+    assert block_importance(tiny_llama, None, "reverse").tolist() == [4.0, 3.0, 2.0, 1.0]  # blocks: all alive
+
+
+def test_plus_rule_comes_from_the_preset():
+    from shortened_llm.pipeline import plus_rule
+    from shortened_llm.presets import Preset, get_preset
+
+    assert PLUS_RULE == {"keep_first": Preset().keep_first, "keep_last": Preset().keep_last} == plus_rule("ppl+")
+    assert plus_rule("taylor+", get_preset("tiny", keep_first=1, keep_last=3)) == {"keep_first": 1, "keep_last": 3}
+    assert plus_rule("taylor", "paper") == {"keep_first": 0, "keep_last": 0}

@@ -72,7 +72,8 @@ def test_calibration_with_bos_on_every_sample(embedded):
     assert ids.shape == (3, 16) and (ids[:, 0] == tokenizer.bos_token_id).all()
 
 
-@pytest.mark.parametrize("kwargs", [{"n_samples": 0}, {"seq_len": 1}])
-def test_calibration_rejects_empty_budgets(embedded, kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, match", [({"n_samples": 0}, "n_samples=0 must be >= 1"),
+                                           ({"seq_len": 1}, "seq_len=1 >= 2")])
+def test_calibration_rejects_empty_budgets(embedded, kwargs, match):
+    with pytest.raises(ValueError, match=match):
         calibration_batches(embedded[1], **kwargs)

@@ -88,9 +88,11 @@ def test_skipping_blocks_restores_the_model(tiny_llama, random_ids):
     assert tiny_llama.config.num_hidden_layers == 4
 
 
-@pytest.mark.parametrize("blocks, error", [([4], IndexError), ([-1], IndexError), ([0, 1, 2, 3], ValueError)])
-def test_bad_block_lists_fail_before_any_work(tiny_llama, blocks, error):
-    with pytest.raises(error):
+@pytest.mark.parametrize("blocks, error, match", [([4], IndexError, r"\[4\] out of range"),
+                                                  ([-1], IndexError, r"\[-1\] out of range"),
+                                                  ([0, 1, 2, 3], ValueError, "would leave none")])
+def test_bad_block_lists_fail_before_any_work(tiny_llama, blocks, error, match):
+    with pytest.raises(error, match=match):
         remove_blocks(tiny_llama, blocks)
     assert len(get_blocks(tiny_llama)) == 4
 
@@ -133,3 +135,38 @@ def test_load_model_restores_pruning_record(tmp_path, tiny_llama):
     save_model(tiny_llama, tok, tmp_path / "m")
     model, _ = load_model(tmp_path / "m", device="cpu")
     assert model.pruning.removed_blocks == [3] and model.config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("unit", ["block", "attn"])
+def test_prune_model_is_score_choose_remove(unit, random_ids):
+    """The one pipeline: the same scores, choice and record as the three steps called by hand."""
+    from shortened_llm.importance import block_importance, to_remove
+    from shortened_llm.pipeline import prune_model
+    from shortened_llm.units import UNITS
+
+    model = make_tiny_llama(num_layers=6)
+    by_hand = copy.deepcopy(model)
+    model, removed, scores = prune_model(model, random_ids, "ppl+", 2, unit=unit, keep_first=1, keep_last=1,
+                                         ratio=0.3, progress=False)
+    expected = block_importance(by_hand, random_ids, "ppl", unit=unit, progress=False)
+    assert torch.equal(scores, expected) and removed == to_remove(expected, 2, keep_first=1, keep_last=1)
+    UNITS[unit].remove(by_hand, removed)
+    with torch.no_grad():
+        assert torch.equal(model(random_ids).logits, by_hand(random_ids).logits)
+    assert (model.pruning.criterion, model.pruning.ratio, model.pruning.scores) == ("ppl+", 0.3, scores.tolist())
+
+
+@pytest.mark.parametrize("unit, n, keep, match", [("block", 6, {}, "n=6 blocks to remove would leave no block"),
+                                                  ("mlp", 6, {}, "n=6 mlp halves to remove would leave no mlp"),
+                                                  ("block", 3, {"keep_first": 4, "keep_last": 2}, "only 0 of 6")])
+def test_prune_model_refuses_before_any_scoring(unit, n, keep, match, random_ids, monkeypatch):
+    from shortened_llm import pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored although the removal was impossible")
+
+    monkeypatch.setattr(pipeline, "block_importance", never)
+    model = make_tiny_llama(num_layers=6)
+    with pytest.raises(ValueError, match=match):
+        pipeline.prune_model(model, random_ids, "ppl", n, unit=unit, **keep)
+    assert len(get_blocks(model)) == 6 and not hasattr(model, "pruning")

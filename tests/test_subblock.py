@@ -135,3 +135,29 @@ def test_relative_to_compares_each_model_with_dense_at_the_same_context():
                           "latency_s": [2.0, 1.0, 10.0, 8.0], "kv_cache_mb": [4.0, 1.0, 64.0, 16.0]})
     out = relative_to(speed)
     assert out.speedup.tolist() == [1.0, 2.0, 1.0, 1.25] and out.kv_vs_dense.tolist() == [1.0, 0.25, 1.0, 0.25]
+
+
+@pytest.mark.parametrize("unit", ["block", "attn", "mlp"])
+def test_every_unit_skipping_gives_the_logits_of_removing(unit, random_ids):
+    """The unit interface's round trip: scoring runs the model as removal leaves it, and restores it."""
+    from shortened_llm.units import UNITS
+
+    model = make_tiny_llama(num_layers=4)
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        before = model(random_ids).logits
+        with UNITS[unit].skipping(model, [1, 2]):
+            skipped = model(random_ids).logits
+        assert torch.equal(model(random_ids).logits, before)  # restored on exit
+        removed = UNITS[unit].remove(copy.deepcopy(model), [1, 2], criterion="reverse", ratio=0.5)
+        assert torch.equal(removed(random_ids).logits, skipped)
+    assert UNITS[unit].alive(removed) == ([0, 1] if unit == "block" else [0, 3])
+    assert removed.pruning.criterion == "reverse" and removed.pruning.ratio == 0.5
+    assert count_params(dense) - count_params(removed) == 2 * UNITS[unit].params(dense)
+
+
+def test_unknown_unit_gets_did_you_mean():
+    from shortened_llm.units import get_unit
+
+    with pytest.raises(ValueError, match="Unknown unit 'atn'. Did you mean 'attn'"):
+        get_unit("atn")
