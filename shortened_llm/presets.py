@@ -100,6 +100,28 @@ class Preset:
     new_tokens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "forced output lengths"})
     prompt_len: int = field(default=32, metadata={"help": "prompt tokens before generation"})
     repeats: int = field(default=3, metadata={"help": "timed runs after warm-up"})
+    # the lessons' demos: what the notebooks would otherwise decide by the preset's name
+    retrain_criterion: str = field(default="ppl", metadata={"help": "criterion of the 20% pruned model notebooks 04 "
+                                                                    "and 05 retrain (04: when notebook 02 saved none); "
+                                                                    "tiny: the data-free magnitude+, seconds"})
+    answer_tokens: int = field(default=48, metadata={"help": "tokens of each answer in notebook 04's before/after-LoRA demo"})
+    continuation_tokens: int = field(default=24, metadata={"help": "tokens of each greedy continuation in notebook 06's "
+                                                                   "side-by-side"})
+    quant_types: tuple[str, ...] | None = field(default=None, metadata={"help": "GGUF types of notebook 08's quantisation "
+                                                                                 "table; None = all of quant_table.DEFAULT_TYPES"})
+    imatrix_samples: int | None = field(default=None, metadata={"help": "calibration samples of notebook 08's importance "
+                                                                         "matrix; None = quant_table.IMATRIX_SAMPLES"})
+    quant_gen_tokens: int = field(default=32, metadata={"help": "tokens generated per speed run of notebook 08's "
+                                                                "quantisation table"})
+    # the solutions' sweeps (solutions/NN_*.ipynb)
+    crossover_ratios: tuple[float, ...] = field(default=(0.2, 0.35, 0.5), metadata={
+        "help": "ratios solution 05 retrains with LoRA and with CPT, to find where CPT starts to win"})
+    two_process_check: bool = field(default=True, metadata={"help": "solution 05 reruns CPT in two processes "
+                                                                    "(torchrun) to compare its losses with one process"})
+    explorer_ratios: tuple[float, ...] = field(default=(0.1, 0.2, 0.3, 0.4, 0.5), metadata={
+        "help": "ratios solution 07 measures depth and width pruning at (the preset's ratio is added)"})
+    quant_ladder: tuple[str, ...] = field(default=("f16", "q8_0", "q6_k", "q4_k_m", "q2_k"), metadata={
+        "help": "formats solution 08 compares, from most to fewest bits"})
 
     def __post_init__(self):
         from .dtypes import parse_dtype
@@ -107,7 +129,7 @@ class Preset:
         parse_dtype(self.dtype, "Preset.dtype")  # an unknown name fails here, listing the valid ones
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise ValueError(f"calib_samples={self.calib_samples} must be >= 1 and calib_seq_len={self.calib_seq_len} >= 2")
-        for r in (self.ratio, *self.ratios):
+        for r in (self.ratio, *self.ratios, *self.crossover_ratios, *self.explorer_ratios):
             if not 0 < r < 1:
                 raise ValueError(f"ratio {r} must be in (0, 1): it is the share of blocks to remove")
         if self.keep_first < 0 or self.keep_last < 0:
@@ -118,6 +140,11 @@ class Preset:
             raise ValueError(f"zero_shot_limit={self.zero_shot_limit} must be >= 1 or None")
         if min(self.batch_sizes) < 1 or min(self.new_tokens) < 1 or self.prompt_len < 1 or self.repeats < 1:
             raise ValueError("batch_sizes, new_tokens, prompt_len and repeats must all be >= 1")
+        for name in ("answer_tokens", "continuation_tokens", "quant_gen_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1: it counts generated tokens")
+        if self.imatrix_samples is not None and self.imatrix_samples < 1:
+            raise ValueError(f"imatrix_samples={self.imatrix_samples} must be >= 1 or None")
         for name in ("lora_cutoff", "cpt_block_size", "cpt_val_blocks", "lora_batch", "lora_micro_batch", "cpt_batch", "cpt_micro_batch", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -141,6 +168,10 @@ PRESETS: dict[str, Preset] = {
         lora_batch=4, lora_micro_batch=2, lora_cutoff=64, lora_val_size=8, cpt_batch=4, cpt_micro_batch=2,
         cpt_block_size=64, cpt_val_blocks=2, retrain_save_steps=1000,
         batch_sizes=(1, 2), new_tokens=(4,), prompt_len=8, repeats=1,
+        retrain_criterion="magnitude+", answer_tokens=8, continuation_tokens=8,
+        quant_types=("q8_0", "q4_0"), imatrix_samples=2, quant_gen_tokens=8,  # seconds, not minutes
+        crossover_ratios=(0.35, 0.5), two_process_check=False, explorer_ratios=(0.1, 0.5),
+        quant_ladder=("f16", "q4_k_m", "q2_k"),
     ),
     "smoke": replace(_CPU, name="smoke", calib_samples=4, eval_segments=40, ratios=(0.2, 0.35), zero_shot_limit=20,
                      lora_steps=15, cpt_steps=15),

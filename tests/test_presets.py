@@ -45,3 +45,43 @@ def test_overrides_and_unknown_names():
         get_preset("smoke", eval_segment=7)
     with pytest.raises(ValueError, match="must be in"):
         get_preset("smoke", ratio=1.5)
+
+
+def test_the_notebooks_demo_fields_are_cheap_only_at_tiny():
+    """The fields notebooks 04-08 and their solutions read instead of branching on the preset's
+    name: tiny is the only preset that cuts them (seconds per notebook); the others run the same demo."""
+    demo = ("retrain_criterion", "answer_tokens", "continuation_tokens", "quant_types", "imatrix_samples", "quant_gen_tokens",
+            "crossover_ratios", "two_process_check", "explorer_ratios", "quant_ladder")
+    tiny, others = PRESETS["tiny"], [PRESETS[n] for n in ("smoke", "cpu", "paper")]
+    assert all(getattr(p, f) == getattr(others[0], f) for p in others for f in demo)
+    assert (tiny.retrain_criterion, tiny.answer_tokens, tiny.continuation_tokens) == ("magnitude+", 8, 8)
+    assert tiny.quant_types == ("q8_0", "q4_0") and tiny.imatrix_samples == tiny.calib_samples
+    with pytest.raises(ValueError, match="answer_tokens=0 must be >= 1"):
+        get_preset("tiny", answer_tokens=0)
+
+
+def test_every_preset_has_a_recovery_grid_and_a_custom_one_runs_the_papers():
+    from dataclasses import replace
+
+    from shortened_llm.grids import GRIDS, recovery_grid
+
+    assert set(GRIDS) == set(PRESETS)
+    custom = get_preset("smoke", name="mine")
+    assert recovery_grid(custom) == replace(GRIDS["paper"], steps=custom.lora_steps)
+    assert recovery_grid(PRESETS["tiny"]).steps == 1  # a grid's own steps win over the preset's
+    cpu = recovery_grid(PRESETS["cpu"])
+    assert (cpu.measured(PRESETS["cpu"]).eval_segments, cpu.measured(PRESETS["smoke"]).eval_segments) == (50, 50)
+    assert recovery_grid(PRESETS["smoke"]).measured(PRESETS["smoke"]) == PRESETS["smoke"]
+
+
+def test_the_grid_retrains_only_what_it_names():
+    from shortened_llm.grids import GRIDS, RecoveryGrid
+
+    smoke = GRIDS["smoke"]
+    assert smoke.methods_for("bi", 0.2, 0) == ["none"]  # pruned by a criterion the grid does not retrain
+    assert smoke.methods_for("reverse", 0.2, 1) == ["none"]  # only seed 0 is retrained
+    assert smoke.methods_for("reverse", 0.2, 0) == ["none", "lora", "partial", "kd", "replaceme"]  # no combos
+    assert smoke.methods_for("ppl", 0.2, 0) == ["none", "lora", "partial", "kd", "replaceme", "replaceme+kd"]
+    assert [job for job in smoke.pruning_jobs() if job[0] == "random"] == [("random", 0.2, s) for s in (0, 1, 2)]
+    with pytest.raises(ValueError, match="must be among criteria"):
+        RecoveryGrid(criteria=("ppl",), retrain=("reverse",), combos=())
