@@ -1,4 +1,5 @@
-"""Scores and pruned-model perplexities for notebooks 01-02, computed once and kept in ``run_dir``.
+"""The notebooks' explorers: scores and pruned-model perplexities for notebooks 01-02, computed
+once and kept in ``run_dir``, and notebook 07's depth-vs-width widgets.
 
 A classroom re-run, or a widget moved back to a value it already showed, must answer at
 once: scores are train-or-load (``run_dir/scores/<criterion>.csv``) and every
@@ -25,7 +26,8 @@ from .importance import DATA_FREE, PLUS_RULE, block_importance, blocks_to_remove
 from .models import get_blocks
 from .prune import skipping_blocks
 
-__all__ = ["scores_for", "rank_correlation", "max_removable", "PruneExplorer", "explorer_widget", "scores_widget"]
+__all__ = ["scores_for", "rank_correlation", "max_removable", "PruneExplorer", "explorer_widget", "scores_widget",
+           "generation_widget", "ratio_widget"]
 
 
 def scores_for(model, calib: torch.Tensor | None, criterion: str, run_dir: str | os.PathLike | None = None,
@@ -230,3 +232,50 @@ def scores_widget(scores: dict[str, torch.Tensor], n: int):
     pick.observe(show, names="value")
     show()
     return widgets.VBox([pick, out])
+
+
+# ---- notebook 07: depth vs width -------------------------------------------------------------
+
+def generation_widget(models: dict, tokenizer, prompt: str, max_new_tokens: int):
+    """Text box (prompt) + button (generate) -> every model's greedy continuation and timing
+    (``depth_vs_width.generate_side_by_side``). Generation runs only when the button is pressed,
+    so a headless papermill run never waits on it."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from .depth_vs_width import generate_side_by_side
+
+    prompt_box = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="70%"))
+    go = widgets.Button(description="generate", button_style="primary")
+    out = widgets.Output()
+
+    def on_click(_):
+        with out:
+            out.clear_output()
+            display(generate_side_by_side(models, tokenizer, prompt_box.value, max_new_tokens=max_new_tokens))
+
+    go.on_click(on_click)
+    return widgets.VBox([widgets.HBox([prompt_box, go]), out])
+
+
+def ratio_widget(model_name: str, run_dir: str | os.PathLike, preset="smoke", ratio: float = 0.2):
+    """Slider (pruning ratio, 0.1-0.5) -> params, batch-1 latency and WikiText-2 PPL of depth and
+    width pruning at that ratio (``depth_vs_width.explore_ratio``, cached in ``run_dir``, so a
+    ratio seen before answers at once). Nothing is computed until the slider moves."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from .depth_vs_width import explore_ratio
+
+    slider = widgets.FloatSlider(value=ratio, min=0.1, max=0.5, step=0.05, description="ratio",
+                                 continuous_update=False, readout_format=".2f")
+    out = widgets.Output()
+
+    def on_ratio(change):
+        with out:
+            out.clear_output()
+            display(explore_ratio(model_name, change["new"], run_dir, preset)[["method", "params", "blocks",
+                                                                               "latency_b1_s", "wikitext2_ppl"]])
+
+    slider.observe(on_ratio, names="value")
+    return widgets.VBox([slider, out])
