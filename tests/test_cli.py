@@ -1,10 +1,26 @@
-"""The CLI chains the same calls as the notebooks; bad input fails before any work."""
+"""The CLI chains the same calls as the notebooks; bad input fails before any work.
+
+Every test that drives ``main([...])`` lives here. The export commands run on the models of
+the export and quant-table tests: their fixtures are imported from those modules, not copied.
+"""
 import json
 
 import pytest
+import test_export
+import test_quant_table
+from test_export import _die_with_sigill
 from transformers import AutoModelForCausalLM
 
 from shortened_llm.cli import main
+
+# the export tests' models, shared rather than rebuilt: pytest finds fixtures by name in this module
+pruned_dir, tokenizer = test_export.pruned_dir, test_export.tokenizer
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory, tokenizer):
+    """test_quant_table's table of the tiny pruned model, one type only: the CLI reads it back (a fifth of the work)."""
+    return test_quant_table.make_table(tmp_path_factory.mktemp("table"), tokenizer, with_dense=False, types=("q8_0",))
 
 
 def run(capsys, *argv):
@@ -65,3 +81,52 @@ def test_servers_move_to_the_next_port_when_one_is_taken():
     assert PORT_TAKEN.search("ERROR: the Jupyter server could not be started because port 8888 is not available.")
     assert PORT_TAKEN.search("[I ServerApp] The port 8888 is already in use.")
     assert not PORT_TAKEN.search("ModuleNotFoundError: No module named 'voila'")
+
+
+def test_cli_rejects_unknown_task(capsys):
+    from shortened_llm.cli import main
+
+    assert main(["eval", "zeroshot", "--tasks", "bolq"]) == 2
+    assert "Did you mean 'boolq'" in capsys.readouterr().err
+
+
+# ---- export gguf / export quant-table -------------------------------------------------------
+
+def test_cli_export(pruned_dir, tmp_path, capsys):
+    from shortened_llm.cli import main
+
+    out = tmp_path / "cli.gguf"
+    assert main(["export", "gguf", "--model", str(pruned_dir), "--out", str(out), "--quant", "f16"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["block_count"] == 4 and printed["removed_blocks"] == [1, 2]
+    assert main(["export", "gguf", "--model", str(pruned_dir), "--out", str(tmp_path / "x.gguf"), "--quant", "q9"]) == 2
+    assert "Available" in capsys.readouterr().err
+
+
+def test_a_crash_in_llama_cpp_is_one_line_from_the_cli(pruned_dir, tmp_path, monkeypatch, capsys):
+    """The quantising child dies of SIGILL (see test_export's crash test): the CLI prints one error line, no traceback."""
+    pytest.importorskip("llama_cpp")
+    from shortened_llm import llamacpp_guard
+
+    monkeypatch.setattr(llamacpp_guard, "_child_command", _die_with_sigill)
+    assert main(["export", "gguf", "--model", str(pruned_dir), "--out", str(tmp_path / "c.gguf"), "--quant", "q4_k_m"]) == 2
+    err = capsys.readouterr().err  # after the f16 file's progress bar
+    errors = [line for line in err.splitlines() if line.startswith("shortened-llm: error:")]
+    assert len(errors) == 1 and "SIGILL" in errors[0] and "Traceback" not in err
+
+
+def test_cli_quant_table(table_run, capsys, monkeypatch):
+    import json
+
+    from shortened_llm import quant_table as qt
+    from shortened_llm.cli import main
+
+    table, out, pruned, dense = table_run
+    monkeypatch.setattr(qt, "_measure", lambda *a: pytest.fail("a row in the CSV was measured again"))
+    args = ["export", "quant-table", "--model", str(pruned), "--out", str(out), "--max-segments", "2", "--seq-len", "32"]
+    assert main([*args, "--types", "q8_0"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["model"], r["type"]) for r in rows] == [("tiny-pruned", "f16"), ("tiny-pruned", "q8_0")]
+    assert rows[1]["ppl"] == pytest.approx(table.set_index(["model", "type"]).ppl["tiny-pruned", "q8_0"], rel=1e-4)
+    assert main([*args, "--types", "q4_k_mm"]) == 2
+    assert "Did you mean 'q4_k_m'?" in capsys.readouterr().err

@@ -109,7 +109,7 @@ def _f16(model, tokenizer, path):
 @pytest.mark.parametrize("model_type", ["gemma2", "gpt_neox", "phi3", "qwen3"])
 def test_the_imatrix_names_every_family_s_weights_as_the_gguf_does(model_type, tokenizer, tmp_path):
     """Fused QKV (Phi-3, GPT-NeoX), fused gate/up (Phi-3), q/k norms (Qwen3): one name map for file and imatrix."""
-    from shortened_llm.export import ARCHITECTURES
+    from shortened_llm.gguf_layout import ARCHITECTURES
     from shortened_llm.models import get_blocks
 
     assert model_type in ARCHITECTURES
@@ -168,7 +168,9 @@ def segments(tokenizer):
 
 
 def test_iq_types_refuse_to_run_without_an_imatrix(wide, tmp_path, tiny_llama_dir):
-    from shortened_llm.export import IMATRIX_REQUIRED, export_gguf, quantize_gguf
+    from shortened_llm.export import export_gguf
+    from shortened_llm.gguf_layout import IMATRIX_REQUIRED
+    from shortened_llm.llamacpp import quantize_gguf
 
     assert IMATRIX_REQUIRED == {"iq3_xs", "iq3_s", "iq3_m", "iq4_xs", "iq4_nl"}
     with pytest.raises(ValueError, match=r"quant='iq4_xs' needs an importance matrix \(imatrix=PATH\).*calibration_imatrix"):
@@ -180,7 +182,8 @@ def test_iq_types_refuse_to_run_without_an_imatrix(wide, tmp_path, tiny_llama_di
 
 def test_iq4_xs_with_an_imatrix_loads_and_stays_close_to_f16(wide, tmp_path, segments):
     pytest.importorskip("llama_cpp")
-    from shortened_llm.export import gguf_token_nll, load_gguf, quantize_gguf, read_gguf_metadata
+    from shortened_llm.export import read_gguf_metadata
+    from shortened_llm.llamacpp import gguf_token_nll, load_gguf, quantize_gguf
 
     f16, imatrix = wide
     out = quantize_gguf(f16, tmp_path / "iq4_xs.gguf", "iq4_xs", imatrix=imatrix)
@@ -204,7 +207,7 @@ def test_an_imatrix_changes_a_k_quant_file(wide, tmp_path):
     pytest.importorskip("llama_cpp")
     from gguf import GGUFReader
 
-    from shortened_llm.export import quantize_gguf
+    from shortened_llm.llamacpp import quantize_gguf
 
     f16, imatrix = wide
     plain = GGUFReader(str(quantize_gguf(f16, tmp_path / "plain.gguf", "q4_k_m")))
@@ -219,7 +222,7 @@ def test_an_imatrix_changes_a_k_quant_file(wide, tmp_path):
 
 def test_a_wrong_imatrix_is_refused_before_llama_cpp_and_a_failing_one_is_one_line(wide, tmp_path, tokenizer):
     pytest.importorskip("llama_cpp")
-    from shortened_llm.export import quantize_gguf
+    from shortened_llm.llamacpp import quantize_gguf
 
     f16, imatrix = wide
     other = save_imatrix(compute_imatrix(_tiny(tokenizer, width=256, layers=3), torch.randint(3, 500, (1, 8))),
@@ -240,20 +243,25 @@ TABLE_ARGS = dict(types=("q8_0", "q4_k_m", "iq4_nl"), max_segments=2, seq_len=32
                   repeats=1, imatrix_samples=2, progress=False)
 
 
-@pytest.fixture(scope="module")
-def table_run(tmp_path_factory, tokenizer):
-    """The table of a tiny pruned model (blocks 4 -> 3) and its dense model, three types."""
+def make_table(folder, tokenizer, with_dense: bool = True, **args):
+    """The table of a tiny pruned model (blocks 4 -> 3), and of its dense model ``with_dense``: (table, csv, pruned, dense)."""
     from shortened_llm import remove_blocks
     from shortened_llm.quant_table import quant_table
 
     pytest.importorskip("llama_cpp")
-    folder = tmp_path_factory.mktemp("table")
     model = _tiny(tokenizer, layers=4, seed=3)
     dense = save_model(model, tokenizer, folder / "tiny-dense")
     remove_blocks(model, [1])
     pruned = save_model(model, tokenizer, folder / "tiny-pruned")
     out = folder / "table.csv"
-    return quant_table(pruned, out, dense=dense, **TABLE_ARGS), out, pruned, dense
+    table = quant_table(pruned, out, dense=dense if with_dense else None, **{**TABLE_ARGS, **args})
+    return table, out, pruned, dense
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory, tokenizer):
+    """The table of a tiny pruned model and its dense model, three types."""
+    return make_table(tmp_path_factory.mktemp("table"), tokenizer)
 
 
 def test_quant_table_rows_and_known_answers(table_run, tokenizer):
@@ -305,23 +313,6 @@ def test_a_rerun_measures_only_the_missing_rows(table_run, monkeypatch):
     assert set(alias.same_file_as) == {"q4_k_m"}
     assert (alias.ppl.values == table[table.type == "q4_k_m"].ppl.values).all()
     assert len(pd.read_csv(out)) == len(again) == len(table) + 8
-
-
-def test_cli_quant_table(table_run, capsys, monkeypatch):
-    import json
-
-    from shortened_llm import quant_table as qt
-    from shortened_llm.cli import main
-
-    table, out, pruned, dense = table_run
-    monkeypatch.setattr(qt, "_measure", lambda *a: pytest.fail("a row in the CSV was measured again"))
-    args = ["export", "quant-table", "--model", str(pruned), "--out", str(out), "--max-segments", "2", "--seq-len", "32"]
-    assert main([*args, "--types", "q8_0"]) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
-    assert [(r["model"], r["type"]) for r in rows] == [("tiny-pruned", "f16"), ("tiny-pruned", "q8_0")]
-    assert rows[1]["ppl"] == pytest.approx(table.set_index(["model", "type"]).ppl["tiny-pruned", "q8_0"], rel=1e-4)
-    assert main([*args, "--types", "q4_k_mm"]) == 2
-    assert "Did you mean 'q4_k_m'?" in capsys.readouterr().err
 
 
 def test_the_figure_labels_every_file_once_and_never_on_top_of_another(table_run):

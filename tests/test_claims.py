@@ -1,0 +1,114 @@
+"""The claims table: each of the paper's claims judged from a run's numbers, and the tables it reads."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from shortened_llm.zeroshot import PAPER_TASKS
+
+
+def _ppl_rows(values: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"model": m, "dataset": "wikitext2", "bos": "once", "ppl": v} for m, v in values.items()])
+
+
+def _zs_rows(acc: dict, stderr: float = 0.01, limit=500):
+    return pd.DataFrame([{"model": m, "task": t, "value": a, "stderr": stderr, "limit": limit}
+                         for m, a in acc.items() for t in PAPER_TASKS])
+
+
+def test_claims_say_missing_without_runs():
+    from shortened_llm.claims import CLAIMS, claims_table
+
+    table = claims_table()
+    assert list(table.claim) == [c.name for c in CLAIMS]
+    assert (table.held == "missing").all() and table.numbers.str.len().gt(0).all()
+
+
+def test_claims_follow_the_numbers():
+    from shortened_llm.claims import claims_table
+
+    ppl = _ppl_rows({"dense": 20.0, "ppl-0.20": 30.0, "taylor+-0.20": 45.0, "retrained/lora": 25.0, "retrained/cpt": 22.0})
+    eff = pd.DataFrame({"model": ["dense", "depth-0.20", "width-0.20"], "batch_size": [1, 1, 1],
+                        "latency_s": [1.0, 0.8, 0.99]})
+    held = claims_table(ppl, _zs_rows({"taylor+-0.20": 0.50, "ppl-0.20": 0.40}), eff).set_index("claim").held
+    assert held.to_dict() == {"ppl_best_ppl": "yes", "taylor_best_zero_shot": "yes", "lora_recovers_ppl": "yes",
+                              "cpt_beats_lora": "yes", "depth_faster_batch1": "yes"}
+    # reversed numbers flip the verdicts; a gap under two standard errors is flagged as noise
+    ppl = _ppl_rows({"ppl-0.20": 50.0, "taylor+-0.20": 45.0, "retrained/lora": 60.0, "retrained/cpt": 70.0})
+    zs = _zs_rows({"taylor+-0.20": 0.40, "ppl-0.20": 0.41}, stderr=0.05, limit=25)
+    table = claims_table(ppl, zs, eff.assign(latency_s=[1.0, 0.99, 0.8])).set_index("claim")
+    assert table.held.to_dict() == {"ppl_best_ppl": "no", "taylor_best_zero_shot": "no (within noise)",
+                                    "lora_recovers_ppl": "no", "cpt_beats_lora": "no", "depth_faster_batch1": "no"}
+    assert "limit 25" in table.numbers["taylor_best_zero_shot"]
+
+
+def test_cpt_vs_lora_is_judged_at_the_most_severe_shared_ratio():
+    from shortened_llm.claims import claims_table
+
+    # LoRA wins at 20 %, CPT at 50 %; cpt-lora (best of all) must not count as CPT
+    ppl = _ppl_rows({"ppl-0.20": 30.0, "retrained/lora-0.20": 25.0, "retrained/cpt-0.20": 27.0,
+                     "retrained/lora-0.50": 90.0, "retrained/cpt-0.50": 60.0, "retrained/cpt-lora-0.50": 10.0,
+                     "retrained/cpt-lora-0.20": 5.0})
+    table = claims_table(ppl).set_index("claim")
+    assert table.held["cpt_beats_lora"] == "yes"
+    assert table.numbers["cpt_beats_lora"].startswith("at 50%") and "cpt-lora" not in table.numbers["cpt_beats_lora"]
+    # LoRA recovery is judged at 20 %, against the 20 % pruned model
+    assert table.held["lora_recovers_ppl"] == "yes" and "lora-0.50" not in table.numbers["lora_recovers_ppl"]
+    worse = _ppl_rows({"retrained/lora-0.50": 50.0, "retrained/cpt-0.50": 60.0, "retrained/cpt-0.20": 1.0,
+                       "retrained/lora-0.20": 2.0})
+    assert claims_table(worse).set_index("claim").held["cpt_beats_lora"] == "no"
+
+
+def test_run_models_lists_finished_retrained_models_only(tmp_path):
+    from shortened_llm.claims import run_models
+
+    for name in ("lora-0.20", "cpt-lora-0.50", "cpt-lora-0.50.cpt", "cpt-0.50.checkpoints", ".tmp-lora"):
+        (tmp_path / "retrained" / name).mkdir(parents=True)
+    labels = list(run_models(tmp_path, criteria=("ppl",)))
+    assert labels == ["dense", "ppl-0.20", "retrained/cpt-lora-0.50", "retrained/lora-0.20"]
+
+
+def test_load_run_tables_prefers_more_documents(tmp_path):
+    from shortened_llm.claims import load_run_tables
+
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    _zs_rows({"dense": 0.5}, limit=4).to_csv(tmp_path / "run" / "eval" / "zeroshot.csv", index=False)
+    (tmp_path / "results").mkdir()
+    _zs_rows({"dense": 0.6}, limit=25).to_csv(tmp_path / "results" / "zeroshot_m.csv", index=False)
+    assert set(load_run_tables(tmp_path / "run", tmp_path / "results")["zeroshot"]["limit"]) == {25}
+    assert set(load_run_tables(tmp_path / "run")["zeroshot"]["limit"]) == {4}
+
+
+def test_ppl_table_writes_each_row_and_resumes_where_it_stopped(tmp_path, monkeypatch, embedded):
+    """At the cpu preset the table is an hour of work: a run cut short keeps what it measured."""
+    from conftest import make_tiny_llama
+
+    from shortened_llm import claims, evaluate
+
+    tiny = make_tiny_llama(vocab_size=len(embedded[1]))
+    calls = []
+    real = evaluate.perplexity
+
+    def counting(model, tokenizer, dataset, **kw):
+        calls.append((dataset, kw["bos"]))
+        if len(calls) == 3 and crash:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, dataset, **kw)
+
+    monkeypatch.setattr("shortened_llm.evaluate.perplexity", counting)
+    models = {"a": (tiny, embedded[1]), "b": (tiny, embedded[1])}
+    kw = dict(seq_len=16, max_segments=2, batch_size=2, datasets=("wikitext2",))
+    out = tmp_path / "ppl.csv"
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        claims.ppl_table(models, out, **kw)
+    assert len(pd.read_csv(out)) == 2  # the two rows measured before the interruption
+    crash, calls[:] = False, []
+    table = claims.ppl_table(models, out, **kw)
+    assert calls == [("wikitext2", "once"), ("wikitext2", "per-segment")]  # only model b's rows
+    assert list(table.model) == ["a", "a", "b", "b"] and table.ppl.notna().all()
+    assert table.ppl.iloc[0] == table.ppl.iloc[2]  # same model, same rows: same number whether cached or not
+    calls[:] = []
+    claims.ppl_table(models, out, **{**kw, "max_segments": 3})  # another budget is another row
+    assert len(calls) == 4 and len(pd.read_csv(out)) == 8
+    assert claims.ppl_table(models, out, **kw).equals(table) and len(calls) == 4
