@@ -115,7 +115,9 @@ def _calibration(args, tokenizer, model):
 
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local dir or hub id")
-    p.add_argument("--criterion", default="ppl", help="ppl, taylor, magnitude, ... ('+' keeps first 4 / last 2 blocks)")
+    p.add_argument("--criterion", default="ppl",
+                   help="ppl, taylor, magnitude, ... ('+' keeps the preset's keep_first / keep_last blocks, paper: "
+                        f"{PRESETS['paper'].keep_first} / {PRESETS['paper'].keep_last})")
     p.add_argument("--preset", default="paper", help=f"budget preset for calibration ({', '.join(PRESETS)})")
     p.add_argument("--calib-samples", type=COUNT, default=None, help="override the preset's calibration samples")
     p.add_argument("--unit", default="block", choices=["block", "attn", "mlp"],

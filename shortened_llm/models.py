@@ -273,8 +273,7 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, overwrit
             if getattr(record, "precision", "no such field") is None and getattr(model, "precision", None):
                 record.precision = precision_record(model)
             (tmp / "pruning.json").write_text(record.to_json())
-            if hasattr(record, "seal_dir"):  # subblock.SubBlockRecord: make plain from_pretrained refuse it
-                record.seal_dir(tmp)
+            record.seal_dir(tmp)  # subblock.SubBlockRecord: plain from_pretrained must refuse the dir
     return Path(out_dir)
 
 

@@ -33,6 +33,13 @@ class PruningRecord:
         removed = set(self.removed_blocks)
         return [i for i in range(self.original_num_blocks) if i not in removed]
 
+    def seal_dir(self, path) -> None:
+        """Make a saved dir safe from plain ``from_pretrained``; a plain pruned dir loads as it is.
+
+        ``save_model`` calls this for every record; kinds that plain transformers would load
+        wrongly (``subblock.SubBlockRecord``: rebuilt halves with random weights) override it.
+        """
+
     def to_json(self) -> str:
         data = asdict(self)
         for optional in ("recovery", "precision"):

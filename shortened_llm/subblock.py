@@ -21,6 +21,11 @@ transformers then refuses it with an "unrecognised model type" error that names
 ``shortened_llm``), the real type is kept under ``BASE_TYPE_KEY``, a README says how to load
 it, and ``pruning.json`` records the removed halves. ``models.load_model`` calls
 ``load_subblock_model`` for such a directory and restores identical logits.
+
+This module owns removing halves (the record, swap/restore, skipping, parameter counts, sealed
+dirs and their loader) and registers the ``attn`` and ``mlp`` units with ``units``. Scoring halves
+is ``importance.block_importance(..., unit="attn")``, the chain score -> choose -> remove is
+``pipeline.prune_model``; the sub-layer names are ``families.FAMILIES[...].sublayers``.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ subclass of ``Unit`` passed to ``register_unit``.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 
 from torch import nn
@@ -26,7 +27,7 @@ from .prune import remove_blocks, skipping_blocks
 __all__ = ["Unit", "BlockUnit", "UNITS", "register_unit", "get_unit"]
 
 
-class Unit:
+class Unit(abc.ABC):
     """The interface every pruning unit implements (see the module docstring)."""
 
     name: str = ""
@@ -39,17 +40,21 @@ class Unit:
     def check(self, model: nn.Module) -> None:
         """Raise unless ``model``'s family has this unit (before any work)."""
 
+    @abc.abstractmethod
     def alive(self, model: nn.Module) -> list[int]:
-        raise NotImplementedError
+        """Current block positions whose unit is still there."""
 
+    @abc.abstractmethod
     def skipping(self, model: nn.Module, indices) -> contextlib.AbstractContextManager:
-        raise NotImplementedError
+        """A context in which ``model`` runs without the units at ``indices``; all restored on exit."""
 
+    @abc.abstractmethod
     def remove(self, model: nn.Module, indices, criterion=None, ratio=None, scores=None) -> nn.Module:
-        raise NotImplementedError
+        """Remove the units at ``indices`` in place; ``model.pruning`` records it (original block indices)."""
 
+    @abc.abstractmethod
     def params(self, model: nn.Module) -> int:
-        raise NotImplementedError
+        """Parameters one unit holds (the first live one)."""
 
     def __repr__(self) -> str:
         return f"<unit {self.name!r}>"
