@@ -1,9 +1,12 @@
 """The CLI chains the same calls as the notebooks; bad input fails before any work.
 
-Every test that drives ``main([...])`` lives here. The export commands run on the models of
-the export and quant-table tests: their fixtures are imported from those modules, not copied.
+Every test that drives ``main([...])`` or runs ``python -m shortened_llm`` lives here. The export
+commands run on the models of the export and quant-table tests: their fixtures and table maker
+are imported from those modules, not copied.
 """
 import json
+import subprocess
+import sys
 
 import pytest
 import test_export
@@ -27,6 +30,12 @@ def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def test_cli_entry_point_and_module_agree():
+    out = subprocess.run([sys.executable, "-m", "shortened_llm", "--help"], capture_output=True, text=True, check=True)
+    for command in ("score", "prune", "eval", "reproduce"):
+        assert command in out.stdout
 
 
 def test_prune_then_eval_ppl(capsys, tmp_path, tiny_llama_dir):
