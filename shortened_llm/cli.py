@@ -257,40 +257,30 @@ def cmd_eval_zeroshot(args) -> int:
 
 # ---- retrain --------------------------------------------------------------------------------
 
+# The keywords of recovery methods (``RecoveryMethod.cli_options``) whose flag has another name or
+# meaning; every other keyword is read from the flag of the same name.
+_RETRAIN_FLAG = {"resume": lambda a: not a.no_resume, "n_samples": lambda a: a.calibration_samples,
+                 "cpt_steps": lambda a: a.max_steps, "lora_steps": lambda a: a.max_steps}
+
+
+def _retrain_options(args, keys) -> dict:
+    """The method's keywords from the flags; a flag left at None is left out, so the method's default holds."""
+    values = {key: _RETRAIN_FLAG[key](args) if key in _RETRAIN_FLAG else getattr(args, key) for key in keys}
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def cmd_retrain(args) -> int:
-    """LoRA, CPT or CPT then LoRA; runs unchanged under torchrun / accelerate launch."""
-    from .retrain import continued_pretrain, cpt_then_lora, lora_retrain
+    """Any method of the recovery registry; runs unchanged under torchrun / accelerate launch."""
+    from .recovery import get_recovery
 
     check_replaceable(args.out, args.overwrite, flag="--overwrite")  # not after hours of training
-    common = dict(out_dir=args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
-                  resume=not args.no_resume)
-    if args.method == "lora":
-        result = lora_retrain(args.model, data=args.data or "alpaca", max_steps=args.max_steps, **common)
-    elif args.method == "cpt":
-        result = continued_pretrain(args.model, data=args.data or "c4", max_steps=args.max_steps, **common)
-    elif args.method == "kd":
-        from .distill import distill
-
-        if not args.teacher:
-            raise ValueError("retrain kd needs --teacher: the dense model the student was pruned from")
-        result = distill(args.model, args.teacher, dataset=args.data or "c4", max_steps=args.max_steps,
-                         temperature=args.temperature, alpha=args.alpha, hidden_loss=args.hidden_loss,
-                         lora=args.lora, **common)
-    elif args.method == "replaceme":
-        from .replaceme import replaceme
-
-        if not args.teacher:
-            raise ValueError("retrain replaceme needs --teacher: the dense model the pruned one was cut from")
-        result = replaceme(args.model, args.teacher, out_dir=args.out, n_samples=args.calibration_samples,
-                           dataset=args.data or "bookcorpus", objective=args.objective, ridge=args.ridge,
-                           seed=1234 if args.seed is None else args.seed, overwrite=args.overwrite)
-    elif args.method == "partial":
-        from .distill import partial_retrain
-
-        result = partial_retrain(args.model, dataset=args.data or "c4", max_steps=args.max_steps,
-                                 last_k=args.last_k, **common)
-    else:
-        result = cpt_then_lora(args.model, cpt_steps=args.max_steps, lora_steps=args.max_steps, **common)
+    method = get_recovery(args.method)
+    if method.needs_teacher and not args.teacher:
+        raise ValueError(f"retrain {method.name} needs --teacher: {method.teacher}")
+    options = _retrain_options(args, method.cli_options)
+    if method.data_keyword:
+        options["data"] = args.data or method.data
+    result = method(args.model, out_dir=args.out, teacher=args.teacher, overwrite=args.overwrite, **options)
     losses = [row["loss"] for row in result.log if "loss" in row]
     _print_json({"method": result.method, "out": str(result.out_dir), "steps": result.steps,
                  "seconds": round(result.seconds, 2), "first_loss": losses[0] if losses else None,
@@ -387,8 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_arg(q)
     q.set_defaults(func=cmd_eval_zeroshot)
 
+    from .recovery import recovery_methods
+
     p = sub.add_parser("retrain", help="LoRA, continued pretraining, or CPT then LoRA; saves a plain HF model")
-    p.add_argument("method", choices=["lora", "cpt", "cpt-lora", "kd", "partial", "replaceme"])
+    p.add_argument("method", choices=recovery_methods(cli=True))
     p.add_argument("--model", required=True, help="pruned model dir (or embedded name / hub id)")
     p.add_argument("--out", required=True, help="output model dir (appears only when training finished)")
     p.add_argument("--max-steps", type=COUNT, default=None, help="optimizer steps (default: the preset's)")

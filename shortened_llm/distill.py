@@ -13,13 +13,14 @@
 - ``partial_retrain`` (Lu et al. 2024, "Reassessing Layer Pruning in LLMs"): fully fine-tune
   only the last K blocks and the LM head on plain text; every other weight is frozen.
 
-Both reuse ``retrain.py``'s machinery (packed text blocks, the HF ``Trainer`` in
+Both run on ``trainer.py``'s machinery (packed text blocks, the HF ``Trainer`` in
 ``<out>.checkpoints`` with resume, atomic publishing, ``loss_log.csv`` and ``training.json``),
-so they run on one CPU and under ``torchrun``/``accelerate launch`` like CPT.
+so they run on one CPU and under ``torchrun``/``accelerate launch`` like CPT, and both
+register in ``recovery.py``. Last, notebook 09's recovery table: ``recover`` trains or loads one
+registered method (``RECOVERY`` names the table's rows) on a pruned model and ``quick_eval``s it.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -31,15 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifacts import atomic_write_text
-from .efficiency import weights_mb
+from .efficiency import track_peak_memory, weights_mb
+from .errors import unknown_name
 from .models import unwrap, count_params, get_blocks, load_model, save_model
 from .presets import Preset, get_preset
-from .retrain import (ADAPTER_DIR, BASE_FILE, RetrainResult, _fingerprint, _prepare_out, _publish, _resolve_model,
-                      _settings, _train_on_cpt_budget, _world_size, packed_rows)
+from .recovery import RecoveryMethod, get_recovery, register_recovery
+from .trainer import (ADAPTER_DIR, RetrainResult, fingerprint, lora_config, packed_rows, prepare_out, preset_settings,
+                      publish, resolve_model, run_on_cpt_budget, save_adapter, save_trained, world_size)
 
-__all__ = ["KDSettings", "RECOVERY", "distill", "partial_retrain", "recover", "quick_eval", "kd_loss", "check_same_vocab", "track_peak_memory"]
-
-MB = 2**20
+__all__ = ["KDSettings", "RECOVERY", "distill", "partial_retrain", "recover", "quick_eval", "kd_loss", "check_same_vocab",
+           "track_peak_memory"]
 
 
 @dataclass
@@ -193,43 +195,11 @@ def _kd_trainer_class():
     return KDTrainer
 
 
-# ---- memory ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def track_peak_memory(device=None):
-    """Peak memory of the ``with`` block: yields a dict filled on exit with ``peak_mb`` and ``before_mb``.
-
-    GPU: ``max_memory_allocated`` (everything allocated, weights included). CPU: the process's
-    resident set size sampled in a thread (efficiency.py's sampler), so ``peak_mb`` includes
-    the Python runtime and libraries; ``growth_mb`` is the rise over the level before the block.
-    """
-    from .efficiency import rss_bytes, Sampler
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result: dict = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        yield result
-        peak = torch.cuda.max_memory_allocated(device)
-        result.update(peak_mb=peak / MB, before_mb=before / MB, growth_mb=(peak - before) / MB, source="cuda")
-        return
-    before = rss_bytes()
-    with Sampler(rss_bytes, period=0.02) as sampler:
-        yield result
-    peak = max(sampler.values + [before])
-    result.update(peak_mb=peak / MB, before_mb=before / MB, growth_mb=(peak - before) / MB, source="rss")
-
-
 # ---- shared setup ---------------------------------------------------------------------------
 
-
-
-def _write_record(staging: Path, record) -> None:
-    if record is not None:
-        (staging / "pruning.json").write_text(record.to_json())
-        if hasattr(record, "seal_dir"):
-            record.seal_dir(staging)
+def _memory_fields(memory: dict) -> dict:
+    """``track_peak_memory``'s numbers as ``training.json`` keys (``memory_peak_mb``, ...), MB to 2 decimals."""
+    return {f"memory_{k}": (round(v, 2) if isinstance(v, float) else v) for k, v in memory.items()}
 
 
 def _resolve_teacher(teacher, student, teacher_dtype):
@@ -275,8 +245,8 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
         raise ValueError(f"alpha={alpha} must be in [0, 1]: the share of the LM loss (the KL gets 1 - alpha)")
     if kd_chunk < 1:
         raise ValueError(f"kd_chunk={kd_chunk} must be >= 1 token")
-    out_dir = _prepare_out(out_dir, overwrite)
-    student, tokenizer = _resolve_model(student, tokenizer)
+    out_dir = prepare_out(out_dir, overwrite)
+    student, tokenizer = resolve_model(student, tokenizer)
     teacher, teacher_tok = _resolve_teacher(teacher, student, teacher_dtype)
     check_same_vocab(student, teacher, tokenizer, teacher_tok)
     hidden_weight = float(hidden_loss) if not isinstance(hidden_loss, bool) else (1.0 if hidden_loss else 0.0)
@@ -284,20 +254,18 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
     seed = preset.seed if seed is None else seed
     train_rows, val_rows = packed_rows(tokenizer, dataset, preset.cpt_block_size, preset.cpt_val_blocks)
     record = getattr(student, "pruning", None)
-    base_print = _fingerprint(student)
+    base_print = fingerprint(student)
     set_seed(seed)
     if lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        config = LoraConfig(r=preset.lora_rank, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
-                            target_modules=list(preset.lora_targets), bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(student, config)
+        model = get_peft_model(student, lora_config(preset))
     else:
         model = student.train().requires_grad_(True)
     kd = KDSettings(teacher, temperature, alpha, hidden_weight, block_map, kd_chunk)
     with track_peak_memory() as memory:
-        trainer, seconds, work = _train_on_cpt_budget(
-            model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, method="kd", max_steps=max_steps,
+        trainer, seconds, work = run_on_cpt_budget(
+            model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, max_steps=max_steps,
             seed=seed, resume=resume, progress=progress, callbacks=callbacks,
             trainer_cls=functools.partial(_kd_trainer_class(), kd=kd))
     staging = work / "final"
@@ -305,27 +273,22 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
         trained = model.merge_and_unload().requires_grad_(True)
         if trainer.is_world_process_zero():
             save_model(trained, tokenizer, staging, overwrite=True)  # writes (and seals) pruning.json
-            model.save_pretrained(staging / ADAPTER_DIR)
-            atomic_write_text(staging / ADAPTER_DIR / BASE_FILE, json.dumps(base_print, indent=2))
+            save_adapter(model, staging / ADAPTER_DIR, base_print)
     else:
-        trainer.save_model(str(staging))
+        save_trained(trainer, tokenizer, staging, record)
         trained = trainer.model
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(staging)
-            _write_record(staging, record)
     if record is not None:
         trained.pruning = record
     trained.eval()
     info = {"method": "kd-lora" if lora else "kd", "steps": trainer.state.global_step, "seconds": round(seconds, 2),
-            "seed": seed, "processes": _world_size(), "train_blocks": len(train_rows), "val_blocks": len(val_rows),
+            "seed": seed, "processes": world_size(), "train_blocks": len(train_rows), "val_blocks": len(val_rows),
             "tokens_per_step": preset.cpt_batch * preset.cpt_block_size, "temperature": temperature, "alpha": alpha,
             "hidden_weight": hidden_weight, "kd_chunk": kd_chunk, "teacher_dtype": str(next(teacher.parameters()).dtype),
             "student_weights_mb": round(weights_mb(trained), 2), "teacher_weights_mb": round(weights_mb(teacher), 2),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "params": count_params(trained), "base": base_print, "preset": preset.name,
-            **{f"memory_{k}": (round(v, 2) if isinstance(v, float) else v) for k, v in memory.items()},
-            **_settings(preset, "cpt_")}
-    _publish(trainer, work, out_dir, overwrite, info, keep_checkpoints)
+            **_memory_fields(memory), **preset_settings(preset, "cpt_")}
+    publish(trainer, work, out_dir, overwrite, info, keep_checkpoints)
     return RetrainResult(trained, tokenizer, out_dir, info["method"], trainer.state.global_step, seconds,
                          list(trainer.state.log_history))
 
@@ -343,8 +306,8 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
     from transformers import set_seed
 
     preset = get_preset(preset, **overrides)
-    out_dir = _prepare_out(out_dir, overwrite)
-    model, tokenizer = _resolve_model(model, tokenizer)
+    out_dir = prepare_out(out_dir, overwrite)
+    model, tokenizer = resolve_model(model, tokenizer)
     n = len(get_blocks(model))
     if not isinstance(last_k, int) or not 1 <= last_k <= n:
         raise ValueError(f"last_k={last_k!r} must be an int in 1..{n} (the model has {n} blocks)")
@@ -362,32 +325,37 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
         module.requires_grad_(True)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with track_peak_memory() as memory:
-        trainer, seconds, work = _train_on_cpt_budget(
-            model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, method="partial", max_steps=max_steps,
+        trainer, seconds, work = run_on_cpt_budget(
+            model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, max_steps=max_steps,
             seed=seed, resume=resume, progress=progress, callbacks=callbacks)
-    staging = work / "final"
-    trainer.save_model(str(staging))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staging)
-        _write_record(staging, record)
+    save_trained(trainer, tokenizer, work / "final", record)
     trained = trainer.model
     trained.requires_grad_(True).eval()
     if record is not None:
         trained.pruning = record
     info = {"method": "partial", "last_k": last_k, "steps": trainer.state.global_step, "seconds": round(seconds, 2),
-            "seed": seed, "processes": _world_size(), "train_blocks": len(train_rows), "val_blocks": len(val_rows),
+            "seed": seed, "processes": world_size(), "train_blocks": len(train_rows), "val_blocks": len(val_rows),
             "tokens_per_step": preset.cpt_batch * preset.cpt_block_size, "trainable_params": n_trainable,
-            "params": count_params(trained), "base": _fingerprint(trained), "preset": preset.name,
-            **{f"memory_{k}": (round(v, 2) if isinstance(v, float) else v) for k, v in memory.items()},
-            **_settings(preset, "cpt_")}
-    _publish(trainer, work, out_dir, overwrite, info, keep_checkpoints)
+            "params": count_params(trained), "base": fingerprint(trained), "preset": preset.name,
+            **_memory_fields(memory), **preset_settings(preset, "cpt_")}
+    publish(trainer, work, out_dir, overwrite, info, keep_checkpoints)
     return RetrainResult(trained, tokenizer, out_dir, "partial", trainer.state.global_step, seconds,
                          list(trainer.state.log_history))
 
 
+register_recovery(RecoveryMethod(
+    "kd", "knowledge distillation from the dense teacher (Minitron): KL on packed text, full-weight or LoRA",
+    distill, teacher="the dense model the student was pruned from", data="c4", data_keyword="dataset",
+    cli_options=("preset", "seed", "resume", "max_steps", "temperature", "alpha", "hidden_loss", "lora")))
+register_recovery(RecoveryMethod(
+    "partial", "fine-tune only the last K blocks and the LM head on packed text (Lu et al. 2024)",
+    partial_retrain, data="c4", data_keyword="dataset", cli_options=("preset", "seed", "resume", "max_steps", "last_k")))
+
+
 # ---- notebook 09: one retraining of one pruned model, trained or loaded, then evaluated ---------
 
-# "replaceme+kd": ReplaceMe's training-free map first, then KD from the replaced model
+# The rows of notebook 09's table, in its order: "none" (the pruned model as it is), then registered
+# methods ("replaceme+kd": ReplaceMe's training-free map first, then KD from the replaced model).
 RECOVERY = ("none", "lora", "partial", "kd", "replaceme", "replaceme+lora", "replaceme+kd")
 
 
@@ -418,47 +386,33 @@ def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-13
     prompts of at most ``lora_cutoff`` tokens (the paper's recipe), the others packed C4 text.
     The row (method, seconds, peak memory, PPL, zero-shot average) is cached as ``row.json``.
     """
-    from .retrain import lora_retrain
-
     if method not in RECOVERY:
-        raise ValueError(f"method={method!r} must be one of {', '.join(RECOVERY)}")
+        raise unknown_name("recovery method", method, RECOVERY, note=" (notebook 09's rows)")
     preset = get_preset(preset, **overrides)
     out_dir = Path(out_dir)
     cached = out_dir / "row.json"
     if cached.exists():
         return json.loads(cached.read_text())
     steps = steps or preset.lora_steps or 1
-    equal = dict(cpt_batch=preset.lora_batch, cpt_micro_batch=preset.lora_micro_batch, cpt_block_size=preset.lora_cutoff)
+    # one preset for every stage: LoRA reads only its lora_* fields, partial and KD the cpt_* ones set to LoRA's
+    equal = get_preset(preset, cpt_batch=preset.lora_batch, cpt_micro_batch=preset.lora_micro_batch,
+                       cpt_block_size=preset.lora_cutoff)
     row = {"method": method, "steps": 0, "seconds": 0.0, "peak_mb": float("nan"), "growth_mb": float("nan")}
     model_dir = out_dir / "model"
     if method == "none":
         model, tokenizer = load_model(pruned)
     else:
-        training = method.removeprefix("replaceme").removeprefix("+")  # "" for ReplaceMe alone
-        start, seconds = str(pruned), 0.0
+        runner = get_recovery(method)
         with track_peak_memory() as memory:
-            if method.startswith("replaceme"):
-                from .replaceme import replaceme
-
-                replaced = out_dir / "replaceme" if training else model_dir
-                result = replaceme(start, teacher, out_dir=replaced, overwrite=True, progress=False)
-                start, seconds = str(replaced), result.seconds
-            if training == "lora":
-                result = lora_retrain(start, out_dir=model_dir, preset=preset, max_steps=steps, progress=False,
-                                      overwrite=True)
-            elif training == "partial":
-                result = partial_retrain(start, out_dir=model_dir, preset=preset, max_steps=steps,
-                                         progress=False, overwrite=True, **equal)
-            elif training == "kd":
-                result = distill(start, teacher, out_dir=model_dir, preset=preset, max_steps=steps,
-                                 progress=False, overwrite=True, **equal)
+            result = runner(str(pruned), out_dir=model_dir, teacher=teacher, preset=equal, max_steps=steps,
+                            progress=False, overwrite=True,
+                            **({"stage_dirs": {"replaceme": out_dir / "replaceme"}} if runner.chain else {}))
         model, tokenizer = result.model, result.tokenizer
-        if training:
-            seconds += result.seconds
-        row.update(steps=result.steps, seconds=round(seconds, 2), peak_mb=round(memory["peak_mb"], 1),
+        row.update(steps=result.steps, seconds=round(result.seconds, 2), peak_mb=round(memory["peak_mb"], 1),
                    growth_mb=round(memory["growth_mb"], 1))
-        if training == "kd":
-            info = json.loads((model_dir / "training.json").read_text())
+        info_path = model_dir / "training.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        if "teacher_weights_mb" in info:  # the student trained beside a teacher: what each weighs
             row.update(teacher_mb=info["teacher_weights_mb"], student_mb=info["student_weights_mb"],
                        trainable_params=info["trainable_params"])
     model.eval()

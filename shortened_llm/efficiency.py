@@ -19,6 +19,9 @@ thread and report its peak growth over the level measured just before the first 
 call; ``ru_maxrss`` is used too, but only when it rose during the call, since it is a
 process-lifetime high-water mark that never decreases. GPU
 utilisation is sampled with nvidia-ml-py (``pynvml``) in a thread on NVIDIA GPUs.
+
+The same samplers measure any block of code: ``track_peak_memory`` is what a retraining reports
+as its ``memory_*`` (KD holds a teacher beside the student; partial fine-tuning fewer optimizer states).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ __all__ = [
     "memory_table",
     "weights_mb",
     "is_oom",
+    "track_peak_memory",
 ]
 
 MB = 2**20
@@ -113,6 +117,31 @@ def _nvml_reader(device: torch.device) -> tuple[Callable[[], float], Callable[[]
     except Exception:  # noqa: BLE001 - a missing driver must not stop a measurement
         return None
     return (lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu), pynvml.nvmlShutdown
+
+
+@contextlib.contextmanager
+def track_peak_memory(device=None):
+    """Peak memory of the ``with`` block: yields a dict filled on exit with ``peak_mb`` and ``before_mb``.
+
+    GPU: ``max_memory_allocated`` (everything allocated, weights included). CPU: the process's
+    resident set size sampled in a thread (``Sampler``), so ``peak_mb`` includes the Python
+    runtime and libraries; ``growth_mb`` is the rise over the level before the block. What a
+    retraining costs in memory (KD holds a teacher too) is read the same way on both.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield result
+        peak = torch.cuda.max_memory_allocated(device)
+        result.update(peak_mb=peak / MB, before_mb=before / MB, growth_mb=(peak - before) / MB, source="cuda")
+        return
+    before = rss_bytes()
+    with Sampler(rss_bytes, period=0.02) as sampler:
+        yield result
+    peak = max(sampler.values + [before])
+    result.update(peak_mb=peak / MB, before_mb=before / MB, growth_mb=(peak - before) / MB, source="rss")
 
 
 def is_oom(err: BaseException) -> bool:

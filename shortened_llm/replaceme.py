@@ -37,6 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models import get_path, unwrap, family_of, get_blocks
+from .recovery import RecoveryMethod, register_recovery
+from .trainer import RetrainResult
 
 __all__ = ["OBJECTIVES", "SpanFit", "check_teacher", "contiguous_spans", "fit_replaceme", "fold_into_model", "replaceme"]
 
@@ -288,7 +290,6 @@ def replaceme(model, teacher, tokenizer=None, out_dir: str | Path | None = None,
     """
     from .data import calibration_batches
     from .models import load_model, save_model
-    from .retrain import RetrainResult
 
     start = time.perf_counter()
     if isinstance(model, (str, Path)):
@@ -315,3 +316,9 @@ def replaceme(model, teacher, tokenizer=None, out_dir: str | Path | None = None,
                          method="replaceme", steps=0, seconds=seconds,
                          log=[{"span": f.span, "residual_before": f.residual_before,
                                "residual_after": f.residual_after} for f in fits])
+
+
+register_recovery(RecoveryMethod(
+    "replaceme", "training-free: one least-squares linear map per removed span, folded into a kept block",
+    replaceme, teacher="the dense model the pruned one was cut from", data="bookcorpus", data_keyword="dataset",
+    trains=False, cli_options=("seed", "n_samples", "objective", "ridge")))

@@ -146,3 +146,21 @@ def _sample_a_big_allocation():
             s._stop.wait(0.01)
         del x
     assert max(s.values) - base > 32 * 2**20
+
+
+def test_track_peak_memory_sees_a_block_that_allocates_and_frees():
+    """What a retraining's ``training.json`` reports as ``memory_*``: the peak inside the block, not after it."""
+    from shortened_llm import distill
+
+    assert distill.track_peak_memory is efficiency.track_peak_memory  # re-exported, not a copy
+    gc.collect()
+    gc.disable()
+    try:
+        with efficiency.track_peak_memory("cpu") as memory:
+            x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+            time.sleep(0.2)  # a few samples at the 20 ms period
+            del x
+    finally:
+        gc.enable()
+    assert memory["source"] == "rss" and memory["growth_mb"] > 32
+    assert memory["peak_mb"] == pytest.approx(memory["before_mb"] + memory["growth_mb"])

@@ -131,3 +131,42 @@ def test_a_half_precision_model_trains_on_fp32_master_weights(tmp_path, tok):
     assert a.model.dtype == torch.bfloat16 and b.model.dtype == torch.float32
     w = b.model.model.layers[0].mlp.down_proj.weight
     torch.testing.assert_close(a.model.model.layers[0].mlp.down_proj.weight, w.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_trainer_primitives_on_tiny_known_answers(tmp_path, tok):
+    """trainer.py's public pieces: the global batch split, the padding, the fingerprint check."""
+    from shortened_llm.trainer import accumulation_steps, check_fingerprint, fingerprint, padding_collator
+
+    assert accumulation_steps(64, 4, 1, "lora") == 16 and accumulation_steps(64, 4, 2, "lora") == 8
+    with pytest.raises(ValueError, match=r"cpt_batch=6 is not a multiple of cpt_micro_batch=4 x 1 process"):
+        accumulation_steps(6, 4, 1, "cpt")
+    batch = padding_collator(0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]  # padding never counts in the loss
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    model = tiny(tok)
+    assert fingerprint(model)["removed_blocks"] == [1] and fingerprint(model)["num_blocks"] == 3
+    (tmp_path / "base.json").write_text(json.dumps(fingerprint(model)))
+    check_fingerprint(model, tmp_path / "base.json", "x", "fix")  # its own fingerprint passes
+    with pytest.raises(ValueError, match=r"x belongs to a different base model \(removed_blocks: \[1\] there, \[2\] here\)"):
+        check_fingerprint(tiny(tok, removed=(2,)), tmp_path / "base.json", "x", "fix")
+
+
+def test_retrain_or_load_runs_a_training_free_method_once_then_loads_it(tmp_path, tok, monkeypatch):
+    """Any registered method, not only the paper's three: ReplaceMe's dir is finished once its model is saved."""
+    from shortened_llm.models import save_model
+
+    teacher = make_tiny_llama(vocab_size=len(tok), num_layers=6)
+    pruned = save_model(remove_blocks(make_tiny_llama(vocab_size=len(tok), num_layers=6), [3]), tok, tmp_path / "p")
+    out = tmp_path / "rm"
+    model, _, log, info = retrain_or_load("replaceme", str(pruned), None, out, teacher=teacher, n_samples=2,
+                                          progress=False)
+    assert log.empty and info["method"] == "replaceme" and info["calibration"]["n_samples"] == 2
+    import shortened_llm.replaceme as rm
+
+    monkeypatch.setattr(rm, "fit_replaceme", lambda *a, **k: pytest.fail("a finished dir must load, not refit"))
+    again, _, _, info_again = retrain_or_load("replaceme", str(pruned), None, out, teacher=teacher)
+    assert info_again == info
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)

@@ -1,0 +1,352 @@
+"""The training machinery every retraining method builds on: one Hugging Face ``Trainer`` run, made safe.
+
+A method (``retrain.py``: LoRA, CPT; ``distill.py``: KD, partial fine-tuning) says what to
+train and on which rows; this module owns what they all share, so each rule lives once:
+
+- **inputs**: a causal LM and its tokenizer, from objects or a name / dir (``resolve_model``);
+  text packed into equal blocks (``pack_blocks``, ``packed_rows``), right-padded batches with
+  the padding masked out of attention and loss (``padding_collator``);
+- **one run** (``run_trainer``): gradient accumulation from the global batch and the number of
+  processes, so the same preset gives the same optimizer steps on 1 CPU or under ``torchrun``;
+  fp32 master weights for half-precision models; validation loss before the first and after
+  the last step; resumable checkpoints in ``<out>.checkpoints/``;
+- **the base fingerprint** (``fingerprint``, ``check_fingerprint``): shapes, depth and removed
+  blocks, written beside checkpoints and adapters so neither is ever applied to another model;
+- **atomic outputs** (``prepare_out``, ``publish``): the finished dir appears in one rename with
+  ``loss_log.csv`` and ``training.json``, or not at all.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifacts import atomic_dir, atomic_write_text
+from .models import get_blocks, load_model
+from .presets import Preset
+
+__all__ = [
+    "ADAPTER_DIR",
+    "BASE_FILE",
+    "RetrainResult",
+    "checkpoints_dir",
+    "check_causal_lm",
+    "resolve_model",
+    "fingerprint",
+    "check_fingerprint",
+    "accumulation_steps",
+    "world_size",
+    "is_main_process",
+    "pack_blocks",
+    "packed_rows",
+    "padding_collator",
+    "lora_config",
+    "save_adapter",
+    "write_loss_log",
+    "write_record",
+    "run_trainer",
+    "run_on_cpt_budget",
+    "save_trained",
+    "publish",
+    "preset_settings",
+    "prepare_out",
+]
+
+ADAPTER_DIR = "adapter"  # inside a LoRA output: the peft adapter alone
+BASE_FILE = "base.json"  # shape fingerprint of the model an adapter / checkpoint belongs to
+
+
+@dataclass
+class RetrainResult:
+    """What a retraining returns: the trained plain HF model and its record."""
+
+    model: nn.Module
+    tokenizer: object
+    out_dir: Path
+    method: str
+    steps: int
+    seconds: float
+    log: list[dict] = field(default_factory=list)  # Trainer log_history: loss, learning_rate, eval_loss per step
+
+    def log_frame(self):
+        """The loss log as a DataFrame (one row per logged step)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.log)
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+def checkpoints_dir(out_dir: str | os.PathLike) -> Path:
+    """``<out>.checkpoints/``: where training runs and checkpoints live until ``<out>`` is published."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".checkpoints")
+
+
+def check_causal_lm(model, what: str) -> None:
+    """Refuse anything but a ``*ForCausalLM`` (bare or inside peft): every method trains next-token prediction."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(inner).__name__ not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise ValueError(
+            f"model={what} is a {type(inner).__name__}, not a causal LM: retraining needs a *ForCausalLM "
+            "model (a dir written by `shortened-llm prune`, an embedded name, or a hub id of a decoder LM)")
+
+
+def resolve_model(model, tokenizer):
+    """``(model, tokenizer)`` from objects or from a name / dir, checked to be a causal LM.
+
+    A model dir's ``config.json`` is read before any weight loads, so a wrong dir fails in
+    milliseconds instead of after loading gigabytes.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        source = Path(model)
+        if source.is_dir() and (source / "config.json").exists():
+            archs = json.loads((source / "config.json").read_text()).get("architectures") or []
+            if archs and not any(a.endswith("ForCausalLM") for a in archs):
+                raise ValueError(f"model={str(model)!r} holds a {archs[0]}, not a causal LM: retraining needs a "
+                                 "*ForCausalLM model dir, e.g. one written by `shortened-llm prune`")
+        name = str(model)
+        model, loaded_tok = load_model(name)
+        tokenizer = tokenizer or loaded_tok
+        check_causal_lm(model, repr(name))
+    else:
+        check_causal_lm(model, type(model).__name__)
+        if tokenizer is None:
+            raise ValueError("tokenizer=None: pass the tokenizer that goes with the model object")
+    return model, tokenizer
+
+
+def fingerprint(model) -> dict:
+    """What an adapter or a checkpoint must agree with: shapes, depth and which blocks were removed."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    record = getattr(model, "pruning", None) or getattr(inner, "pruning", None)
+    cfg = inner.config
+    return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+            "num_blocks": len(get_blocks(inner)), "removed_blocks": list(record.removed_blocks) if record else []}
+
+
+def check_fingerprint(model, path: Path, what: str, fix: str) -> None:
+    """Refuse ``model`` when the fingerprint at ``path`` (if any) names another base: shapes alone may still fit."""
+    if not path.exists():
+        return
+    expected, got = json.loads(path.read_text()), fingerprint(model)
+    diff = {k: (expected.get(k), got[k]) for k in got if expected.get(k) != got[k]}
+    if diff:
+        detail = "; ".join(f"{k}: {a} there, {b} here" for k, (a, b) in diff.items())
+        raise ValueError(f"{what} belongs to a different base model ({detail}). {fix}")
+
+
+def accumulation_steps(batch: int, micro: int, world: int, name: str) -> int:
+    """Micro-batches per optimizer step, so ``batch`` stays the global batch whatever the number of processes."""
+    if batch % (micro * world):
+        raise ValueError(f"{name}_batch={batch} is not a multiple of {name}_micro_batch={micro} x {world} process(es): "
+                         "pick a global batch that splits evenly")
+    return batch // (micro * world)
+
+
+def world_size() -> int:
+    """Processes in this run (``torchrun``/``accelerate launch`` set ``WORLD_SIZE``; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes files, so N processes never race on the same path."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def pack_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
+    """``(n_blocks, block_size)`` ids: every text + EOS, concatenated, cut into equal blocks (tail dropped).
+
+    Packing wastes no compute on padding and gives every block the same number of
+    predicted tokens, so per-step losses average the same way on 1 or N processes.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size={block_size} must be >= 2 (cpt_block_size in the preset)")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = [t for ids in tokenizer(list(texts)).input_ids for t in ids + eos]
+    n = len(ids) // block_size
+    if n < 1:
+        raise ValueError(f"the texts hold {len(ids)} tokens: fewer than one block of {block_size}")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def packed_rows(tokenizer, data, block_size: int, val_blocks: int) -> tuple[list[dict], list[dict]]:
+    """Train and held-out rows of a corpus packed into ``block_size``-token blocks (CPT, KD, partial).
+
+    The held-out tail is ``val_blocks`` blocks, at most 5 % of the corpus: the validation loss is
+    logged before the first and after the last step, so it must stay cheap next to training.
+    """
+    from .data import load_texts
+
+    texts = load_texts(data) if isinstance(data, str) else list(data)
+    blocks = pack_blocks(tokenizer, texts, block_size)  # (n, block_size)
+    n_val = max(1, min(val_blocks, len(blocks) // 20))
+    if len(blocks) <= n_val:
+        raise ValueError(f"the dataset packs into {len(blocks)} block(s) of {block_size} tokens: need at least 2")
+    rows = [{"input_ids": b, "labels": b} for b in blocks.tolist()]
+    return rows[:-n_val], rows[-n_val:]
+
+
+def padding_collator(pad_id: int):
+    """Right-pad a list of ``{"input_ids", "labels"}``; padding is masked out of attention and loss."""
+
+    def collate(rows: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in rows)
+        out = {"input_ids": [], "labels": [], "attention_mask": []}
+        for r in rows:
+            ids, labels, pad = list(r["input_ids"]), list(r["labels"]), width - len(r["input_ids"])
+            out["input_ids"].append(ids + [pad_id] * pad)
+            out["labels"].append(labels + [-100] * pad)
+            out["attention_mask"].append([1] * len(ids) + [0] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}  # each (B, T)
+
+    return collate
+
+
+# ---- LoRA adapters: one shape (the preset's lora_* fields) for LoRA retraining and KD-LoRA ------
+
+def lora_config(preset: Preset):
+    """peft's ``LoraConfig`` from the preset (official ``lora_retrain.py``: r=8, alpha=16, all seven projections)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=preset.lora_rank, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
+                      target_modules=list(preset.lora_targets), bias="none", task_type="CAUSAL_LM")
+
+
+def save_adapter(peft_model, path: Path, base_print: dict) -> None:
+    """The adapter alone, with the fingerprint of its base: ``apply_adapter`` refuses it on any other model."""
+    peft_model.save_pretrained(path)
+    atomic_write_text(path / BASE_FILE, json.dumps(base_print, indent=2))
+
+
+# ---- the training loop shared by every method ---------------------------------------------
+
+def write_loss_log(path: Path, history: list[dict]) -> None:
+    """``loss_log.csv`` from the Trainer's log history: the fixed columns first, then any others, sorted."""
+    keys = ["step", "epoch", "loss", "learning_rate", "grad_norm", "eval_loss"]
+    keys += sorted({k for row in history for k in row} - set(keys))
+    lines = [",".join(keys)] + [",".join("" if row.get(k) is None else str(row.get(k)) for k in keys) for row in history]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_record(staging: Path, record) -> None:
+    """``pruning.json`` beside saved weights (and a sub-block dir's seal), so the dir reloads as what it is."""
+    if record is not None:
+        (staging / "pruning.json").write_text(record.to_json())
+        record.seal_dir(staging)  # a no-op for a plain block record
+
+
+def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: float, batch: int, micro: int,
+                max_steps: int | None, epochs: float, warmup: int | float, scheduler: str, seed: int, save_steps: int,
+                resume: bool, progress: bool, callbacks, name: str, trainer_cls=None):
+    """Run a ``Trainer`` in ``<out>.checkpoints``; return it, the seconds it took and the work dir.
+
+    ``batch`` is the global batch (``name`` names its preset fields in errors); a float
+    ``warmup`` is a share of the planned steps. ``trainer_cls`` swaps the loss (KD).
+    """
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    work = checkpoints_dir(out_dir)
+    world = world_size()
+    accum = accumulation_steps(batch, micro, world, name)
+    steps_planned = max_steps or math.ceil(epochs * len(train_rows) / batch)
+    if isinstance(warmup, float):  # a ratio of the planned steps
+        warmup = int(round(warmup * steps_planned))
+    last = get_last_checkpoint(str(work)) if work.is_dir() and resume else None
+    if last is not None:
+        check_fingerprint(model, work / BASE_FILE, f"checkpoint dir {str(work)!r}",
+                          "Delete it, or pass resume=False (CLI: --no-resume) to start over.")
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type=scheduler, warmup_steps=warmup,
+        max_steps=max_steps if max_steps is not None else -1, num_train_epochs=epochs, weight_decay=0.0,
+        optim="adamw_torch", logging_steps=1, logging_first_step=True, save_strategy="steps", save_steps=save_steps,
+        save_total_limit=2, seed=seed,
+        # validation loss before the first and after the last step; evaluating inside train(), not before it,
+        # matters: an evaluate() call before train() leaves the model unwrapped, and DDP would never sync
+        eval_strategy="steps" if eval_rows else "no", eval_steps=steps_planned, eval_on_start=bool(eval_rows), data_seed=seed, report_to="none",
+        disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False, ddp_find_unused_parameters=False,
+    )
+    model.config.use_cache = False  # no KV cache while training
+    # fp32 master weights: AdamW on bf16/fp16 weights loses the small updates (a bf16 weight
+    # has 8 bits of mantissa), so a model loaded in half precision trains in fp32 and goes
+    # back to its dtype afterwards. (bf16 autocast over fp32 weights, for speed, is not done yet.)
+    half = next((p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
+    if half is not None:
+        model.float()
+    trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
+                      data_collator=padding_collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                                     else tokenizer.eos_token_id),
+                      callbacks=list(callbacks or []))
+    if not progress:  # no bars means no per-step log dicts printed either; the loss log keeps them
+        trainer.remove_callback(PrinterCallback)
+    if trainer.is_world_process_zero():
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work / BASE_FILE, json.dumps(fingerprint(model), indent=2))
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=last)
+    model.config.use_cache = True
+    if half is not None:
+        model.to(half)
+    return trainer, time.perf_counter() - t0, work
+
+
+def run_on_cpt_budget(model, tokenizer, train_rows, eval_rows, preset, *, out_dir: Path, max_steps: int | None,
+                      seed: int, resume: bool, progress: bool, callbacks, trainer_cls=None):
+    """Full-weight training on ``preset``'s CPT budget (lr, batch, cosine warm-up): CPT, KD and partial share it."""
+    return run_trainer(
+        model, tokenizer, train_rows, eval_rows, out_dir=out_dir, lr=preset.cpt_lr,
+        batch=preset.cpt_batch, micro=preset.cpt_micro_batch, max_steps=max_steps or preset.cpt_steps, epochs=1.0,
+        warmup=float(preset.cpt_warmup_ratio), scheduler="cosine", seed=seed, save_steps=preset.retrain_save_steps,
+        resume=resume, progress=progress, callbacks=callbacks, name="cpt", trainer_cls=trainer_cls)
+
+
+def save_trained(trainer, tokenizer, staging: Path, record) -> None:
+    """A full-weight run's model, tokenizer and pruning record into ``staging``.
+
+    Every process calls it: under FSDP ``save_model`` gathers the full weights from all of them.
+    """
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        write_record(staging, record)
+
+
+def publish(trainer, work: Path, out_dir: Path, overwrite: bool, info: dict, keep_checkpoints: bool) -> None:
+    """Main process: move ``work/final`` into ``out_dir`` in one rename, write the logs, drop checkpoints."""
+    if trainer.is_world_process_zero():
+        staging = work / "final"
+        write_loss_log(staging / "loss_log.csv", trainer.state.log_history)
+        atomic_write_text(staging / "training.json", json.dumps(info, indent=2, default=str) + "\n")
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            for item in staging.iterdir():
+                item.rename(tmp / item.name)
+        if not keep_checkpoints:
+            shutil.rmtree(work, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def preset_settings(preset: Preset, prefix: str) -> dict:
+    """The preset fields a method trained with (``lora_*`` or ``cpt_*``), recorded in ``training.json``."""
+    return {k: v for k, v in vars(preset).items() if k.startswith(prefix)}
+
+
+def prepare_out(out_dir, overwrite: bool) -> Path:
+    """``out_dir`` as a path, refused up front when it exists and ``overwrite`` is off (not after hours of training)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"out_dir={str(out_dir)!r} already exists: pass overwrite=True (CLI: --overwrite) to replace it")
+    return out_dir
