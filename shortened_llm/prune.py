@@ -23,6 +23,7 @@ __all__ = [
     "num_blocks_for_ratio",
     "num_blocks_to_remove",
     "check_blocks",
+    "block_indices",
 ]
 
 
@@ -55,12 +56,18 @@ def num_blocks_to_remove(total: int, ratio: float | None = None, n_blocks: int |
     return n_blocks
 
 
-def check_blocks(blocks: Iterable[int], n_blocks: int) -> list[int]:
-    """Sorted unique block indices, each in range, not all of them."""
+def block_indices(blocks: Iterable[int], n_blocks: int) -> list[int]:
+    """Sorted unique block positions, each in range (whole blocks and halves alike)."""
     blocks = sorted({int(b) for b in blocks})
     bad = [b for b in blocks if not 0 <= b < n_blocks]
     if bad:
         raise IndexError(f"block indices {bad} out of range: the model has {n_blocks} blocks (0..{n_blocks - 1})")
+    return blocks
+
+
+def check_blocks(blocks: Iterable[int], n_blocks: int) -> list[int]:
+    """Sorted unique block indices, each in range, not all of them."""
+    blocks = block_indices(blocks, n_blocks)
     if len(blocks) >= n_blocks:
         raise ValueError(f"removing blocks {blocks} would leave none of the {n_blocks} blocks")
     return blocks
@@ -178,12 +185,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[int], criterion: str | None
     keep = [i for i in range(n_now) if i not in set(blocks)]
     _apply(model, keep)
     record.removed_blocks = sorted(set(record.removed_blocks) | {current[i] for i in blocks})
-    if criterion is not None:
-        record.criterion = criterion
-    if ratio is not None:
-        record.ratio = ratio
-    if scores is not None:
-        record.scores = [float(s) for s in scores]
+    record.note_choice(criterion, ratio, scores)
     model.pruning = record
     return model
 

@@ -33,6 +33,15 @@ class PruningRecord:
         removed = set(self.removed_blocks)
         return [i for i in range(self.original_num_blocks) if i not in removed]
 
+    def note_choice(self, criterion: str | None = None, ratio: float | None = None, scores=None) -> None:
+        """Record how the latest removal was chosen (by ``remove_blocks`` and ``remove_sublayers``)."""
+        if criterion is not None:
+            self.criterion = criterion
+        if ratio is not None:
+            self.ratio = ratio
+        if scores is not None:
+            self.scores = [float(s) for s in scores]
+
     def seal_dir(self, path) -> None:
         """Make a saved dir safe from plain ``from_pretrained``; a plain pruned dir loads as it is.
 

@@ -44,6 +44,7 @@ from .families import FAMILIES, SubLayers, count_params, get_blocks, get_path, u
 from .importance import sublayer_importance, sublayers_to_remove  # noqa: F401  (compatibility names, see below)
 from .models import register_dir_loader
 from .pipeline import prune_unit  # noqa: F401
+from .prune import block_indices
 from .record import PruningRecord
 from .unit_comparison import (equal_param_models, kv_cache_bytes, n_for_equal_params, relative_to,  # noqa: F401
                               speed_and_kv)
@@ -175,10 +176,7 @@ def _renumber_attention(model) -> None:
 
 def _check_halves(model, unit: str, blocks: Iterable[int]) -> list[int]:
     n = len(get_blocks(model))
-    blocks = sorted({int(b) for b in blocks})
-    bad = [b for b in blocks if not 0 <= b < n]
-    if bad:
-        raise IndexError(f"block indices {bad} out of range: the model has {n} blocks (0..{n - 1})")
+    blocks = block_indices(blocks, n)
     gone = set(removed_sublayers(model, unit))
     if gone & set(blocks):
         raise ValueError(f"the {unit} half of blocks {sorted(gone & set(blocks))} is already removed")
@@ -220,10 +218,7 @@ def remove_sublayers(model, unit: str, blocks: Iterable[int], criterion: str | N
     target = record.removed_attn if unit == "attn" else record.removed_mlp
     target[:] = sorted(set(target) | {original[i] for i in blocks})
     record.unit = unit if record.unit in (None, unit) else "mixed"
-    record.criterion = criterion if criterion is not None else record.criterion
-    record.ratio = ratio if ratio is not None else record.ratio
-    if scores is not None:
-        record.scores = [float(s) for s in scores]
+    record.note_choice(criterion, ratio, scores)
     model.pruning = record
     return model
 
