@@ -7,7 +7,7 @@ and the numbers behind it, read from the run directory (``runs/<run>/eval/*.csv`
 whose runs are missing says so instead of guessing.
 
 ``run_models`` lists the run's models as lazy loaders (dense, pruned through
-``retrain.pruned_model``, retrained), so the notebook and the zero-shot job see the same set.
+``pipeline.pruned_model``, retrained), so the notebook and the zero-shot job see the same set.
 """
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ def run_models(run_dir, criteria=("ppl", "taylor+"), ratio: float = 0.2, model: 
     """Label -> loader of ``(model, tokenizer)`` for the dense model, the pruned ones and the
     retrained ones saved under ``run_dir/retrained/*``; loaders so nothing loads until needed.
 
-    Pruned models are train-or-load through ``retrain.pruned_model``. A retrained dir holding
+    Pruned models are train-or-load through ``pipeline.pruned_model``. A retrained dir holding
     a full model loads as is; one holding a LoRA adapter goes onto the pruned model it was
     trained on (``apply_adapter`` refuses the others).
     """
     from .models import load_model
-    from .retrain import pruned_model
+    from .pipeline import pruned_model
 
     loaders: dict[str, Callable] = {"dense": lambda: load_model(model)}
     for c in criteria:

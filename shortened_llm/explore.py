@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from .artifacts import atomic_write_text, load_scores, save_scores, scores_csv
 from .evaluate import default_bos, ppl_segments, token_nll
-from .importance import DATA_FREE, PLUS_RULE, block_importance, blocks_to_remove, check_removable, criterion_options, split_criterion
+from .importance import DATA_FREE, block_importance, blocks_to_remove, check_removable, criterion_options, split_criterion
 from .models import get_blocks
+from .pipeline import plus_rule
 from .prune import skipping_blocks
 
 __all__ = ["scores_for", "rank_correlation", "max_removable", "PruneExplorer", "explorer_widget", "scores_widget",
@@ -59,8 +60,7 @@ def rank_correlation(scores: dict[str, torch.Tensor]) -> pd.DataFrame:
 
 def max_removable(n_blocks: int, criterion: str) -> int:
     """How many blocks ``criterion`` may remove: all but one, or all unprotected with '+'."""
-    _, plus = split_criterion(criterion)
-    keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
+    keep = plus_rule(criterion)
     protected = min(n_blocks, keep["keep_first"] + keep["keep_last"])
     return n_blocks - max(protected, 1)
 
@@ -111,10 +111,10 @@ class PruneExplorer:
 
     def removed(self, criterion: str, n: int) -> list[int]:
         """The ``n`` blocks ``criterion`` drops ('+' protects the first 4 and last 2)."""
-        base, plus = split_criterion(criterion)
+        base, _ = split_criterion(criterion)
         if base not in self.scores:
             raise KeyError(f"no scores for {base!r} in this explorer; have: {', '.join(sorted(self.scores))}")
-        keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
+        keep = plus_rule(criterion)
         check_removable(self.n_blocks, n, **keep)
         return blocks_to_remove(self.scores[base], n, **keep)
 
@@ -220,9 +220,8 @@ def scores_widget(scores: dict[str, torch.Tensor], n: int):
     out = widgets.Output()
 
     def show(*_):
-        base, plus = split_criterion(pick.value)
-        keep = PLUS_RULE if plus else {"keep_first": 0, "keep_last": 0}
-        drop = blocks_to_remove(scores[base], n, **keep)
+        base, _ = split_criterion(pick.value)
+        drop = blocks_to_remove(scores[base], n, **plus_rule(pick.value))
         with out:
             out.clear_output(wait=True)
             print(f"{pick.value} drops blocks {drop}")
