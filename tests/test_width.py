@@ -140,3 +140,12 @@ def test_embedded_width_prune_runs(tmp_path):
     assert model.config.num_key_value_heads in (1, 2, 3)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def test_width_reads_the_projection_names_from_the_family_table():
+    from shortened_llm.models import tiny_random_model
+
+    qwen = width_prune(tiny_random_model("qwen2", num_layers=2), ratio=0.3)  # Llama-style names, with biases
+    assert qwen.config.intermediate_size < 64 and qwen.pruning.method == "width"
+    with pytest.raises(TypeError, match="model_type='phi3' has none"):  # fused qkv_proj / gate_up_proj
+        width_prune(tiny_random_model("phi3", num_layers=2), ratio=0.3)
