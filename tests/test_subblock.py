@@ -161,3 +161,16 @@ def test_unknown_unit_gets_did_you_mean():
 
     with pytest.raises(ValueError, match="Unknown unit 'atn'. Did you mean 'attn'"):
         get_unit("atn")
+
+
+def test_equal_param_models_prunes_each_unit_to_the_parameters_of_k_blocks(tiny_llama_dir, embedded):
+    """Block 9280 params, attn half 3104, MLP half 6176: one block ~ 3 attention halves ~ 2 MLP halves."""
+    from shortened_llm.unit_comparison import equal_param_models
+
+    dense = count_params(load_model(tiny_llama_dir, device="cpu")[0])
+    ids = torch.randint(3, len(embedded[1]), (2, 12), generator=torch.Generator().manual_seed(0))
+    found = equal_param_models(str(tiny_llama_dir), ids, n_blocks=1, criterion="reverse")  # deepest first
+    assert {u: found[u][2] for u in ("block", "attn", "mlp")} == {"block": [5], "attn": [3, 4, 5], "mlp": [4, 5]}
+    assert removed_sublayers(found["attn"][0], "attn") == [3, 4, 5]
+    cut = {u: dense - count_params(found[u][0]) for u in ("block", "attn", "mlp")}
+    assert cut == {"block": 9280, "attn": 3 * 3104, "mlp": 2 * 6176}
