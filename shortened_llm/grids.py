@@ -26,6 +26,10 @@ ALL_CRITERIA = ("ppl", "taylor+", "bi", "reverse", "random")
 
 @dataclass(frozen=True)
 class RecoveryGrid:
+    """What notebook 09 prunes, retrains and times at one preset; change a field with
+    ``dataclasses.replace(grid, steps=100)``. Validated once: a method it does not know, or a
+    retrained criterion or ratio outside the pruned ones, fails here rather than mid-grid."""
+
     ratios: tuple[float, ...] = field(default=(0.2, 0.35), metadata={"help": "ratios every criterion prunes at"})
     criteria: tuple[str, ...] = field(default=ALL_CRITERIA, metadata={"help": "criteria that prune a model per ratio"})
     retrain: tuple[str, ...] = field(default=ALL_CRITERIA, metadata={"help": "criteria whose models are retrained "

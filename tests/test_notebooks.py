@@ -5,6 +5,7 @@ ones saved, and each must also work alone (its train-or-load cells compute what 
 """
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,16 @@ def test_notebook_is_committed_clean_and_shaped_like_a_lesson(path):
     assert "## Summary" in text and "## Exercises" in text
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS + notebook_paths(Path(__file__).resolve().parents[1] / "solutions"),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_no_lesson_branches_on_the_presets_name(path):
+    """What differs between presets is a preset field (``Preset``, or notebook 09's ``grids.RecoveryGrid``)
+    named for what it sets; ``if P.name == "tiny"`` in a cell would hide it from ``get_preset(..., field=...)``."""
+    code = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    branches = [line.strip() for cell in code for line in cell.splitlines() if re.search(r"\b(P|cfg)\.name\s*[!=]=", line)]
+    assert not branches, f"{path.name} branches on the preset's name: {branches}"
+
+
 def _run_cells(tmp_path, parameters: dict, parameters_cell: str, code: str) -> list:
     """Run a two-cell notebook (a parameters cell, then ``code``) through ``run_notebook``; the outputs of ``code``."""
     import nbformat
@@ -83,3 +94,31 @@ def test_recorded_notebooks_hold_no_frozen_progress_bars(tmp_path, monkeypatch):
     assert [o.get("name") for o in outputs] == ["stdout"], outputs  # no stderr bar, no widget
     assert outputs[0]["text"].split() == ["3", "False"]
     assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ  # the test process itself keeps its bars
+
+
+def test_notebook_07s_widgets_answer_the_button_and_the_slider(tiny_llama, monkeypatch, capsys, tmp_path):
+    """The widgets notebook 07 shows (``explore.generation_widget`` and ``explore.ratio_widget``): nothing
+    runs until the button is pressed or the slider moves, then each shows its table."""
+    import pandas as pd
+
+    from conftest import make_char_tokenizer
+    from shortened_llm import depth_vs_width
+    from shortened_llm.explore import generation_widget, ratio_widget
+
+    tok = make_char_tokenizer()
+    box = generation_widget({"dense": tiny_llama}, tok, "ab", max_new_tokens=3)
+    (prompt, go), _ = box.children[0].children, box.children[1]
+    assert (prompt.description, prompt.value, go.description) == ("prompt", "ab", "generate")
+    assert "dense" not in capsys.readouterr().out  # nothing generated before the press
+    prompt.value = "hello"
+    go.click()
+    shown = capsys.readouterr().out
+    assert "dense" in shown and "tokens_per_s" in shown
+
+    asked = []
+    monkeypatch.setattr(depth_vs_width, "explore_ratio", lambda *a: asked.append(a) or pd.DataFrame(
+        [{"method": m, "params": 1, "blocks": 2, "latency_b1_s": 0.1, "wikitext2_ppl": 9.0} for m in ("depth", "width")]))
+    slider = ratio_widget("smollm2-135m", tmp_path, "tiny", ratio=0.2).children[0]
+    assert (slider.description, slider.min, slider.max, slider.value, asked) == ("ratio", 0.1, 0.5, 0.2, [])
+    slider.value = 0.3
+    assert asked == [("smollm2-135m", 0.3, tmp_path, "tiny")] and "width" in capsys.readouterr().out
