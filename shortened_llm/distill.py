@@ -37,8 +37,8 @@ from .errors import unknown_name
 from .models import unwrap, count_params, get_blocks, load_model, save_model
 from .presets import Preset, get_preset
 from .recovery import RecoveryMethod, get_recovery, register_recovery
-from .trainer import (ADAPTER_DIR, RetrainResult, fingerprint, lora_config, packed_rows, prepare_out, preset_settings,
-                      publish, resolve_model, run_on_cpt_budget, save_adapter, save_trained, world_size)
+from .trainer import (ADAPTER_DIR, RetrainResult, fingerprint, lora_config, packed_rows, preset_settings, publish,
+                      run_on_cpt_budget, save_adapter, save_trained, start_run, world_size)
 
 __all__ = ["KDSettings", "RECOVERY", "distill", "partial_retrain", "recover", "quick_eval", "kd_loss", "check_same_vocab",
            "track_peak_memory"]
@@ -238,15 +238,13 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
     """
     from transformers import set_seed
 
-    preset = get_preset(preset, **overrides)
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha} must be in [0, 1]: the share of the LM loss (the KL gets 1 - alpha)")
     if kd_chunk < 1:
         raise ValueError(f"kd_chunk={kd_chunk} must be >= 1 token")
-    out_dir = prepare_out(out_dir, overwrite)
-    student, tokenizer = resolve_model(student, tokenizer)
+    preset, out_dir, student, tokenizer = start_run(student, tokenizer, out_dir, preset, overwrite, overrides)
     teacher, teacher_tok = _resolve_teacher(teacher, student, teacher_dtype)
     check_same_vocab(student, teacher, tokenizer, teacher_tok)
     hidden_weight = float(hidden_loss) if not isinstance(hidden_loss, bool) else (1.0 if hidden_loss else 0.0)
@@ -305,9 +303,7 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
     """
     from transformers import set_seed
 
-    preset = get_preset(preset, **overrides)
-    out_dir = prepare_out(out_dir, overwrite)
-    model, tokenizer = resolve_model(model, tokenizer)
+    preset, out_dir, model, tokenizer = start_run(model, tokenizer, out_dir, preset, overwrite, overrides)
     n = len(get_blocks(model))
     if not isinstance(last_k, int) or not 1 <= last_k <= n:
         raise ValueError(f"last_k={last_k!r} must be an int in 1..{n} (the model has {n} blocks)")

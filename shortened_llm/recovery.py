@@ -57,6 +57,7 @@ class RecoveryMethod:
 
     @property
     def needs_teacher(self) -> bool:
+        """A composite needs one when any stage does (ReplaceMe's fit compares with the dense model)."""
         return bool(self.teacher) or any(get_recovery(stage).needs_teacher for stage in self.chain)
 
     @property
@@ -69,7 +70,8 @@ class RecoveryMethod:
         """Run the method (a composite: each stage in turn); return the last stage's ``RetrainResult``.
 
         ``teacher`` is passed only to a method that takes one. A composite writes stage ``s``
-        to ``stage_dirs[s]`` (default ``<out>.<s>``) and its result counts the seconds of all stages.
+        to ``stage_dirs[s]`` (default ``<out>.<s>``), starts each stage from the dir the last one
+        saved, and its result counts the seconds of all stages.
         """
         if self.chain:
             return self._run_chain(model, tokenizer, out_dir, teacher, data, stage_dirs or {}, options)

@@ -29,12 +29,12 @@ import torch
 from .artifacts import atomic_write_text
 from .models import count_params, load_model, save_model
 from .precision import precision_record
-from .presets import Preset, get_preset
+from .presets import Preset
 from .prompts import alpaca_prompt, load_instructions, response_of, tokenize_record
 from .recovery import RecoveryMethod, get_recovery, register_recovery
 from .trainer import (ADAPTER_DIR, BASE_FILE, RetrainResult, check_fingerprint, checkpoints_dir, fingerprint,
                       is_main_process, lora_config, pack_blocks, packed_rows, prepare_out, preset_settings, publish,
-                      resolve_model, run_on_cpt_budget, run_trainer, save_adapter, save_trained, world_size)
+                      run_on_cpt_budget, run_trainer, save_adapter, save_trained, start_run, world_size)
 
 __all__ = [
     "METHODS",
@@ -83,9 +83,7 @@ def lora_retrain(model, tokenizer=None, out_dir: str | os.PathLike = "retrained/
     from peft import get_peft_model
     from transformers import set_seed
 
-    preset = get_preset(preset, **overrides)
-    out_dir = prepare_out(out_dir, overwrite)
-    model, tokenizer = resolve_model(model, tokenizer)
+    preset, out_dir, model, tokenizer = start_run(model, tokenizer, out_dir, preset, overwrite, overrides)
     seed = preset.seed if seed is None else seed
     records = load_instructions(data)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -136,9 +134,7 @@ def continued_pretrain(model, tokenizer=None, out_dir: str | os.PathLike = "retr
     """
     from transformers import set_seed
 
-    preset = get_preset(preset, **overrides)
-    out_dir = prepare_out(out_dir, overwrite)
-    model, tokenizer = resolve_model(model, tokenizer)
+    preset, out_dir, model, tokenizer = start_run(model, tokenizer, out_dir, preset, overwrite, overrides)
     seed = preset.seed if seed is None else seed
     train_rows, val_rows = packed_rows(tokenizer, data, preset.cpt_block_size, preset.cpt_val_blocks)
     record = getattr(model, "pruning", None)

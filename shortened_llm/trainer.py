@@ -30,7 +30,7 @@ from torch import nn
 
 from .artifacts import atomic_dir, atomic_write_text
 from .models import get_blocks, load_model
-from .presets import Preset
+from .presets import Preset, get_preset
 
 __all__ = [
     "ADAPTER_DIR",
@@ -57,6 +57,7 @@ __all__ = [
     "publish",
     "preset_settings",
     "prepare_out",
+    "start_run",
 ]
 
 ADAPTER_DIR = "adapter"  # inside a LoRA output: the peft adapter alone
@@ -350,3 +351,13 @@ def prepare_out(out_dir, overwrite: bool) -> Path:
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"out_dir={str(out_dir)!r} already exists: pass overwrite=True (CLI: --overwrite) to replace it")
     return out_dir
+
+
+def start_run(model, tokenizer, out_dir, preset, overwrite: bool, overrides: dict):
+    """``(preset, out_dir, model, tokenizer)`` for a method's first lines, checked in the order that costs least.
+
+    A wrong preset field or an existing ``out_dir`` fails before any weight loads.
+    """
+    preset = get_preset(preset, **overrides)
+    out_dir = prepare_out(out_dir, overwrite)
+    return (preset, out_dir, *resolve_model(model, tokenizer))
