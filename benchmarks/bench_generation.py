@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from shortened_llm.architectures import architecture_only_model
-from shortened_llm.depth_vs_width import pruned_trio
+from shortened_llm.lessons.depth_vs_width import pruned_trio
 from shortened_llm.efficiency import memory_table, speedup_table, sweep_generation
 from shortened_llm.models import num_blocks
 from shortened_llm.presets import get_preset

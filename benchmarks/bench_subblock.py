@@ -4,7 +4,7 @@
     python benchmarks/bench_subblock.py --ratio 0.35 --rounds 5
 
 The three pruned models remove about the parameters of round(ratio x blocks) blocks, each
-unit scored by the PPL criterion on the paper's calibration set (``subblock.equal_param_models``).
+unit scored by the PPL criterion on the paper's calibration set (``lessons.unit_comparison.equal_param_models``).
 Batch-1 generation after a short and a long prompt is timed for every model, interleaved,
 ``--rounds`` times; the KV cache is measured after the prompt. Prints median speedups over the
 dense model and each model's KV cache relative to dense. Nothing is asserted: the numbers are the
@@ -22,7 +22,7 @@ from shortened_llm.data import calibration_batches
 from shortened_llm.models import family_of, load_model, num_blocks
 from shortened_llm.presets import get_preset
 from shortened_llm.prune import num_blocks_for_ratio
-from shortened_llm.subblock import equal_param_models, relative_to, speed_and_kv
+from shortened_llm.lessons.unit_comparison import equal_param_models, relative_to, speed_and_kv
 
 
 def main(argv=None) -> int:

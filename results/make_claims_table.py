@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from shortened_llm.artifacts import atomic_write_text
-from shortened_llm.claims import claims_table, ppl_table, run_models
+from shortened_llm.lessons.claims import claims_table, ppl_table, run_models
 
 HERE = Path(__file__).parent
 

@@ -41,18 +41,13 @@ import torch
 from torch import nn
 
 from .families import FAMILIES, SubLayers, count_params, get_blocks, get_path, unwrap
-from .importance import sublayer_importance, sublayers_to_remove  # noqa: F401  (compatibility names, see below)
 from .models import register_dir_loader
-from .pipeline import prune_unit  # noqa: F401
 from .prune import block_indices
 from .record import PruningRecord
-from .unit_comparison import (equal_param_models, kv_cache_bytes, n_for_equal_params, relative_to,  # noqa: F401
-                              speed_and_kv)
 from .units import Unit, get_unit, register_unit
 
 # Scoring, choosing and the notebook-09 comparison live with their concepts (importance, pipeline,
-# unit_comparison); the names above stay importable from here for notebook 09, its solutions and
-# the benchmarks. Those modules reach the halves through ``units.UNITS``, never through this module.
+# lessons.unit_comparison); they reach the halves through ``units.UNITS``, never through this module.
 
 __all__ = [
     "SUBLAYERS",

@@ -17,7 +17,7 @@ def _zs_rows(acc: dict, stderr: float = 0.01, limit=500):
 
 
 def test_claims_say_missing_without_runs():
-    from shortened_llm.claims import CLAIMS, claims_table
+    from shortened_llm.lessons.claims import CLAIMS, claims_table
 
     table = claims_table()
     assert list(table.claim) == [c.name for c in CLAIMS]
@@ -25,7 +25,7 @@ def test_claims_say_missing_without_runs():
 
 
 def test_claims_follow_the_numbers():
-    from shortened_llm.claims import claims_table
+    from shortened_llm.lessons.claims import claims_table
 
     ppl = _ppl_rows({"dense": 20.0, "ppl-0.20": 30.0, "taylor+-0.20": 45.0, "retrained/lora": 25.0, "retrained/cpt": 22.0})
     eff = pd.DataFrame({"model": ["dense", "depth-0.20", "width-0.20"], "batch_size": [1, 1, 1],
@@ -43,7 +43,7 @@ def test_claims_follow_the_numbers():
 
 
 def test_cpt_vs_lora_is_judged_at_the_most_severe_shared_ratio():
-    from shortened_llm.claims import claims_table
+    from shortened_llm.lessons.claims import claims_table
 
     # LoRA wins at 20 %, CPT at 50 %; cpt-lora (best of all) must not count as CPT
     ppl = _ppl_rows({"ppl-0.20": 30.0, "retrained/lora-0.20": 25.0, "retrained/cpt-0.20": 27.0,
@@ -60,7 +60,7 @@ def test_cpt_vs_lora_is_judged_at_the_most_severe_shared_ratio():
 
 
 def test_run_models_lists_finished_retrained_models_only(tmp_path):
-    from shortened_llm.claims import run_models
+    from shortened_llm.lessons.claims import run_models
 
     for name in ("lora-0.20", "cpt-lora-0.50", "cpt-lora-0.50.cpt", "cpt-0.50.checkpoints", ".tmp-lora"):
         (tmp_path / "retrained" / name).mkdir(parents=True)
@@ -69,7 +69,7 @@ def test_run_models_lists_finished_retrained_models_only(tmp_path):
 
 
 def test_load_run_tables_prefers_more_documents(tmp_path):
-    from shortened_llm.claims import load_run_tables
+    from shortened_llm.lessons.claims import load_run_tables
 
     (tmp_path / "run" / "eval").mkdir(parents=True)
     _zs_rows({"dense": 0.5}, limit=4).to_csv(tmp_path / "run" / "eval" / "zeroshot.csv", index=False)
@@ -83,7 +83,8 @@ def test_ppl_table_writes_each_row_and_resumes_where_it_stopped(tmp_path, monkey
     """At the cpu preset the table is an hour of work: a run cut short keeps what it measured."""
     from conftest import make_tiny_llama
 
-    from shortened_llm import claims, evaluate
+    from shortened_llm import evaluate
+    from shortened_llm.lessons import claims
 
     tiny = make_tiny_llama(vocab_size=len(embedded[1]))
     calls = []

@@ -214,8 +214,8 @@ def test_explorer_widget_answers_a_seen_choice_without_redrawing(tmp_path, rando
     """Each (criterion, n) is drawn once: going back to it shows the kept PNG and the same text."""
     import IPython.display
 
-    import shortened_llm.plots as plots
-    from shortened_llm.explore import PruneExplorer, explorer_widget
+    import shortened_llm.lessons.plots as plots
+    from shortened_llm.lessons.explore import PruneExplorer, explorer_widget
 
     model = make_tiny_llama(num_layers=6)
     scores = {"ppl": block_importance(model, random_ids, "ppl", progress=False)}
@@ -236,7 +236,7 @@ def test_explorer_widget_answers_a_seen_choice_without_redrawing(tmp_path, rando
 
 
 def test_explorer_caches_and_matches_a_really_pruned_model(tmp_path, random_ids):
-    from shortened_llm.explore import PruneExplorer, max_removable, rank_correlation, scores_for
+    from shortened_llm.lessons.explore import PruneExplorer, max_removable, rank_correlation, scores_for
 
     model = make_tiny_llama(num_layers=8)
     scores = {c: scores_for(model, random_ids, c, tmp_path, progress=False) for c in ("ppl", "magnitude")}

@@ -102,8 +102,8 @@ def test_notebook_07s_widgets_answer_the_button_and_the_slider(tiny_llama, monke
     import pandas as pd
 
     from conftest import make_char_tokenizer
-    from shortened_llm import depth_vs_width
-    from shortened_llm.explore import generation_widget, ratio_widget
+    from shortened_llm.lessons import depth_vs_width
+    from shortened_llm.lessons.explore import generation_widget, ratio_widget
 
     tok = make_char_tokenizer()
     box = generation_widget({"dense": tiny_llama}, tok, "ab", max_new_tokens=3)

@@ -63,7 +63,7 @@ def test_the_notebooks_demo_fields_are_cheap_only_at_tiny():
 def test_every_preset_has_a_recovery_grid_and_a_custom_one_runs_the_papers():
     from dataclasses import replace
 
-    from shortened_llm.grids import GRIDS, recovery_grid
+    from shortened_llm.lessons.grids import GRIDS, recovery_grid
 
     assert set(GRIDS) == set(PRESETS)
     custom = get_preset("smoke", name="mine")
@@ -75,7 +75,7 @@ def test_every_preset_has_a_recovery_grid_and_a_custom_one_runs_the_papers():
 
 
 def test_the_grid_retrains_only_what_it_names():
-    from shortened_llm.grids import GRIDS, RecoveryGrid
+    from shortened_llm.lessons.grids import GRIDS, RecoveryGrid
 
     smoke = GRIDS["smoke"]
     assert smoke.methods_for("bi", 0.2, 0) == ["none"]  # pruned by a criterion the grid does not retrain

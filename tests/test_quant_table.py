@@ -316,7 +316,7 @@ def test_a_rerun_measures_only_the_missing_rows(table_run, monkeypatch):
 
 
 def test_the_figure_labels_every_file_once_and_never_on_top_of_another(table_run):
-    from shortened_llm.plots import plot_quant_table
+    from shortened_llm.lessons.plots import plot_quant_table
 
     table = table_run[0]
     fig = plot_quant_table(table, note="tiny")

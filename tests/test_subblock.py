@@ -11,8 +11,10 @@ from conftest import make_tiny_llama
 from shortened_llm.models import count_params, load_model, save_model
 from shortened_llm.prune import remove_blocks
 from shortened_llm.importance import criteria_for
-from shortened_llm.subblock import (SEALED_MODEL_TYPE, kv_cache_bytes, n_for_equal_params, prune_unit, remove_sublayers,
-                                    removed_sublayers, skipping_sublayers, sublayer_importance, unit_params)
+from shortened_llm.importance import sublayer_importance
+from shortened_llm.lessons.unit_comparison import kv_cache_bytes, n_for_equal_params
+from shortened_llm.pipeline import prune_unit
+from shortened_llm.subblock import SEALED_MODEL_TYPE, remove_sublayers, removed_sublayers, skipping_sublayers, unit_params
 
 
 def _zeroed(model, unit, blocks):
@@ -129,7 +131,7 @@ def test_cli_prune_unit_attn(tmp_path, tiny_llama_dir, capsys):
 def test_relative_to_compares_each_model_with_dense_at_the_same_context():
     import pandas as pd
 
-    from shortened_llm.subblock import relative_to
+    from shortened_llm.lessons.unit_comparison import relative_to
 
     speed = pd.DataFrame({"model": ["dense", "attn", "dense", "attn"], "context": [128, 128, 2048, 2048],
                           "latency_s": [2.0, 1.0, 10.0, 8.0], "kv_cache_mb": [4.0, 1.0, 64.0, 16.0]})
@@ -165,7 +167,7 @@ def test_unknown_unit_gets_did_you_mean():
 
 def test_equal_param_models_prunes_each_unit_to_the_parameters_of_k_blocks(tiny_llama_dir, embedded):
     """Block 9280 params, attn half 3104, MLP half 6176: one block ~ 3 attention halves ~ 2 MLP halves."""
-    from shortened_llm.unit_comparison import equal_param_models
+    from shortened_llm.lessons.unit_comparison import equal_param_models
 
     dense = count_params(load_model(tiny_llama_dir, device="cpu")[0])
     ids = torch.randint(3, len(embedded[1]), (2, 12), generator=torch.Generator().manual_seed(0))

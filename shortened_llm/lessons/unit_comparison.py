@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .efficiency import measure_generation
-from .families import count_params, get_blocks, unwrap
-from .models import load_model
-from .pipeline import prune_model
-from .units import get_unit
+from ..efficiency import measure_generation
+from ..families import count_params, get_blocks, unwrap
+from ..models import load_model
+from ..pipeline import prune_model
+from ..units import get_unit
 
 __all__ = ["n_for_equal_params", "equal_param_models", "kv_cache_bytes", "speed_and_kv", "relative_to"]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .distill import RECOVERY
-from .presets import Preset, get_preset
+from ..distill import RECOVERY
+from ..presets import Preset, get_preset
 
 __all__ = ["ALL_CRITERIA", "RecoveryGrid", "GRIDS", "recovery_grid"]
 

@@ -20,12 +20,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_write_text, load_scores, save_scores, scores_csv
-from .evaluate import default_bos, ppl_segments, token_nll
-from .importance import DATA_FREE, block_importance, blocks_to_remove, check_removable, criterion_options, split_criterion
-from .models import get_blocks
-from .pipeline import plus_rule
-from .prune import skipping_blocks
+from ..artifacts import atomic_write_text, load_scores, save_scores, scores_csv
+from ..evaluate import default_bos, ppl_segments, token_nll
+from ..importance import DATA_FREE, block_importance, blocks_to_remove, check_removable, criterion_options, split_criterion
+from ..models import get_blocks
+from ..pipeline import plus_rule
+from ..prune import skipping_blocks
 
 __all__ = ["scores_for", "rank_correlation", "max_removable", "PruneExplorer", "explorer_widget", "scores_widget",
            "generation_widget", "ratio_widget"]

@@ -37,8 +37,8 @@ def run_models(run_dir, criteria=("ppl", "taylor+"), ratio: float = 0.2, model: 
     a full model loads as is; one holding a LoRA adapter goes onto the pruned model it was
     trained on (``apply_adapter`` refuses the others).
     """
-    from .models import load_model
-    from .pipeline import pruned_model
+    from ..models import load_model
+    from ..pipeline import pruned_model
 
     loaders: dict[str, Callable] = {"dense": lambda: load_model(model)}
     for c in criteria:
@@ -52,8 +52,8 @@ def run_models(run_dir, criteria=("ppl", "taylor+"), ratio: float = 0.2, model: 
 
 
 def _load_retrained(path: Path, run_dir):
-    from .models import load_model
-    from .retrain import apply_adapter
+    from ..models import load_model
+    from ..retrain import apply_adapter
 
     if (path / "config.json").exists():
         return load_model(path)
@@ -77,8 +77,8 @@ def ppl_table(models: dict, out_csv=None, seq_len: int = 128, max_segments: int 
     the same ``max_segments`` are reused (train-or-load): at the ``cpu`` preset the table is an
     hour of work, and an interrupted run resumes at the row it stopped on.
     """
-    from .artifacts import atomic_write_text
-    from .evaluate import perplexity
+    from ..artifacts import atomic_write_text
+    from ..evaluate import perplexity
 
     seg = "all" if max_segments is None else str(max_segments)
     done = pd.read_csv(out_csv, keep_default_na=False) if out_csv is not None and Path(out_csv).exists() else pd.DataFrame()
@@ -153,7 +153,7 @@ def _avg(zs: pd.DataFrame | None, label: str) -> tuple[float, float, str] | None
     if zs is None or zs.empty:
         return None
     rows = zs[(zs.model == label) & (zs.task != "average")]
-    from .zeroshot import PAPER_TASKS
+    from ..zeroshot import PAPER_TASKS
 
     if set(rows.task) != set(PAPER_TASKS):
         return None
@@ -279,14 +279,14 @@ def recovery_claims(recovery: pd.DataFrame, units: pd.DataFrame, speed: pd.DataF
 
     ``recovery``: criterion, ratio, method, wikitext2_ppl, seconds (one row per triple, ``random``
     averaged over seeds). ``units``: ratio, unit (block / attn / mlp), wikitext2_ppl at equal
-    parameters. ``speed``: model, context, speedup, kv_vs_dense (``subblock.relative_to``).
+    parameters. ``speed``: model, context, speedup, kv_vs_dense (``unit_comparison.relative_to``).
     ``ratios`` and ``retrained`` (criteria) are the grid's. Unlike ``CLAIMS`` (the paper's, one
     row each) these claims are made per ratio, criterion and method, so they come as lines, in
     the order of the tables: per ratio the criteria compared after each method (Lu et al.),
     then the methods compared per retrained criterion (Minitron, ReplaceMe, partial
     fine-tuning); then the units, then the speed at each context.
     """
-    from .distill import RECOVERY
+    from ..distill import RECOVERY
 
     def row(c, r, m):
         sel = recovery[(recovery.criterion == c) & (recovery.ratio == r) & (recovery.method == m)]

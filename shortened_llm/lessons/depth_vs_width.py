@@ -16,12 +16,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .artifacts import atomic_write_text, load_scores, pruned_dir, scores_csv
-from .models import count_params, load_model, num_blocks
-from .pipeline import plus_rule, prune_model
-from .presets import get_preset
-from .prune import num_blocks_for_ratio
-from .width import width_prune
+from ..artifacts import atomic_write_text, load_scores, pruned_dir, scores_csv
+from ..models import count_params, load_model, num_blocks
+from ..pipeline import plus_rule, prune_model
+from ..presets import get_preset
+from ..prune import num_blocks_for_ratio
+from ..width import width_prune
 
 __all__ = ["depth_pruned", "pruned_trio", "generate_side_by_side", "explore_ratio", "EXPLORER_CSV"]
 
@@ -78,8 +78,8 @@ def explore_ratio(model_name: str, ratio: float, run_dir: str | os.PathLike, pre
     at once (a slider moved back and forth recomputes nothing). ``trio``: the output of
     ``pruned_trio`` for this very ratio, to skip building the models again.
     """
-    from .efficiency import measure_generation
-    from .evaluate import perplexity
+    from ..efficiency import measure_generation
+    from ..evaluate import perplexity
 
     ratio = round(float(ratio), 4)
     path = Path(run_dir) / EXPLORER_CSV
