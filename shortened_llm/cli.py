@@ -22,6 +22,7 @@ from .artifacts import check_replaceable
 from .llamacpp_guard import LlamaCppCrash
 from .precision import forced_dtype, parse_dtype, precision_record
 from .presets import PRESETS
+from .units import UNITS
 
 __all__ = ["main", "build_parser"]
 
@@ -120,7 +121,7 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
                         f"{PRESETS['paper'].keep_first} / {PRESETS['paper'].keep_last})")
     p.add_argument("--preset", default="paper", help=f"budget preset for calibration ({', '.join(PRESETS)})")
     p.add_argument("--calib-samples", type=COUNT, default=None, help="override the preset's calibration samples")
-    p.add_argument("--unit", default="block", choices=["block", "attn", "mlp"],
+    p.add_argument("--unit", default="block", choices=list(UNITS),  # subblock registers attn/mlp (package __init__)
                    help="what is scored/removed: whole blocks, or attention / MLP halves (ppl, sleb, bi, reverse, random)")
     _add_dtype_arg(p)  # block scoring itself runs in fp32 whatever the model's dtype
 
