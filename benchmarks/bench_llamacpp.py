@@ -3,7 +3,7 @@
     python benchmarks/bench_llamacpp.py                                  # the installed build
     python benchmarks/bench_llamacpp.py --builds native=/tmp/lc_default no-amx=/tmp/lc_new
 
-What PPL in llama.cpp costs (``export.gguf_token_nll``: one 128-token segment per call) for
+What PPL in llama.cpp costs (``llamacpp.gguf_token_nll``: one 128-token segment per call) for
 each GGUF type of the embedded model, for each build of llama-cpp-python (a folder holding an
 unpacked wheel's ``llama_cpp`` package, put first on a child's PYTHONPATH) and with llama.cpp's
 extra buffer types on and off (``llamacpp_guard``'s AMX switch, which also turns off the

@@ -33,34 +33,36 @@ def _print_json(obj) -> None:
 
 # ---- argument values: refused by argparse before any model loads ----------------------------
 
+def _checked(parse, not_parsed: str, ok, not_ok: str):
+    """An argparse ``type``: ``parse(text)``, then ``ok(value)``; each failure is one message
+    (``not_parsed`` formatted with ``text``, ``not_ok`` with ``value``), so argparse prints it as it is."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(not_parsed.format(text=text)) from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(not_ok.format(value=value))
+        return value
+    return convert
+
+
 def _whole(minimum: int, maximum: int | None = None):
     """An argparse ``type`` for a whole number in [minimum, maximum]."""
-    def whole(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-            raise argparse.ArgumentTypeError(f"{value} must be a whole number {bound}")
-        return value
-    return whole
+    bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+    return _checked(int, "{text!r} is not a whole number",
+                    lambda v: minimum <= v and (maximum is None or v <= maximum), "{value} must be a whole number " + bound)
 
 
 def _real(name: str, low: float, high: float, low_open: bool = True, high_open: bool = True):
     """An argparse ``type`` for a finite ``name`` in the interval from ``low`` to ``high`` (NaN and inf refused)."""
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
-    def real(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}={text!r} is not a number") from None
-        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-        if not (math.isfinite(value) and inside):
-            raise argparse.ArgumentTypeError(f"{name}={value} must be in {interval}")
-        return value
-    return real
+    def inside(value: float) -> bool:
+        above = low < value if low_open else low <= value
+        below = value < high if high_open else value <= high
+        return math.isfinite(value) and above and below
+    return _checked(float, name + "={text!r} is not a number", inside, name + "={value} must be in " + interval)
 
 
 def _dtype(text: str) -> str:

@@ -34,10 +34,11 @@ from torch import nn
 from .artifacts import atomic_write_text
 from .efficiency import track_peak_memory, weights_mb
 from .errors import unknown_name
-from .models import unwrap, count_params, get_blocks, load_model, save_model
+from .families import count_params, get_blocks, hooks_removed, unwrap
+from .models import load_model, save_model
 from .presets import Preset, get_preset
 from .recovery import RecoveryMethod, get_recovery, register_recovery
-from .trainer import (ADAPTER_DIR, RetrainResult, fingerprint, lora_config, packed_rows, preset_settings, publish,
+from .trainer import (ADAPTER_DIR, RetrainResult, fingerprint, lora_config, packed_text_run, preset_settings, publish,
                       run_on_cpt_budget, save_adapter, save_trained, start_run, world_size)
 
 __all__ = ["KDSettings", "RECOVERY", "distill", "partial_retrain", "recover", "quick_eval", "kd_loss", "check_same_vocab",
@@ -153,25 +154,18 @@ def _kd_trainer_class():
             captured_s: list[torch.Tensor] = []
             hooks = [b.register_forward_hook(lambda m, a, o: captured_s.append(o[0] if isinstance(o, tuple) else o))
                      for b in get_blocks(student)] if kd.hidden_weight else []
-            try:  # through the (DDP-wrapped) model, so gradient sync works; only the last position's logits
+            with hooks_removed(hooks):  # through the (DDP-wrapped) model, so gradient sync works; last logits only
                 out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1,
                             use_cache=False)
-            finally:
-                for h in hooks:
-                    h.remove()
             captured_t: dict[int, torch.Tensor] = {}
             wanted = set(kd.block_map or [])
             t_blocks = get_blocks(teacher)
             t_hooks = [t_blocks[i].register_forward_hook(
                 lambda m, a, o, i=i: captured_t.__setitem__(i, o[0] if isinstance(o, tuple) else o))
                 for i in wanted] if kd.hidden_weight else []
-            try:
-                with torch.no_grad():
-                    t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1,
-                                    use_cache=False)
-            finally:
-                for h in t_hooks:
-                    h.remove()
+            with hooks_removed(t_hooks), torch.no_grad():
+                t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1,
+                                use_cache=False)
             # position t predicts token t + 1: keep positions whose next label is real
             valid = torch.zeros_like(labels, dtype=torch.bool)
             valid[:, :-1] = labels[:, 1:] != -100
@@ -236,8 +230,6 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
     adapter saved under ``adapter/``. The output dir holds a plain HF model, ``pruning.json``,
     ``loss_log.csv`` and ``training.json`` (with peak memory and teacher/student weight sizes).
     """
-    from transformers import set_seed
-
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     if not 0 <= alpha <= 1:
@@ -249,11 +241,8 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
     check_same_vocab(student, teacher, tokenizer, teacher_tok)
     hidden_weight = float(hidden_loss) if not isinstance(hidden_loss, bool) else (1.0 if hidden_loss else 0.0)
     block_map = _block_map(student, teacher) if hidden_weight else None
-    seed = preset.seed if seed is None else seed
-    train_rows, val_rows = packed_rows(tokenizer, dataset, preset.cpt_block_size, preset.cpt_val_blocks)
-    record = getattr(student, "pruning", None)
+    seed, train_rows, val_rows, record = packed_text_run(student, tokenizer, dataset, preset, seed)
     base_print = fingerprint(student)
-    set_seed(seed)
     if lora:
         from peft import get_peft_model
 
@@ -301,16 +290,11 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
     than LoRA at lower cost. With tied embeddings the LM head *is* the input embedding, so it
     trains too. Same data, budgets and outputs as ``distill`` (LM loss instead of KL).
     """
-    from transformers import set_seed
-
     preset, out_dir, model, tokenizer = start_run(model, tokenizer, out_dir, preset, overwrite, overrides)
     n = len(get_blocks(model))
     if not isinstance(last_k, int) or not 1 <= last_k <= n:
         raise ValueError(f"last_k={last_k!r} must be an int in 1..{n} (the model has {n} blocks)")
-    seed = preset.seed if seed is None else seed
-    train_rows, val_rows = packed_rows(tokenizer, dataset, preset.cpt_block_size, preset.cpt_val_blocks)
-    record = getattr(model, "pruning", None)
-    set_seed(seed)
+    seed, train_rows, val_rows, record = packed_text_run(model, tokenizer, dataset, preset, seed)
     inner = unwrap(model)
     model.train().requires_grad_(False)
     trainable = [*get_blocks(inner)[n - last_k:], inner.get_output_embeddings()]

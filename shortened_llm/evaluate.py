@@ -66,15 +66,19 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def batch_starts(n: int, batch_size: int, progress: bool | str, desc: str):
+    """The first row of each batch of ``batch_size`` among ``n``, under a progress bar when ``progress``
+    is true (a string names the bar; ``desc`` otherwise)."""
+    starts = range(0, n, batch_size)
+    return tqdm(starts, desc=progress if isinstance(progress, str) else desc, unit="batch") if progress else starts
+
+
 @torch.no_grad()
 def token_nll(model, input_ids: torch.Tensor, batch_size: int = 8, progress: bool | str = False) -> torch.Tensor:
     """NLL of every predicted token: ``(n, T)`` ids -> ``(n * (T - 1),)`` float32 losses."""
     device = _device_of(model)
     losses = []
-    starts = range(0, len(input_ids), batch_size)
-    if progress:
-        starts = tqdm(starts, desc=progress if isinstance(progress, str) else "perplexity", unit="batch")
-    for i in starts:
+    for i in batch_starts(len(input_ids), batch_size, progress, "perplexity"):
         batch = input_ids[i : i + batch_size].to(device)
         logits = model(batch, use_cache=False).logits  # (B, T, V)
         losses.append(shifted_nll(logits, batch).cpu())

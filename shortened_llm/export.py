@@ -21,8 +21,8 @@ Two steps, each done by the ecosystem's own tools:
 The llama.cpp side (quantiser, loading, NLL, tokenizer agreement, generation) lives in
 ``llamacpp.py``, below this module: ``export_gguf`` quantises through it, and ``compare_formats``
 (the HF model against each GGUF on the same PPL segments) stays here because it writes the
-files too. The names that moved are re-exported, so ``from shortened_llm.export import
-quantize_gguf`` keeps working; the type tables live in ``gguf_layout`` (re-exported as well).
+files too. Import the llama.cpp side from ``shortened_llm.llamacpp`` and the type tables from
+``shortened_llm.gguf_layout``.
 """
 from __future__ import annotations
 
@@ -36,59 +36,11 @@ from typing import Sequence
 import torch
 
 from .artifacts import atomic_file
-from .gguf_layout import (
-    ARCHITECTURES,
-    IMATRIX_REQUIRED,
-    IMATRIX_UNUSED,
-    LLAMA_CPP_TYPES,
-    QUANT_TYPES,
-    RELEASE_TYPES,
-    WRITER_TYPES,
-    exportable_type,
-    gguf_tensor_name,
-)
+from .gguf_layout import ARCHITECTURES, LLAMA_CPP_TYPES, WRITER_TYPES, exportable_type, gguf_tensor_name
+from .llamacpp import (check_imatrix_given, check_out_file, check_quant, gguf_perplexity, llama_cpp_available, load_gguf,
+                       quantize_gguf, require_llama_cpp)
 
-# the quantiser and the llama.cpp check (export_gguf quantises, compare_formats scores); the names
-# that moved from here to llamacpp.py in the split are re-exported so old imports keep working
-from .llamacpp import (
-    LLAMACPP_INSTALL,
-    check_imatrix_given,
-    check_out_file,
-    check_quant,
-    gguf_generate,
-    gguf_perplexity,
-    gguf_token_nll,
-    hf_generate,
-    llama_cpp_available,
-    load_gguf,
-    quantize_gguf,
-    require_llama_cpp,
-    tokenizer_agreement,
-)
-
-__all__ = [
-    "ARCHITECTURES",
-    "WRITER_TYPES",
-    "LLAMA_CPP_TYPES",
-    "QUANT_TYPES",
-    "IMATRIX_REQUIRED",
-    "IMATRIX_UNUSED",
-    "RELEASE_TYPES",
-    "LLAMACPP_INSTALL",
-    "llama_cpp_available",
-    "gguf_tensor_name",
-    "export_gguf",
-    "quantize_gguf",
-    "read_gguf_metadata",
-    "load_gguf",
-    "gguf_token_nll",
-    "gguf_perplexity",
-    "tokenizer_agreement",
-    "gguf_generate",
-    "hf_generate",
-    "file_size_mb",
-    "compare_formats",
-]
+__all__ = ["export_gguf", "read_gguf_metadata", "file_size_mb", "compare_formats"]
 
 META_PREFIX = "shortened_llm"  # custom GGUF keys: shortened_llm.original_block_count, ...
 

@@ -13,6 +13,7 @@ on it, like nanoGPT's ``model.py``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "set_blocks",
     "num_blocks",
     "count_params",
+    "hooks_removed",
     "TINY_CONFIGS",
     "tiny_random_model",
 ]
@@ -230,6 +232,17 @@ def tiny_random_model(model_type: str = "llama", num_layers: int = 4, vocab_size
     config = AutoConfig.for_model(model_type, **values)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@contextlib.contextmanager
+def hooks_removed(handles: list):
+    """Remove these torch hooks when the block ends, however it ends: a hook left behind would keep
+    capturing (or changing) every later forward pass of the model."""
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def count_params(model: nn.Module) -> int:

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .evaluate import batch_starts
+from .families import hooks_removed
 
 __all__ = ["ImportanceMatrix", "compute_imatrix", "calibration_imatrix", "save_imatrix", "load_imatrix",
            "check_imatrix_fits", "IMATRIX_SAMPLES"]
@@ -113,16 +115,9 @@ def compute_imatrix(model: nn.Module, input_ids: torch.Tensor, batch_size: int =
             counts[name] += x.shape[0]
         return accumulate
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
-    try:
-        starts = range(0, len(input_ids), batch_size)
-        if progress:
-            starts = tqdm(starts, desc=progress if isinstance(progress, str) else "imatrix", unit="batch")
-        for i in starts:
+    with hooks_removed([m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]):
+        for i in batch_starts(len(input_ids), batch_size, progress, "imatrix"):
             model(input_ids[i : i + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     return ImportanceMatrix(
         sums={name: s.cpu().float().unsqueeze(0) for name, s in sorted(sums.items())},  # (1, n_in)
         counts={name: torch.tensor([float(c)]) for name, c in sorted(counts.items())},

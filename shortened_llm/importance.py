@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .errors import unknown_name
 from .evaluate import shifted_nll
-from .families import family_of, get_blocks, get_path, unwrap
+from .families import family_of, get_blocks, get_path, hooks_removed, unwrap
 from .presets import Preset
 from .prune import num_blocks_for_ratio
 from .units import get_unit
@@ -263,11 +263,8 @@ def _block_states(model, batch: torch.Tensor, attn_path: str | None = None):
     if attn_path is not None:
         hooks += [get_path(b, attn_path).register_forward_hook(lambda m, a, out: attn_outputs.append(_first(out)))
                   for b in blocks]
-    try:
+    with hooks_removed(hooks):
         unwrap(model).base_model(batch.to(_device(model)), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
     return states if attn_path is None else (states, attn_outputs)
 
 
@@ -481,8 +478,7 @@ def taylor_importance(model, input_ids, batch_size: int | None = None, gradient_
 
     with _in_fp32(model, fp32), _only_blocks_trainable(model) as weights, \
             _checkpointed(blocks, gradient_checkpointing), torch.enable_grad():
-        hooks = [p.register_post_accumulate_grad_hook(take_term) for p in weights]
-        try:
+        with hooks_removed([p.register_post_accumulate_grad_hook(take_term) for p in weights]):
             for k, batch in enumerate(tqdm(batches, desc="taylor gradients", unit="batch", disable=not progress)):
                 final[0] = k == len(batches) - 1
                 batch = batch.to(_device(model))
@@ -490,9 +486,6 @@ def taylor_importance(model, input_ids, batch_size: int | None = None, gradient_
                 loss = shifted_nll(logits, batch.to(logits.device)).sum() / total_tokens
                 del logits
                 loss.backward()
-        finally:
-            for h in hooks:
-                h.remove()
     scores = torch.zeros(n, dtype=torch.float64)
     for i, b in enumerate(blocks):
         scores[i] = sum(terms[id(p)] for p in _block_weights(b) if id(p) in terms)

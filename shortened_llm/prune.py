@@ -185,9 +185,7 @@ def remove_blocks(model: nn.Module, blocks: Iterable[int], criterion: str | None
     keep = [i for i in range(n_now) if i not in set(blocks)]
     _apply(model, keep)
     record.removed_blocks = sorted(set(record.removed_blocks) | {current[i] for i in blocks})
-    record.note_choice(criterion, ratio, scores)
-    model.pruning = record
-    return model
+    return record.attach(model, criterion, ratio, scores)
 
 
 @contextlib.contextmanager

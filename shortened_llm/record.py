@@ -33,8 +33,14 @@ class PruningRecord:
         removed = set(self.removed_blocks)
         return [i for i in range(self.original_num_blocks) if i not in removed]
 
-    def note_choice(self, criterion: str | None = None, ratio: float | None = None, scores=None) -> None:
-        """Record how the latest removal was chosen (by ``remove_blocks`` and ``remove_sublayers``)."""
+    def attach(self, model, criterion: str | None = None, ratio: float | None = None, scores=None):
+        """The last step of every removal (``remove_blocks``, ``remove_sublayers``): note how it was chosen,
+        hang the record on ``model`` as ``model.pruning`` (what ``save_model`` writes) and return the model."""
+        self._note_choice(criterion, ratio, scores)
+        model.pruning = self
+        return model
+
+    def _note_choice(self, criterion, ratio, scores) -> None:
         if criterion is not None:
             self.criterion = criterion
         if ratio is not None:

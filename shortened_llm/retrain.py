@@ -33,7 +33,7 @@ from .presets import Preset
 from .prompts import alpaca_prompt, load_instructions, response_of, tokenize_record
 from .recovery import RecoveryMethod, get_recovery, register_recovery
 from .trainer import (ADAPTER_DIR, BASE_FILE, RetrainResult, check_fingerprint, checkpoints_dir, fingerprint,
-                      is_main_process, lora_config, pack_blocks, packed_rows, prepare_out, preset_settings, publish,
+                      is_main_process, lora_config, pack_blocks, packed_rows, packed_text_run, prepare_out, preset_settings, publish,
                       run_on_cpt_budget, run_trainer, save_adapter, save_trained, start_run, world_size)
 
 __all__ = [
@@ -132,13 +132,8 @@ def continued_pretrain(model, tokenizer=None, out_dir: str | os.PathLike = "retr
     ``data`` is a dataset name (``load_texts``) or a list of texts. Runs unchanged under
     ``torchrun``/``accelerate launch``: ``cpt_batch`` is the global batch, split over processes.
     """
-    from transformers import set_seed
-
     preset, out_dir, model, tokenizer = start_run(model, tokenizer, out_dir, preset, overwrite, overrides)
-    seed = preset.seed if seed is None else seed
-    train_rows, val_rows = packed_rows(tokenizer, data, preset.cpt_block_size, preset.cpt_val_blocks)
-    record = getattr(model, "pruning", None)
-    set_seed(seed)
+    seed, train_rows, val_rows, record = packed_text_run(model, tokenizer, data, preset, seed)
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -295,21 +295,22 @@ def _demo(args) -> int:
         print(f"Voila demo ({', '.join(p.stem for p in notebooks)}; preset={args.preset}, run_dir={run_dir})")
         print(f"  open {server.url('/')}")
         print(f"  log  {server.log_path}   (Ctrl-C stops it)", flush=True)
-        try:
-            server.process.wait()
-        except KeyboardInterrupt:
-            pass
-    return 0
+        return _serve_until_stopped(server)
 
 
 def _lab(args) -> int:
     with start_lab(args.root_dir, port=args.port, log_dir=Path(args.run_dir) / "logs", isolated=False) as server:
         print(f"JupyterLab on {args.root_dir}\n  open {server.url('/lab')}\n  log  {server.log_path}   (Ctrl-C stops it)",
               flush=True)
-        try:
-            server.process.wait()
-        except KeyboardInterrupt:
-            pass
+        return _serve_until_stopped(server)
+
+
+def _serve_until_stopped(server) -> int:
+    """Wait for the server to exit; Ctrl-C is the normal way to stop it (the ``with`` around shuts it down)."""
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -213,9 +213,7 @@ def remove_sublayers(model, unit: str, blocks: Iterable[int], criterion: str | N
     target = record.removed_attn if unit == "attn" else record.removed_mlp
     target[:] = sorted(set(target) | {original[i] for i in blocks})
     record.unit = unit if record.unit in (None, unit) else "mixed"
-    record.note_choice(criterion, ratio, scores)
-    model.pruning = record
-    return model
+    return record.attach(model, criterion, ratio, scores)
 
 
 @contextlib.contextmanager

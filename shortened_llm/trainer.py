@@ -353,6 +353,20 @@ def prepare_out(out_dir, overwrite: bool) -> Path:
     return out_dir
 
 
+def packed_text_run(model, tokenizer, data, preset: Preset, seed: int | None):
+    """What every method that trains on packed text (CPT, KD, partial) does next: the seed (the
+    preset's unless given), the packed train / validation blocks, the pruning record to carry into
+    the output, and the seed set (transformers.set_seed: python, numpy, torch) before training.
+    Returns ``(seed, train_rows, val_rows, record)``."""
+    from transformers import set_seed
+
+    seed = preset.seed if seed is None else seed
+    train_rows, val_rows = packed_rows(tokenizer, data, preset.cpt_block_size, preset.cpt_val_blocks)
+    record = getattr(model, "pruning", None)
+    set_seed(seed)
+    return seed, train_rows, val_rows, record
+
+
 def start_run(model, tokenizer, out_dir, preset, overwrite: bool, overrides: dict):
     """``(preset, out_dir, model, tokenizer)`` for a method's first lines, checked in the order that costs least.
 

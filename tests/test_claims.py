@@ -113,3 +113,32 @@ def test_ppl_table_writes_each_row_and_resumes_where_it_stopped(tmp_path, monkey
     claims.ppl_table(models, out, **{**kw, "max_segments": 3})  # another budget is another row
     assert len(calls) == 4 and len(pd.read_csv(out)) == 8
     assert claims.ppl_table(models, out, **kw).equals(table) and len(calls) == 4
+
+
+def test_recovery_claims_known_lines_and_a_missing_side_left_out():
+    """Notebook 09's claim lines on a table with a known order; the pair without a 'partial' row says nothing."""
+    import pandas as pd
+
+    from shortened_llm.lessons.claims import recovery_claims
+
+    rows = [("ppl", 0.2, m, p, 1.0) for m, p in
+            [("none", 40.0), ("lora", 30.0), ("kd", 25.0), ("replaceme", 35.0), ("replaceme+kd", 26.0)]]
+    rows += [("reverse", 0.2, m, p, 1.0) for m, p in [("lora", 28.0), ("kd", 27.0)]]
+    recovery = pd.DataFrame(rows, columns=["criterion", "ratio", "method", "wikitext2_ppl", "seconds"])
+    units = pd.DataFrame({"ratio": [0.2, 0.2, 0.2], "unit": ["block", "attn", "mlp"], "wikitext2_ppl": [30.0, 20.0, 50.0]})
+    speed = pd.DataFrame({"model": ["attn", "block"], "context": [128, 128], "speedup": [1.1, 1.3],
+                          "kv_vs_dense": [0.5, 0.8]})
+    lines = recovery_claims(recovery, units, speed, ratios=[0.2], retrained=["ppl"])
+    assert lines == [
+        "20%, lora: reverse 28.0 vs ppl 30.0 -> Lu et al. ('reverse beats PPL after fine-tuning') holds here",
+        "20%, kd: reverse 27.0 vs ppl 25.0 -> Lu et al. ('reverse beats PPL after fine-tuning') does not hold here",
+        "20%, ppl: KD 25.0 vs LoRA 30.0 at equal steps -> Minitron ('KD recovers best') holds",
+        "20%, ppl: ReplaceMe 35.0 vs plain removal 40.0 in 1 s, no training -> ReplaceMe ('recovers without training') holds",
+        "20%, ppl: ReplaceMe then KD 26.0 vs KD 25.0 at equal steps -> 'a better start helps KD' does not hold",
+        "20% params: attention-only 20.0 vs block 30.0 -> 'attention is more redundant' holds",
+        "20% params: MLP-only 50.0 vs block 30.0",
+        "context 128: attention-only speed-up 1.10x, KV 50% of dense; block pruning 1.30x, KV 80%",
+    ]
+    with_partial = pd.concat([recovery, pd.DataFrame([("ppl", 0.2, "partial", 29.0, 1.0)], columns=recovery.columns)])
+    new = [line for line in recovery_claims(with_partial, units, speed, [0.2], ["ppl"]) if line not in lines]
+    assert new == ["20%, ppl: partial 29.0 vs LoRA 30.0 -> Lu et al. ('partial beats LoRA') holds"]

@@ -270,6 +270,17 @@ def claims_table(ppl: pd.DataFrame | None = None, zeroshot: pd.DataFrame | None 
 
 # ---- notebook 09: what the recovery, sub-block and speed tables say about the later papers' claims ----
 
+# Recovery methods compared on one retrained criterion: (method, its name), (method, its name), what
+# the line says between the two PPLs (None: the first one's seconds, for the training-free ReplaceMe),
+# and the claim, which holds when the first method's PPL is the lower.
+METHOD_CLAIMS = (
+    (("kd", "KD"), ("lora", "LoRA"), " at equal steps", "Minitron ('KD recovers best')"),
+    (("replaceme", "ReplaceMe"), ("none", "plain removal"), None, "ReplaceMe ('recovers without training')"),
+    (("replaceme+kd", "ReplaceMe then KD"), ("kd", "KD"), " at equal steps", "'a better start helps KD'"),
+    (("partial", "partial"), ("lora", "LoRA"), "", "Lu et al. ('partial beats LoRA')"),
+)
+
+
 def _verdict(ok: bool) -> str:
     return "holds" if ok else "does not hold"
 
@@ -304,21 +315,13 @@ def recovery_claims(recovery: pd.DataFrame, units: pd.DataFrame, speed: pd.DataF
                 lines.append(f"{r:.0%}, {m}: reverse {rev:.1f} vs ppl {by_ppl:.1f} -> Lu et al. ('reverse beats PPL "
                              f"after fine-tuning') {_verdict(rev < by_ppl)} here")
         for c in retrained:
-            kd, lora, part = ppl(c, r, "kd"), ppl(c, r, "lora"), ppl(c, r, "partial")
-            if kd and lora:
-                lines.append(f"{r:.0%}, {c}: KD {kd:.1f} vs LoRA {lora:.1f} at equal steps -> Minitron ('KD recovers "
-                             f"best') {_verdict(kd < lora)}")
-            rm, none, rm_kd = ppl(c, r, "replaceme"), ppl(c, r, "none"), ppl(c, r, "replaceme+kd")
-            if rm and none:
-                lines.append(f"{r:.0%}, {c}: ReplaceMe {rm:.1f} vs plain removal {none:.1f} in "
-                             f"{float(row(c, r, 'replaceme').seconds):.0f} s, no training -> "
-                             f"ReplaceMe ('recovers without training') {_verdict(rm < none)}")
-            if rm_kd and kd:
-                lines.append(f"{r:.0%}, {c}: ReplaceMe then KD {rm_kd:.1f} vs KD {kd:.1f} at equal steps -> "
-                             f"'a better start helps KD' {_verdict(rm_kd < kd)}")
-            if part and lora:
-                lines.append(f"{r:.0%}, {c}: partial {part:.1f} vs LoRA {lora:.1f} -> Lu et al. ('partial beats LoRA') "
-                             f"{_verdict(part < lora)}")
+            for (a, a_name), (b, b_name), between, claim in METHOD_CLAIMS:
+                ppl_a, ppl_b = ppl(c, r, a), ppl(c, r, b)
+                if ppl_a and ppl_b:
+                    if between is None:
+                        between = f" in {float(row(c, r, a).seconds):.0f} s, no training"
+                    lines.append(f"{r:.0%}, {c}: {a_name} {ppl_a:.1f} vs {b_name} {ppl_b:.1f}{between} -> {claim} "
+                                 f"{_verdict(ppl_a < ppl_b)}")
     measured = units.dropna(subset=["wikitext2_ppl"]) if "wikitext2_ppl" in units else units.iloc[0:0]
     for r, g in measured.groupby("ratio"):
         p = g.set_index("unit").wikitext2_ppl
