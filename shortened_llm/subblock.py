@@ -77,7 +77,7 @@ def _sublayers(model) -> SubLayers:
     if model_type not in SUBLAYERS:
         raise ValueError(
             f"model_type={model_type!r}: sub-block pruning (unit 'attn' or 'mlp') supports {', '.join(sorted(SUBLAYERS))}. "
-            "Use unit='block' for this family, or add its module names to shortened_llm.subblock.SUBLAYERS "
+            "Use unit='block' for this family, or give its entry in shortened_llm.families.FAMILIES sublayers= "
             "(families with per-layer attention types such as Gemma-2/Qwen2 need their layer_types handled too)."
         )
     return SUBLAYERS[model_type]
