@@ -122,11 +122,15 @@ def stage_docs(run_dir: Path, docs_dir: Path, readme: Path = REPO / "README.md",
                                            docs_dir / "solutions", run_dir)
     claims = _claims_page(run_dir, docs_dir)
     index = _index_page(readme, docs_dir, nb_pages)
+    contributing = "CONTRIBUTING.md"  # the README links to it: the package's floors and recipes
+    shutil.copy2(REPO / contributing, docs_dir / contributing)
     nav = [{"Home": index},
            {"Notebooks": [{_title(p): p} for p in nb_pages]},
            {"Solutions": [{_title(p): p} for p in sol_pages]},
-           {"Claims table": claims}]
-    return nav, [index, *nb_pages, *sol_pages, claims], nb_unrun + [f"solutions/{n}" for n in sol_unrun]
+           {"Claims table": claims},
+           {"The package": contributing}]
+    return (nav, [index, *nb_pages, *sol_pages, claims, contributing],
+            nb_unrun + [f"solutions/{n}" for n in sol_unrun])
 
 
 def build_site(run_dir: str | Path = REPO / "runs" / "smoke", site_dir: str | Path = REPO / "site",
