@@ -8,6 +8,14 @@ at any point is undone by the next write to the same path (``_recover``).
 A directory is replaced only when this package wrote it: ``atomic_dir`` leaves a manifest
 (``MANIFEST``, the list of what it wrote) in every directory it publishes, and ``overwrite``
 refuses any other directory, or one where a user has added files since.
+
+Two writers of one artifact (two notebooks on one run dir) take ``artifact_lock`` around
+their check-compute-write: the second waits, then finds the first one's artifact and reuses it.
+
+Test hook: ``SHORTENED_LLM_FAULT=<point>:<n>`` makes the process SIGKILL itself the ``n``-th time
+(1-based) it reaches ``fault_point(<point>)``: ``compute`` (scores computed, nothing written),
+``write`` (an artifact fully written to its temp, not yet renamed), ``swap`` (between the two
+renames of ``atomic_dir``). ``tests/test_kill.py`` kills the CLI there and checks the rerun.
 """
 from __future__ import annotations
 
@@ -15,18 +23,22 @@ import contextlib
 import csv
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .errors import ForeignDirError
+from .errors import CorruptFileError, ForeignDirError, MismatchError
 
 __all__ = [
     "MANIFEST",
+    "FAULT_ENV",
+    "artifact_lock",
     "atomic_dir",
     "atomic_file",
     "atomic_write_text",
@@ -36,12 +48,37 @@ __all__ = [
     "pruned_dir",
     "save_scores",
     "load_scores",
+    "read_cached_csv",
+    "fault_point",
 ]
 
 MANIFEST = ".shortened_llm.json"  # written last into each dir atomic_dir publishes: marks it as ours
 # Dirs written before the manifest existed: a model dir with a pruning record or a training record.
 LEGACY_MARKERS = (("config.json", "pruning.json"), ("config.json", "training.json"))
 _RANDOM = "[a-z0-9_]{8}"  # the random part tempfile puts in a name: nothing a user names a file by chance
+
+
+# ---- the kill -9 test hook -------------------------------------------------------------------
+
+FAULT_ENV = "SHORTENED_LLM_FAULT"
+_reached: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here when ``$SHORTENED_LLM_FAULT`` is ``name:n`` and this is the ``n``-th visit.
+
+    A test hook only (unset, it costs one dict lookup): it lets a test kill a real CLI run at
+    an exact point of a write, which a timer from outside could not hit reproducibly.
+    """
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---- the user's file modes ------------------------------------------------------------------
@@ -118,6 +155,38 @@ def _recover(out: Path) -> None:
             _remove(temp)
 
 
+# ---- one writer per artifact ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def artifact_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on artifact ``path`` (a file or dir, there or not) for the block.
+
+    A second process asking for the same path waits until the first one's block is over, so
+    a train-or-load (check, compute, write) runs once and the waiter loads the result. The
+    lock lives in ``.NAME.lock`` beside ``path``, removed on release; a lock file whose inode
+    changed while waiting was removed by its last holder, so the waiter opens the new one.
+    The kernel drops the flock of a killed holder: a kill -9 never leaves the path locked.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        lock.unlink(missing_ok=True)  # before the unlock: no one can open this inode afresh after it
+        os.close(fd)
+
+
 # ---- files ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -137,6 +206,7 @@ def atomic_file(out_file: str | os.PathLike):
         yield tmp
         if tmp.exists():
             give_default_mode(tmp)
+            fault_point("write")
             os.replace(tmp, out_file)
     finally:
         tmp.unlink(missing_ok=True)
@@ -214,6 +284,7 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
         return
     backup = _partner(tmp, "old")
     os.rename(out_dir, backup)
+    fault_point("swap")
     try:
         os.rename(tmp, out_dir)
     except BaseException:
@@ -242,6 +313,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
         for path in (tmp, *tmp.rglob("*")):  # safetensors writes its files 0600 too
             give_default_mode(path)
         check_replaceable(out_dir, overwrite)  # the block may have run for hours: look again
+        fault_point("write")
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -266,10 +338,63 @@ def save_scores(path: str | os.PathLike, scores: torch.Tensor) -> Path:
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def load_scores(path: str | os.PathLike) -> torch.Tensor:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+def load_scores(path: str | os.PathLike, num_blocks: int | None = None) -> torch.Tensor:
+    """The scores ``save_scores`` wrote, one per block; ``num_blocks`` (the model's) must match when given.
+
+    A CSV cut short, with other columns, gaps in the blocks or a NaN score raises
+    ``CorruptFileError``; one scoring a different number of blocks raises ``MismatchError``:
+    ranking either would remove the wrong blocks without a word.
+    """
+    fix = "score the model again (shortened-llm score ... --out FILE) or pass the CSV made for this model"
+    try:
+        with open(path, newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise CorruptFileError(path, "is not a text file, so not a scores CSV", fix) from None
+    rows = list(csv.DictReader(text.splitlines()))
     if not rows or {"block", "score"} - set(rows[0]):
-        raise ValueError(f"{str(path)!r} is not a scores CSV: expected columns block,score")
-    rows.sort(key=lambda r: int(r["block"]))
-    return torch.tensor([float(r["score"]) for r in rows], dtype=torch.float64)
+        got = ",".join(rows[0]) if rows else (text.splitlines() or ["nothing"])[0]
+        raise CorruptFileError(path, f"is not a scores CSV: expected columns block,score, found {got[:80]!r}", fix)
+    if not text.endswith("\n"):
+        raise CorruptFileError(path, "is half-written: its last line has no line end",
+                               fix + " (a CSV written by hand: end it with a newline)")
+    try:
+        pairs = sorted((int(r["block"]), float(r["score"])) for r in rows)
+    except (TypeError, ValueError):
+        bad = next(r for r in rows if not _number_row(r))
+        raise CorruptFileError(path, f"is half-written or edited: row {bad} is not a block number and a score", fix) from None
+    if [b for b, _ in pairs] != list(range(len(pairs))):
+        raise CorruptFileError(path, f"scores blocks {[b for b, _ in pairs][:12]}, not 0..{len(pairs) - 1} once each", fix)
+    bad = [b for b, s in pairs if math.isnan(s) or s == -math.inf]  # +inf marks a unit already removed
+    if bad:
+        raise CorruptFileError(path, f"holds NaN or -inf scores for blocks {bad}: no ranking can use them",
+                               "score again with --dtype float32 (an fp16/bf16 overflow gives NaN)")
+    if num_blocks is not None and len(pairs) != num_blocks:
+        raise MismatchError(path, f"scores {len(pairs)} blocks, but the model has {num_blocks}",
+                            "pass the scores CSV made for this model, or score it again")
+    return torch.tensor([s for _, s in pairs], dtype=torch.float64)
+
+
+def _number_row(row: dict) -> bool:
+    try:
+        int(row["block"]), float(row["score"])
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def read_cached_csv(path: str | os.PathLike, columns, fix: str, **read_csv_options):
+    """A CSV of finished rows a resumable job reads back (``pandas.DataFrame``), refused with
+    ``CorruptFileError`` when it cannot be parsed or lacks any of ``columns``: a cache from
+    another version or another tool would otherwise fail with a ``KeyError`` deep in the job,
+    or silently count as no row done."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, **read_csv_options)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise CorruptFileError(path, f"is not a readable CSV ({type(err).__name__})", fix) from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise CorruptFileError(path, f"lacks the column(s) {', '.join(missing)} of a finished-rows cache", fix)
+    return table

@@ -164,6 +164,7 @@ def cmd_prune(args) -> int:
     split_criterion(args.criterion)  # fail on a bad name before loading anything
     out = Path(args.out)
     check_replaceable(out, args.overwrite, flag="--overwrite")
+    scores = load_scores(args.scores) if args.scores else None  # a broken CSV fails before the model loads
     preset = get_preset(args.preset)
     model, tokenizer = load_model(args.model, preset=preset)
     ratio = None if args.n_blocks is not None else args.ratio
@@ -171,7 +172,8 @@ def cmd_prune(args) -> int:
         n = num_blocks_to_remove(num_blocks(model), n_blocks=args.n_blocks)
     else:  # the paper preset knows the official count for the paper's models
         n = n_blocks_for(preset, model.config, ratio)
-    scores = load_scores(args.scores) if args.scores else None
+    if scores is not None:
+        scores = load_scores(args.scores, num_blocks=num_blocks(model))  # ... and one for another model, once it has
     ids = None if scores is not None else _calibration(args, tokenizer, model)
     model, removed, scores = prune_model(model, ids, args.criterion, n, ratio=ratio, scores=scores,
                                          **plus_rule(args.criterion, preset))

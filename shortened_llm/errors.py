@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["ArtifactError", "CorruptFileError", "MismatchError", "ForeignDirError", "unknown_name"]
+__all__ = ["ArtifactError", "CorruptFileError", "MismatchError", "ForeignDirError", "NonFiniteError", "unknown_name"]
 
 
 def unknown_name(what: str, name, choices: Iterable[str], available: str | None = None, note: str = "") -> ValueError:
@@ -46,3 +46,11 @@ class MismatchError(ArtifactError):
 
 class ForeignDirError(ArtifactError):
     """An existing directory the package did not write: ``overwrite`` never replaces it."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or inf in scores or losses (an fp16/bf16 overflow): never ranked, never trained on."""
+
+    def __init__(self, problem: str, fix: str):
+        self.problem, self.fix = problem, fix
+        super().__init__(f"{problem}. Fix: {fix}")

@@ -35,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .artifacts import fault_point
 from .errors import unknown_name
 from .evaluate import shifted_nll
 from .families import family_of, get_blocks, get_path, hooks_removed, unwrap
+from .finite import check_finite_scores
 from .presets import Preset
 from .prune import num_blocks_for_ratio
 from .units import get_unit
@@ -165,7 +167,8 @@ def block_importance(model, input_ids: torch.Tensor | None, criterion: str = "pp
     with _in_fp32(model, fp32 and base not in DATA_FREE):  # data-free ones sum |w| in float64 already
         scores = CRITERIA[base](model, input_ids, **options)
     assert scores.shape == (len(get_blocks(model)),), (base, scores.shape)
-    return scores
+    fault_point("compute")  # a test hook (artifacts.FAULT_ENV): killed with the scores computed, nothing written
+    return check_finite_scores(scores, criterion, get_unit(unit).alive(model))
 
 
 def sublayer_importance(model, input_ids: torch.Tensor | None, unit: str, criterion: str = "ppl",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_file
-from .errors import unknown_name
+from .errors import CorruptFileError, unknown_name
 from .gguf_layout import IMATRIX_REQUIRED, LLAMA_CPP_TYPES, QUANT_TYPES
 from .llamacpp_guard import check_gguf_runs, open_llama, quantize_in_child
 
@@ -36,6 +37,7 @@ __all__ = [
     "check_quant",
     "check_imatrix_given",
     "check_out_file",
+    "check_gguf_file",
     "quantize_gguf",
     "load_gguf",
     "gguf_token_nll",
@@ -108,6 +110,83 @@ def check_out_file(out_file: Path, overwrite: bool) -> None:
                               "choose a writable location, e.g. under your run_dir")
 
 
+# ---- a GGUF's own consistency --------------------------------------------------------------
+
+# GGUF value types -> struct format (8 = string, 9 = array are read apart)
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _gguf_data_end(f) -> int:
+    """Walk a GGUF's header (kv pairs, tensor infos) from ``f``: the byte where its tensor data ends.
+
+    Raises ``ValueError`` / ``struct.error`` / ``KeyError`` where the header is cut or not GGUF.
+    Plain ``struct`` reads, no tensor touched: a few ms even for a 49k-token vocabulary (the
+    ``gguf`` package's reader takes seconds), so every load can afford it.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    def read(fmt):
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) < size:
+            raise ValueError("the header ends early")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def string():
+        n = read("Q")
+        data = f.read(n)
+        if len(data) < n:
+            raise ValueError("the header ends early")
+        return data
+
+    def value(kind):
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item, n = read("I"), read("Q")
+            return [value(item) for _ in range(n)]
+        return read(_GGUF_SCALARS[kind])
+
+    if f.read(4) != b"GGUF":
+        raise ValueError("it does not start with the GGUF magic")
+    version, n_tensors, n_kv = read("I"), read("Q"), read("Q")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not one llama.cpp reads (2, 3)")
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        got = value(read("I"))
+        if key == b"general.alignment":
+            alignment = got
+    end = 0
+    for _ in range(n_tensors):
+        string()
+        dims = [read("Q") for _ in range(read("I"))]
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(read("I"))]
+        end = max(end, read("Q") + math.prod(dims) // block * type_size)
+    start = -(-f.tell() // alignment) * alignment
+    return start + end
+
+
+def check_gguf_file(gguf_file: str | os.PathLike) -> Path:
+    """``gguf_file`` if its header parses and the file holds all of its tensor data; else ``CorruptFileError``.
+
+    A copy or download cut short, or a write killed by another tool, otherwise reaches llama.cpp
+    as "Failed to load model" or the ``gguf`` reader's reshape error, neither naming the cause.
+    """
+    gguf_file = Path(gguf_file)
+    fix = "export it again (shortened-llm export gguf --overwrite) or copy it again"
+    try:
+        with open(gguf_file, "rb") as f:
+            end = _gguf_data_end(f)
+    except (ValueError, KeyError, struct.error, MemoryError, OverflowError) as err:
+        raise CorruptFileError(gguf_file, f"is not a readable GGUF: {err}", fix) from None
+    size = gguf_file.stat().st_size
+    if size < end:
+        raise CorruptFileError(gguf_file, f"is truncated: its tensors end at byte {end}, the file has {size}", fix)
+    return gguf_file
+
+
 # ---- the quantiser --------------------------------------------------------------------------
 
 def quantize_gguf(src_file: str | os.PathLike, out_file: str | os.PathLike, quant: str, overwrite: bool = False,
@@ -131,6 +210,7 @@ def quantize_gguf(src_file: str | os.PathLike, out_file: str | os.PathLike, quan
     src_file, out_file = Path(src_file), Path(out_file)
     if not src_file.is_file():
         raise FileNotFoundError(f"src_file={str(src_file)!r} does not exist: write it with export_gguf(..., quant='f16')")
+    check_gguf_file(src_file)
     if imatrix is not None:
         from .imatrix import check_imatrix_fits
 
@@ -163,6 +243,7 @@ def load_gguf(gguf_file: str | os.PathLike, n_ctx: int = 512, logits_all: bool =
     require_llama_cpp("loading a GGUF")
     if not Path(gguf_file).is_file():
         raise FileNotFoundError(f"gguf_file={str(gguf_file)!r} does not exist: write it with export_gguf first")
+    check_gguf_file(gguf_file)  # a cut file named as such, not as a llama.cpp failure
     threads = n_threads or torch.get_num_threads()
     check_gguf_runs(gguf_file, threads)
     return open_llama(gguf_file, n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,

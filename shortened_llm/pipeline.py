@@ -5,17 +5,21 @@
 before any scoring work, score them (``importance.block_importance``, any unit), choose the
 ``n`` least important (``importance.to_remove``), remove them through the unit
 (``units.UNITS``) and record criterion, ratio and scores in ``model.pruning``. The "+" rule's
-numbers come from the preset (``plus_rule``), nowhere else.
+numbers come from the preset (``plus_rule``), nowhere else. A run dir remembers the model
+its pruned dirs came from (``run.json``), so it is never reused with another one.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .artifacts import pruned_dir
+from .artifacts import artifact_lock, atomic_write_text, pruned_dir
 from .data import calibration_batches
+from .errors import CorruptFileError, MismatchError
 from .families import family_of, get_blocks
 from .importance import block_importance, check_removable, criterion_options, split_criterion, to_remove
 from .models import load_model, save_model
@@ -23,7 +27,7 @@ from .presets import Preset, get_preset
 from .prune import num_blocks_for_ratio
 from .units import get_unit
 
-__all__ = ["plus_rule", "prune_model", "pruned_model", "prune_unit"]
+__all__ = ["RUN_MANIFEST", "check_run_model", "plus_rule", "prune_model", "pruned_model", "prune_unit"]
 
 
 def plus_rule(criterion: str, preset: str | Preset | None = None) -> dict:
@@ -70,18 +74,65 @@ def prune_unit(model, input_ids, unit: str, n: int, criterion: str = "ppl", keep
                        ratio=ratio, **options)[:2]
 
 
+RUN_MANIFEST = "run.json"  # in a run dir: the model every pruned/ entry there was made from
+
+
+def check_run_model(run_dir: str | os.PathLike, model: str) -> None:
+    """Refuse ``run_dir`` when its ``run.json`` says it was made from another model than ``model``.
+
+    Its ``pruned/`` dirs would otherwise load as the pruned ``model`` and every number after
+    them would be another model's. A run dir from before ``run.json`` is taken as it is.
+    """
+    manifest = Path(run_dir) / RUN_MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        made_from = json.loads(manifest.read_text())["model"]
+    except (ValueError, KeyError, TypeError):
+        raise CorruptFileError(manifest, "is not the run manifest shortened_llm writes (JSON with a 'model')",
+                               "delete it if this run dir holds only your runs of one model") from None
+    if made_from != str(model):
+        raise MismatchError(manifest, f"says this run dir was made from model {made_from!r}, not {str(model)!r}",
+                            f"pass model={made_from!r}, or a new run_dir for {str(model)!r}")
+
+
+def _write_run_model(run_dir: str | os.PathLike, model: str, pruned) -> None:
+    """``run.json``: the model name and the dense shapes, written once by the first prune into ``run_dir``."""
+    manifest = Path(run_dir) / RUN_MANIFEST
+    if not manifest.exists():
+        cfg = pruned.config
+        atomic_write_text(manifest, json.dumps({"model": str(model), "model_type": cfg.model_type,
+                                                "num_blocks": pruned.pruning.original_num_blocks,
+                                                "hidden_size": cfg.hidden_size,
+                                                "vocab_size": cfg.vocab_size}, indent=1) + "\n")
+
+
 def pruned_model(model: str = "smollm2-135m", run_dir: str | os.PathLike | None = None, ratio: float = 0.2,
                  preset: str | Preset = "smoke", criterion: str = "ppl"):
-    """Train-or-load: ``run_dir/pruned/<criterion>-<ratio>`` if present, else score, prune and save it there."""
-    path = pruned_dir(run_dir, criterion, ratio) if run_dir is not None else None
-    if path is not None and (path / "config.json").exists():
-        return load_model(path)
+    """Train-or-load: ``run_dir/pruned/<criterion>-<ratio>`` if present, else score, prune and save it there.
+
+    A run dir made from another model is refused (``check_run_model``). Two processes asking
+    for the same dir at once (notebooks side by side) prune it once: the second waits for the
+    first (``artifact_lock``) and loads its result.
+    """
+    if run_dir is None:
+        return _prune_dense(model, ratio, preset, criterion)
+    check_run_model(run_dir, model)
+    path = pruned_dir(run_dir, criterion, ratio)
+    with artifact_lock(path):
+        if (path / "config.json").exists():
+            return load_model(path)
+        pruned, tokenizer = _prune_dense(model, ratio, preset, criterion)
+        _write_run_model(run_dir, model, pruned)
+        save_model(pruned, tokenizer, path, overwrite=True)
+    return pruned, tokenizer
+
+
+def _prune_dense(model: str, ratio: float, preset: str | Preset, criterion: str):
     preset = get_preset(preset)
     dense, tokenizer = load_model(model)
     ids = calibration_batches(tokenizer, preset.calib_samples, preset.calib_seq_len, preset.seed,
                               bos_every=family_of(dense).bos_every)
     n = num_blocks_for_ratio(len(get_blocks(dense)), ratio)
     prune_model(dense, ids, criterion, n, ratio=ratio, **plus_rule(criterion, preset))
-    if path is not None:
-        save_model(dense, tokenizer, path, overwrite=True)
     return dense, tokenizer

@@ -30,6 +30,14 @@ def run_cli(capsys, *argv):
     return code, out.out, out.err
 
 
+def error_line(err):
+    """The CLI's error once a model loaded (its progress bars come first): the one line, no traceback."""
+    assert "Traceback" not in err
+    last = err.strip().split("\n")[-1]
+    assert last.startswith("shortened-llm: error: ")
+    return last
+
+
 # ---- 1. never delete what is not ours ---------------------------------------------------------
 
 def users_dir(tmp_path):
@@ -407,3 +415,169 @@ def test_good_values_parse_as_before(argv, parsed):
     args = build_parser().parse_args([*argv, "--model", "m", *(["--out", "o"] if argv[0] in NEEDS_OUT else [])])
     assert {k: getattr(args, k) for k in parsed} == parsed
     assert all(type(getattr(args, k)) is type(v) for k, v in parsed.items())
+
+
+# ---- 6. scores, runs, GGUFs and caches that do not fit: one line each ----------------------------
+
+GOOD_SCORES = "block,score\n0,3.5\n1,2.25\n2,inf\n3,1.0\n"
+BAD_SCORES = {  # CSV text -> the error type and a word of what is wrong
+    "empty": ("", "CorruptFileError", "expected columns block,score"),
+    "cut in a number": (GOOD_SCORES[:-3], "CorruptFileError", "half-written"),
+    "cut after a comma": ("block,score\n0,3.5\n1,\n", "CorruptFileError", "is not a block number and a score"),
+    "cut after a block": ("block,score\n0,3.5\n1\n", "CorruptFileError", "is not a block number and a score"),
+    "other columns": ("layer,importance\n0,1\n", "CorruptFileError", "found 'layer,importance'"),
+    "a block missing": ("block,score\n0,1\n2,3\n", "CorruptFileError", "not 0..1 once each"),
+    "a block twice": ("block,score\n0,1\n0,3\n", "CorruptFileError", "not 0..1 once each"),
+    "a NaN score": ("block,score\n0,nan\n1,2\n", "CorruptFileError", "NaN or -inf scores for blocks [0]"),
+    "binary": ("\udcff\x00\x01", "CorruptFileError", "not a text file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SCORES)
+def test_a_broken_scores_csv_is_named_before_any_model_loads(capsys, tmp_path, case):
+    from shortened_llm import errors
+    from shortened_llm.artifacts import load_scores
+
+    text, error, why = BAD_SCORES[case]
+    path = tmp_path / "ppl.csv"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(getattr(errors, error), match=__import__("re").escape(why)) as caught:
+        load_scores(path)
+    assert caught.value.path == path and "Fix: " in str(caught.value)
+    code, out, err = run_cli(capsys, "prune", "--model", "no-such-model", "--scores", path, "--out", tmp_path / "p")
+    assert code == 2 and out == "" and err.count("\n") == 1 and why in err and "Unknown model" not in err
+
+
+def test_scores_for_another_model_are_refused_by_prune(capsys, tmp_path, tiny_llama_dir):
+    from shortened_llm.artifacts import load_scores, save_scores
+
+    import torch
+
+    path = save_scores(tmp_path / "ppl.csv", torch.tensor([3.0, 1.0, 2.0, 4.0]))  # 4 blocks; the model has 6
+    assert load_scores(path, num_blocks=4).tolist() == [3.0, 1.0, 2.0, 4.0]
+    code, out, err = run_cli(capsys, "prune", "--model", tiny_llama_dir, "--scores", path, "--n-blocks", 1,
+                             "--out", tmp_path / "pruned")
+    assert code == 2 and out == ""
+    assert "scores 4 blocks, but the model has 6" in error_line(err) and not (tmp_path / "pruned").exists()
+    (path.write_text(GOOD_SCORES.replace("3,1.0", "3,1.0\n4,9\n5,8")))
+    code, out, err = run_cli(capsys, "prune", "--model", tiny_llama_dir, "--scores", path, "--n-blocks", 1,
+                             "--out", tmp_path / "pruned")
+    assert code == 0 and json.loads(out)["removed_blocks"] == [3]  # the lowest finite score; inf never goes
+
+
+def test_non_finite_scores_name_the_criterion_and_the_blocks(tiny_llama, random_ids, monkeypatch):
+    """An fp16 overflow: the criterion returns NaN/inf for live blocks; block_importance refuses to rank them."""
+    import math
+
+    import torch
+
+    from shortened_llm import importance
+    from shortened_llm.errors import NonFiniteError
+
+    real = importance.CRITERIA["magnitude"]
+    for bad in (math.nan, math.inf, -math.inf):
+        def overflowed(model, input_ids=None, bad=bad):
+            scores = real(model, input_ids)
+            scores[[1, 3]] = bad
+            return scores
+        monkeypatch.setitem(importance.CRITERIA, "magnitude", overflowed)
+        with pytest.raises(NonFiniteError, match=r"criterion 'magnitude\+' scored blocks \[1, 3\] as NaN or inf.*--dtype float32"):
+            importance.block_importance(tiny_llama, None, "magnitude+")
+    monkeypatch.setitem(importance.CRITERIA, "magnitude", real)
+    assert torch.isfinite(importance.block_importance(tiny_llama, None, "magnitude")).all()
+
+
+def test_inf_for_a_half_already_removed_is_not_an_overflow(tiny_llama, random_ids):
+    import math
+
+    from shortened_llm.importance import block_importance
+    from shortened_llm.subblock import remove_sublayers
+
+    remove_sublayers(tiny_llama, "attn", [2])
+    scores = block_importance(tiny_llama, random_ids, "bi", unit="attn", progress=False)
+    assert scores[2] == math.inf and all(math.isfinite(s) for i, s in enumerate(scores.tolist()) if i != 2)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf")])
+def test_a_nan_loss_stops_training_at_its_step(loss):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from shortened_llm.errors import NonFiniteError
+    from shortened_llm.finite import NonFiniteLossCallback
+
+    callback, state = NonFiniteLossCallback(), TrainerState(global_step=7)
+    args = TrainingArguments(output_dir="unused", report_to=[])
+    assert callback.on_log(args, state, TrainerControl(), logs={"loss": 2.5, "grad_norm": 1.0}) is not None
+    with pytest.raises(NonFiniteError, match=rf"training loss is {loss} at step 7.*float32"):
+        callback.on_log(args, state, TrainerControl(), logs={"loss": loss})
+
+
+def test_a_run_dir_from_another_model_is_refused(tmp_path, tiny_llama_dir, monkeypatch):
+    import shutil
+
+    from shortened_llm.errors import MismatchError
+    from shortened_llm.pipeline import RUN_MANIFEST, pruned_model
+
+    monkeypatch.setenv("SHORTENED_LLM_DATA", __import__("os").environ["SHORTENED_LLM_DATA"])
+    run = tmp_path / "run"
+    model, _ = pruned_model(str(tiny_llama_dir), run, ratio=0.2, preset="tiny", criterion="magnitude")
+    made = json.loads((run / RUN_MANIFEST).read_text())
+    assert made["model"] == str(tiny_llama_dir) and made["num_blocks"] == 6
+    other = shutil.copytree(tiny_llama_dir, tmp_path / "other-model")
+    before = snapshot(run)
+    with pytest.raises(MismatchError, match=r"made from model .*tiny-llama', not .*other-model'.*a new run_dir"):
+        pruned_model(str(other), run, ratio=0.2, preset="tiny", criterion="magnitude")
+    again, _ = pruned_model(str(tiny_llama_dir), run, ratio=0.2, preset="tiny", criterion="magnitude")  # reused
+    assert again.pruning.removed_blocks == model.pruning.removed_blocks and snapshot(run) == before
+
+
+def damaged_gguf(tmp_path, data, how):
+    path = tmp_path / f"{how}.gguf"
+    path.write_bytes({"cut in half": data[: len(data) // 2], "one byte short": data[:-1], "cut in its header": data[:100],
+                      "not a GGUF": b"PK\x03\x04" + data[4:], "empty": b"",
+                      "a future version": data[:4] + (9).to_bytes(4, "little") + data[8:]}[how])
+    return path
+
+
+GGUF_DAMAGE = ["cut in half", "one byte short", "cut in its header", "not a GGUF", "empty", "a future version"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_llama_dir):
+    from shortened_llm.export import export_gguf
+
+    return export_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf", quant="f32", progress=False)
+
+
+@pytest.mark.parametrize("how", GGUF_DAMAGE)
+def test_a_corrupt_gguf_is_named_before_llama_cpp_sees_it(tmp_path, tiny_gguf, how):
+    from shortened_llm.errors import CorruptFileError
+    from shortened_llm.llamacpp import check_gguf_file
+
+    assert check_gguf_file(tiny_gguf) == tiny_gguf
+    path = damaged_gguf(tmp_path, tiny_gguf.read_bytes(), how)
+    with pytest.raises(CorruptFileError, match=r"(truncated|not a readable GGUF).*Fix: export it again") as caught:
+        check_gguf_file(path)
+    assert caught.value.path == path
+    if how == "cut in half" and __import__("shortened_llm.llamacpp").llamacpp.llama_cpp_available():
+        from shortened_llm.llamacpp import load_gguf
+
+        with pytest.raises(CorruptFileError, match="is truncated"):
+            load_gguf(path, n_ctx=16)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("model,task\nppl,piqa\n", "lacks the column(s) acc"),
+    ("", "is not a readable CSV (EmptyDataError)"),
+    ('model,task,acc\n"ppl,piqa,0.5\n', "is not a readable CSV (ParserError)"),
+])
+def test_a_cached_eval_csv_missing_columns_is_named(tmp_path, text, why):
+    from shortened_llm.artifacts import read_cached_csv
+    from shortened_llm.errors import CorruptFileError
+
+    path = tmp_path / "zeroshot.csv"
+    path.write_text(text)
+    with pytest.raises(CorruptFileError, match=__import__("re").escape(why) + ".*Fix: delete it"):
+        read_cached_csv(path, ["model", "task", "acc"], "delete it: the rows are measured again")
+    path.write_text("model,task,acc,extra\nppl,piqa,0.5,x\n")
+    assert read_cached_csv(path, ["model", "task", "acc"], "unused").acc.tolist() == [0.5]
