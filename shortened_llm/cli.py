@@ -293,6 +293,43 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+
+def cmd_shear(args) -> int:
+    """Sheared-LLaMA's targeted structured pruning: learned masks to a target shape, then a plain smaller HF model."""
+    import time
+
+    from .families import count_params
+    from .models import load_model
+    from .shear import ShearSettings, save_sheared, shear_model
+
+    if args.target_shape is not None:
+        try:
+            target = json.loads(args.target_shape)
+        except ValueError as err:
+            raise ValueError(f"--target-shape {args.target_shape!r} is not JSON ({err}): give e.g. "
+                             "'{\"num_hidden_layers\": 24, \"hidden_size\": 512}'") from None
+        if not isinstance(target, dict):
+            raise ValueError(f"--target-shape must be a JSON object of shape keys, got {args.target_shape!r}")
+    else:
+        target = args.target_ratio
+    settings = ShearSettings(**{k: getattr(args, k) for k in ("mask_lr", "lambda_lr", "weights_lr", "droprate_init",
+                                                              "target_warmup", "tolerance", "domain_interval")
+                                if getattr(args, k) is not None})
+    out = Path(args.out)
+    check_replaceable(out, args.overwrite, flag="--overwrite")  # not after the training
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype="float32", preset=args.preset)  # masks and weights train in fp32
+    before = count_params(model)
+    result = shear_model(model, tokenizer, target, steps=args.steps, preset=args.preset, settings=settings,
+                         data=args.data, domains=args.domains, seed=args.seed, progress=args.progress)
+    save_sheared(result, tokenizer, out, overwrite=args.overwrite, info={"model": args.model, "preset": args.preset})
+    r = result.record
+    _print_json({"method": "shear", "out": str(out), "target": r.target, "steps": r.steps,
+                 "params_before": before, "params_after": count_params(result.model),
+                 "kept_blocks": r.kept_blocks, "expected_at_end": r.expected_at_end,
+                 "train_seconds": round(result.seconds, 2), "seconds": round(time.perf_counter() - t0, 2)})
+    return 0
+
 # ---- export ---------------------------------------------------------------------------------
 
 def cmd_export_gguf(args) -> int:
@@ -405,6 +442,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ridge", type=RIDGE, default=0.1, help="replaceme: ridge lambda, a share of mean diag(M^T M) (0: plain least squares)")
     _add_dtype_arg(p)  # the model (and a kd/replaceme teacher) as loaded; training.json records it
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("shear", help="Sheared-LLaMA: learn masks over layers, heads, channels and hidden dims "
+                                     "to a target shape; saves a plain smaller HF model")
+    p.add_argument("--model", default="smollm2-135m")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-ratio", type=RATIO, default=None,
+                        help="share of the parameters to remove; hidden and intermediate size shrink together")
+    target.add_argument("--target-shape", default=None,
+                        help="JSON of num_hidden_layers, hidden_size, num_attention_heads / num_key_value_heads, "
+                             "intermediate_size (missing keys keep the model's)")
+    p.add_argument("--steps", type=COUNT, required=True, help="optimizer steps of mask learning (paper: 3200)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--preset", default="smoke", help=f"{', '.join(PRESETS)}: batch and block size (cpt_* fields)")
+    p.add_argument("--data", default="c4", help="training text (a dataset name) when --domains is not given")
+    p.add_argument("--domains", nargs="+", default=None,
+                   help="dynamic batch loading over these datasets, e.g. bookcorpus c4 (weights saved per update)")
+    p.add_argument("--seed", type=int, default=None, help="default: the preset's")
+    for name, kind in (("mask-lr", float), ("lambda-lr", float), ("weights-lr", float), ("droprate-init", float),
+                       ("target-warmup", float), ("tolerance", float), ("domain-interval", COUNT)):
+        p.add_argument(f"--{name}", type=kind, default=None,
+                       help="shear.ShearSettings." + name.replace("-", "_") + " (default: the paper's)")
+    p.add_argument("--progress", action="store_true", help="print every step's losses and expected shape")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_shear)
 
     p = sub.add_parser("export", help="export a (pruned) model for other runtimes")
     export_sub = p.add_subparsers(dest="export_command", required=True)
