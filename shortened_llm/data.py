@@ -3,7 +3,12 @@
 The pack is laid out like ``shared/data`` (see its SOURCES.md). Its known gaps: public-domain
 books stand in for BookCorpus, Alpaca has 1000 records, HellaSwag lacks ctx_a/ctx_b.
 Without the pack, the same names load the datasets the official code uses from the hub
-(or its local cache when ``HF_DATASETS_OFFLINE=1``).
+(or its local cache when ``HF_DATASETS_OFFLINE=1``). A streamed hub dataset (SlimPajama, the
+paper's CPT corpus, 627B tokens) is read up to its ``stream_rows``; the pack has none of it.
+
+The stand-ins are fine for learning and wrong for comparing with the paper's tables, so a
+preset that ``requires_original_data`` (``paper``) refuses them unless told otherwise
+(``check_original_data``), and what it ran on is then recorded as "substitute data".
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import torch
 
 from .errors import unknown_name
 
-__all__ = ["DATASETS", "data_dir", "load_texts", "load_records", "calibration_batches", "set_offline_if_pack"]
+__all__ = ["DATASETS", "PACK_STANDINS", "ALLOW_SUBSTITUTE_ENV", "data_dir", "load_texts", "load_records",
+           "calibration_batches", "set_offline_if_pack", "standins_in_use", "substitutes_allowed", "check_original_data"]
 
 
 def data_dir() -> Path | None:
@@ -76,12 +82,13 @@ def _json_list(path: Path) -> list[dict]:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    local: str  # path inside the pack
+    local: str  # path inside the pack ("": hub only)
     read: Callable[[Path], list]
     hub: tuple  # load_dataset(*hub_args, split=split)
     split: str
     field: str | None  # text field of a hub row (None: rows are records)
     note: str = ""
+    stream_rows: int | None = None  # a streamed hub dataset: rows read from its start (None: the whole split)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -94,6 +101,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "c4": DatasetSpec(
         "cpt/c4_en_train_00000_first1000.jsonl", lambda p: [r["text"] for r in _jsonl(p)],
         ("allenai/c4",), "train", "text", note="pack: first 1000 rows of en/c4-train.00000-of-01024",
+    ),
+    # The paper's CPT corpus (627B tokens), streamed: no pack file. 200k rows ~ 0.2B tokens (about 1k
+    # tokens per row) is a few thousand optimizer steps at the paper's batch; more via stream_rows.
+    "slimpajama": DatasetSpec(
+        "", _jsonl, ("cerebras/SlimPajama-627B",), "train", "text",
+        note="hub only, streamed: the first stream_rows rows", stream_rows=200_000,
     ),
     "alpaca": DatasetSpec(
         "alpaca/alpaca_data_cleaned_first1000.json", _json_list, ("yahma/alpaca-cleaned",), "train", None,
@@ -109,22 +122,68 @@ def _unknown(name: str) -> ValueError:
 @functools.lru_cache(maxsize=16)
 def _load(name: str, pack: Path | None) -> tuple:
     spec = DATASETS[name]
-    if pack is not None:
+    if pack is not None and spec.local:
         path = pack / spec.local
         if path.exists():
             return tuple(spec.read(path))
     try:
         from datasets import load_dataset
 
+        if spec.stream_rows is not None:  # never downloaded whole: the first rows of the stream
+            stream = load_dataset(*spec.hub, split=spec.split, streaming=True)
+            rows = [row for _, row in zip(range(spec.stream_rows), stream)]
+            return tuple(r[spec.field] for r in rows) if spec.field else tuple(dict(r) for r in rows)
         rows = load_dataset(*spec.hub, split=spec.split)
     except Exception as err:  # the hub raises many types; all mean "not available here"
-        where = f"{pack / spec.local} does not exist" if pack else "SHORTENED_LLM_DATA is not set"
+        where = ("the offline pack has no copy" if not spec.local else f"{pack / spec.local} does not exist") if pack \
+            else "SHORTENED_LLM_DATA is not set"
         raise FileNotFoundError(
             f"dataset {name!r} is not available: {where}, and the Hugging Face hub dataset "
             f"{'/'.join(spec.hub)} (split {spec.split!r}) could not be loaded ({type(err).__name__}: {err}). "
             "Point SHORTENED_LLM_DATA to the offline pack, or go online / fill the HF cache."
         ) from None
     return tuple(rows[spec.field]) if spec.field else tuple(dict(r) for r in rows)
+
+
+# ---- stand-ins: where the pack is not the data the paper used --------------------------------
+
+# name -> what the pack puts in its place (SOURCES.md); "hellaswag" is a zero-shot task's file
+PACK_STANDINS = {
+    "bookcorpus": "public-domain novels (books/) stand in for BookCorpus",
+    "hellaswag": "a lossy HellaSwag (zeroshot/hellaswag.jsonl: ctx_b lost, so contexts are not capitalised as lm-eval's)",
+}
+_STANDIN_FILES = {"bookcorpus": DATASETS["bookcorpus"].local, "hellaswag": "zeroshot/hellaswag.jsonl"}
+ALLOW_SUBSTITUTE_ENV = "SHORTENED_LLM_ALLOW_SUBSTITUTE"
+
+
+def standins_in_use() -> dict[str, str]:
+    """The stand-ins this environment reads (``{name: what}``): those the pack holds, none without it."""
+    pack = data_dir()
+    if pack is None:
+        return {}
+    return {name: what for name, what in PACK_STANDINS.items() if (pack / _STANDIN_FILES[name]).exists()}
+
+
+def substitutes_allowed(preset) -> bool:
+    """Whether ``preset`` may run on stand-ins: its ``allow_substitute_data``, or ``$SHORTENED_LLM_ALLOW_SUBSTITUTE=1``."""
+    return bool(preset.allow_substitute_data) or os.environ.get(ALLOW_SUBSTITUTE_ENV, "") == "1"
+
+
+def check_original_data(preset) -> dict[str, str]:
+    """Refuse a preset meant for the paper's tables on stand-in data, unless allowed; return the stand-ins used.
+
+    A preset that does not ``requires_original_data`` (the CPU presets) is never refused; what
+    it returns is what its outputs must then record as "substitute data".
+    """
+    used = standins_in_use()
+    if used and preset.requires_original_data and not substitutes_allowed(preset):
+        names = " and ".join(f"{name} ({what})" for name, what in used.items())
+        raise ValueError(
+            f"preset {preset.name!r} is the paper's protocol, but SHORTENED_LLM_DATA={data_dir()} substitutes "
+            f"{names}: unset SHORTENED_LLM_DATA to read the original datasets from the hub, or opt in with "
+            f"--allow-substitute-data (allow_substitute_data=True, or {ALLOW_SUBSTITUTE_ENV}=1) and every output "
+            "says 'substitute data'")
+    return used
 
 
 def load_texts(name: str) -> list[str]:

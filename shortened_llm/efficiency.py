@@ -2,7 +2,9 @@
 
 The official scripts force the output length (``min_new_tokens = max_new_tokens``, so EOS
 never ends a sequence early) and time whole ``generate`` calls after a warm-up; we do the
-same. Two numbers matter and pull in different directions:
+same. ``generation_protocol(preset)`` gives the rest of a preset's protocol: in ``paper`` the
+official one (a fixed prompt, top-k / top-p sampling, fp16, 10 warm-up runs and the mean of
+20), in the CPU presets a cheaper one (random ids, greedy, 1 warm-up, the median of 3). Two numbers matter and pull in different directions:
 
 - **latency** (seconds per batch): at batch 1 decoding is a chain of small, sequential
   steps, one per block per token, so removing blocks (depth) shortens the chain while
@@ -40,10 +42,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import atomic_write_text
+from .dtypes import parse_dtype
 from .models import count_params
 
 __all__ = [
     "measure_generation",
+    "generation_protocol",
     "sweep_generation",
     "speedup_table",
     "memory_table",
@@ -53,6 +57,7 @@ __all__ = [
 ]
 
 MB = 2**20
+_STATISTICS = {"median": statistics.median, "mean": statistics.fmean}  # what latency_s summarises the timed runs by
 
 
 # ---- samplers: a thread that calls ``read()`` every ``period`` seconds ----------------------
@@ -192,8 +197,11 @@ def _check_positive(**values) -> None:
             raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
-def _generate_fn(model, ids: torch.Tensor, new_tokens: int):
-    """One forced-length greedy ``generate`` call: min = max new tokens, so EOS cannot stop it."""
+def _generate_fn(model, ids: torch.Tensor, new_tokens: int, sampling: dict | None = None):
+    """One forced-length ``generate`` call: min = max new tokens, so EOS cannot stop it.
+
+    Greedy, or with ``sampling`` (``{"top_k": 50, "top_p": 0.95}``, the official timing) sampled.
+    """
     from transformers import GenerationConfig
 
     gen = model.generation_config
@@ -201,8 +209,8 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int):
     pad = getattr(model.config, "pad_token_id", None)
     if pad is None:
         pad = eos[0] if isinstance(eos, list) else eos
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              eos_token_id=eos, pad_token_id=pad, use_cache=True)
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sampling is not None,
+                              eos_token_id=eos, pad_token_id=pad, use_cache=True, **(sampling or {}))
     mask = torch.ones_like(ids)
 
     def run():
@@ -215,27 +223,54 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int):
     return run
 
 
+def _prompt_ids(model, batch_size: int, prompt_len: int, seed: int, prompt: str | None, tokenizer) -> torch.Tensor:
+    """``(batch_size, T)`` prompt ids: ``prompt`` tokenized and repeated (official timing), else random ids."""
+    if prompt is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=g)
+    if tokenizer is None:
+        raise ValueError(f"prompt={prompt!r} needs the model's tokenizer: pass tokenizer=")
+    return tokenizer([prompt] * batch_size, return_tensors="pt").input_ids
+
+
 def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tokens: int = 128, warmup: int = 1,
-                       repeats: int = 3, seed: int = 0, prefill: bool = True) -> dict:
+                       repeats: int = 3, seed: int = 0, prefill: bool = True, *, prompt: str | None = None,
+                       tokenizer=None, sampling: bool = False, top_k: int = 50, top_p: float = 0.95,
+                       statistic: str = "median", util_period: float = 0.05, dtype: str | None = None) -> dict:
     """Time ``repeats`` forced-length ``generate`` calls after ``warmup`` untimed ones.
 
-    Prompts are random token ids (timings do not depend on the text). Returns one row:
-    ``latency_s`` (median seconds per batch) and ``latency_min_s``, ``tokens_per_s``
-    (batch x new tokens / median latency), with ``prefill=True`` also ``prefill_s`` (a
+    Prompts are random token ids (timings do not depend on the text), or ``prompt`` tokenized
+    by ``tokenizer`` and repeated ``batch_size`` times (the official protocol; ``prompt_len``
+    is then its length). Decoding is greedy, or with ``sampling`` top-k / top-p (seeded by
+    ``seed``). ``dtype`` (a name) refuses a model in another dtype, so a protocol that times
+    fp16 models never times bf16 ones silently. ``generation_protocol(preset)`` gives all of
+    these from a preset. Returns one row:
+    ``latency_s`` (the ``statistic``, median or mean, of the seconds per batch) and ``latency_min_s``,
+    ``tokens_per_s`` (batch x new tokens / latency), with ``prefill=True`` also ``prefill_s`` (a
     1-token generate: the prompt pass) and ``decode_tokens_per_s`` (tokens after the
     first, over the time after the prefill), ``weights_mb``, ``peak_mem_mb`` = weights +
     ``peak_growth_mb``, the peak growth over the level before the warm-up (GPU:
     ``max_memory_allocated``; CPU: RSS), so models sharing one device each report their own
-    memory, ``gpu_util_mean``/``gpu_util_max``
-    (percent, NVIDIA with nvidia-ml-py only; NaN otherwise), ``mem_source`` and ``device``.
+    memory, ``max_allocated_mb`` (GPU: ``max_memory_allocated`` itself, the official VRAM number),
+    ``gpu_util_mean``/``gpu_util_max`` (percent, sampled every ``util_period`` seconds, NVIDIA with
+    nvidia-ml-py only; NaN otherwise), ``mem_source`` and ``device``.
     """
     _check_positive(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup={warmup!r} must be an integer >= 0")
+    if statistic not in _STATISTICS:
+        raise ValueError(f"statistic={statistic!r} must be one of {', '.join(_STATISTICS)}")
     device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=g).to(device)
-    run, first = _generate_fn(model, ids, new_tokens), _generate_fn(model, ids, 1)
+    wanted = parse_dtype(dtype, "dtype") if dtype is not None else None  # "auto" asks for nothing either
+    if wanted is not None and next(model.parameters()).dtype != wanted:
+        raise ValueError(f"dtype={dtype!r}: the protocol times {dtype} models, this one is in "
+                         f"{next(model.parameters()).dtype}: load it with dtype={dtype!r} (or pass dtype=None)")
+    ids = _prompt_ids(model, batch_size, prompt_len, seed, prompt, tokenizer).to(device)
+    prompt_len = ids.shape[1]
+    options = {"top_k": top_k, "top_p": top_p} if sampling else None
+    run, first = _generate_fn(model, ids, new_tokens, options), _generate_fn(model, ids, 1, options)
+    if sampling:
+        torch.manual_seed(seed)  # the sampled tokens, hence the work, are the same run to run
     timer = _Timer(device)
     _free(device)
     if device.type == "cuda":
@@ -246,14 +281,16 @@ def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tok
     with Sampler(rss_bytes) as rss:
         for _ in range(warmup):
             run()
-        with Sampler(nvml[0], period=0.05) if nvml else contextlib.nullcontext() as util:
+        with Sampler(nvml[0], period=util_period) if nvml else contextlib.nullcontext() as util:
             times = [timer(run) for _ in range(repeats)]
         prefill_times = [timer(first) for _ in range(repeats)] if prefill else []
     if nvml:
         nvml[1]()
-    latency = statistics.median(times)
+    latency = _STATISTICS[statistic](times)
     w_mb = weights_mb(model)
+    max_allocated_mb = float("nan")
     if device.type == "cuda":
+        max_allocated_mb = torch.cuda.max_memory_allocated(device) / MB
         growth_mb = (torch.cuda.max_memory_allocated(device) - cuda0) / MB
         peak_mb, mem_source = w_mb + growth_mb, "cuda_max_allocated_growth"
     else:
@@ -267,14 +304,15 @@ def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tok
         "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
         "latency_s": latency, "latency_min_s": min(times), "tokens_per_s": batch_size * new_tokens / latency,
         "params": count_params(model), "weights_mb": w_mb, "peak_mem_mb": peak_mb, "peak_growth_mb": growth_mb,
-        "mem_source": mem_source,
+        "mem_source": mem_source, "max_allocated_mb": max_allocated_mb, "statistic": statistic,
+        "decoding": "sampling" if sampling else "greedy",
         "gpu_util_mean": statistics.fmean(util.values) if nvml and util.values else float("nan"),
         "gpu_util_max": max(util.values) if nvml and util.values else float("nan"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "status": "ok",
     }
     if prefill:
-        row["prefill_s"] = statistics.median(prefill_times)
+        row["prefill_s"] = _STATISTICS[statistic](prefill_times)
         decode_s = latency - row["prefill_s"]
         row["decode_tokens_per_s"] = batch_size * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else float("nan")
     return row
@@ -283,7 +321,7 @@ def measure_generation(model, batch_size: int = 1, prompt_len: int = 32, new_tok
 def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = (1,), new_tokens: Iterable[int] = (128,),
                      prompt_len: int = 32, warmup: int = 1, repeats: int = 3, rounds: int = 1, seed: int = 0,
                      progress: bool = True, csv_path: str | os.PathLike | None = None,
-                     tags: Mapping[str, object] | None = None) -> pd.DataFrame:
+                     tags: Mapping[str, object] | None = None, tokenizer=None, **protocol) -> pd.DataFrame:
     """A tidy table (one row per model x batch x output length x round) of ``measure_generation``.
 
     Models are measured interleaved for every setting (dense, depth, width, dense, ...), so a
@@ -292,8 +330,14 @@ def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = 
     the sweep goes on. With ``csv_path`` the table so far is rewritten (atomically) after
     every run, so a sweep cut short by a time limit keeps the rows it finished. ``tags`` are
     constant columns put first in every row (such as ``{"shape": "llama-1-7b"}``), so the
-    tables of several sweeps can be concatenated.
+    tables of several sweeps can be concatenated. ``tokenizer`` and ``protocol`` (``prompt``,
+    ``sampling``, ``top_k``, ``top_p``, ``statistic``, ``util_period``, ``dtype``) go to
+    ``measure_generation``: ``sweep_generation(models, tokenizer=tok, **generation_protocol(preset))``
+    runs a preset's protocol (the official one in ``paper``).
     """
+    unknown = set(protocol) - _PROTOCOL_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown protocol option(s) {sorted(unknown)}: expected {', '.join(sorted(_PROTOCOL_OPTIONS))}")
     batch_sizes, new_tokens = sorted(batch_sizes), list(new_tokens)
     if not models:
         raise ValueError("models is empty: pass a mapping like {'dense': model, 'depth': pruned}")
@@ -312,7 +356,7 @@ def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = 
             rows.append({**base, "status": "oom (skipped)"})
             continue
         try:
-            row = measure_generation(model, b, prompt_len, n, warmup, repeats, seed)
+            row = measure_generation(model, b, prompt_len, n, warmup, repeats, seed, tokenizer=tokenizer, **protocol)
         except Exception as err:  # noqa: BLE001 - only memory errors are recorded, others re-raised
             if not is_oom(err):
                 raise
@@ -324,6 +368,20 @@ def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = 
         if csv_path is not None:
             atomic_write_text(csv_path, pd.DataFrame(rows).to_csv(index=False))
     return pd.DataFrame(rows)
+
+
+_PROTOCOL_OPTIONS = {"prompt", "sampling", "top_k", "top_p", "statistic", "util_period", "dtype"}
+
+
+def generation_protocol(preset) -> dict:
+    """``sweep_generation``'s settings from a preset: the official timing protocol in ``paper``
+    (``script/measure_time.sh``: the Pisa prompt, batches 1-256, 128 and 512 forced tokens, top-k 50 /
+    top-p 0.95 sampling, fp16, 10 warm-up and the mean of 20 runs, GPU sampled every 0.5 s), the
+    cheap one (random ids, greedy, 1 warm-up, median of 3) in the CPU presets."""
+    return {"batch_sizes": preset.batch_sizes, "new_tokens": preset.new_tokens, "prompt_len": preset.prompt_len,
+            "warmup": preset.timing_warmup, "repeats": preset.repeats, "prompt": preset.timing_prompt,
+            "sampling": preset.timing_sampling, "top_k": preset.timing_top_k, "top_p": preset.timing_top_p,
+            "statistic": preset.timing_statistic, "util_period": preset.gpu_util_period, "dtype": preset.timing_dtype}
 
 
 def _setting_keys(df: pd.DataFrame) -> list[str]:

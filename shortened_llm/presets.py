@@ -8,8 +8,12 @@
 - ``cpu``: the embedded model with budgets large enough for stable numbers (the paper's
   10 x 128 calibration, 100 PPL segments, 50 documents per task, 30 training steps): hours
   on a laptop CPU. ``results/`` was measured at this preset.
-- ``paper``: the paper's settings for 7B/13B models on a GPU, with the official script's
-  block counts for the paper's models (``PAPER_BLOCK_COUNTS``).
+- ``paper``: the official protocol for 7B/13B models on a GPU, point by point: the official
+  script's block counts for the paper's models (``PAPER_BLOCK_COUNTS``), the LoRA procedure of
+  ``lora_retrain.py`` (evaluation every 100 steps, the best checkpoint kept, fp16 AMP, the
+  official held-out split, left padding), SlimPajama for CPT, the timing protocol of
+  ``gen_batch_eval_time.py``, and no stand-in data unless allowed. ``protocol.protocol_card``
+  lists every setting beside the official one.
 
 A preset is a frozen dataclass; any field can be overridden by name:
 ``get_preset("smoke", eval_segments=50)``. Its ``dtype`` ("auto": bf16 where the CPU or GPU has
@@ -94,12 +98,60 @@ class Preset:
     cpt_block_size: int = field(default=256, metadata={"help": "tokens per packed training block"})
     cpt_val_blocks: int = field(default=16, metadata={"help": "held-out packed blocks for the validation loss (CPT, KD, partial)"})
     cpt_warmup_ratio: float = field(default=0.1, metadata={"help": "share of the steps spent warming up"})
-    retrain_save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (for resume)"})
+    cpt_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of CPT; official CPT (authors' "
+                                                                   "model card): 0.1; CPU presets 0 (short runs)"})
+    cpt_adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 of CPT; official CPT: 0.95; CPU presets: "
+                                                                   "the torch default 0.999"})
+    retrain_save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps (for resume); official LoRA: 200"})
+    cpt_data: str = field(default="c4", metadata={"help": "CPT corpus (data.DATASETS): CPU presets the pack's 1000 C4 rows; "
+                                                          "paper: slimpajama (the paper's CPT corpus, streamed from the hub)"})
+    # the LoRA procedure (official lora_retrain.py); the CPU presets keep the cheaper one, stated per field
+    lora_eval_steps: int | None = field(default=None, metadata={
+        "help": "validation loss every N steps; official: 100. None (CPU presets): only before the first and "
+                "after the last step, so a 15-step run pays for two evaluations, not fifteen"})
+    lora_best_checkpoint: bool = field(default=False, metadata={
+        "help": "keep the checkpoint with the lowest validation loss (official: load_best_model_at_end by eval "
+                "loss); False (CPU presets): the last step is kept, as short runs still improve at their end"})
+    lora_mixed_precision: str = field(default="none", metadata={
+        "help": "official: fp16 (autocast over fp32 master weights, with loss scaling); applied on CUDA only: "
+                "a CPU run trains in fp32 (it has no fp16 AMP worth using). none: fp32 throughout"})
+    lora_split: str = field(default="shuffle", metadata={
+        "help": "held-out records: train_test_split = the official datasets.train_test_split(test_size="
+                "lora_val_size, seed=lora_split_seed); shuffle (CPU presets): a seeded shuffle, the first "
+                "lora_val_size held out. Both hold out at most 10% of the records (the pack has 1000)"})
+    lora_split_seed: int | None = field(default=None, metadata={"help": "seed of the held-out split; official: 42; "
+                                                                         "None = the preset's seed"})
+    lora_padding_side: str = field(default="right", metadata={"help": "where batches are padded; official: left "
+                                                                      "(the tokenizer's padding_side); the padding is "
+                                                                      "masked out of attention and loss either way"})
     # efficiency
     batch_sizes: tuple[int, ...] = field(default=(1, 16, 64, 256), metadata={"help": "generation batch sizes"})
     new_tokens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "forced output lengths"})
     prompt_len: int = field(default=32, metadata={"help": "prompt tokens before generation"})
-    repeats: int = field(default=3, metadata={"help": "timed runs after warm-up"})
+    repeats: int = field(default=3, metadata={"help": "timed runs after warm-up; official: 20 (30 runs, the first 10 warm-up)"})
+    timing_warmup: int = field(default=1, metadata={"help": "untimed generate calls first; official: 10"})
+    timing_prompt: str | None = field(default=None, metadata={
+        "help": "official: 'The Leaning Tower of Pisa is known for', repeated batch_size times; None (CPU "
+                "presets): prompt_len random token ids (a timing does not depend on the text)"})
+    timing_statistic: str = field(default="median", metadata={
+        "help": "latency reported: official mean of the timed runs; median (CPU presets): a shared CPU's slow "
+                "spells move a mean of 3 runs"})
+    timing_sampling: bool = field(default=False, metadata={"help": "official: sampling (top-k / top-p below); "
+                                                                   "False (CPU presets): greedy"})
+    timing_top_k: int = field(default=50, metadata={"help": "official: 50 (used when timing_sampling)"})
+    timing_top_p: float = field(default=0.95, metadata={"help": "official: 0.95 (used when timing_sampling)"})
+    timing_dtype: str | None = field(default=None, metadata={
+        "help": "official: float16 (models are timed in it; measure_generation refuses a model in another "
+                "dtype); None: whatever the model was loaded in"})
+    gpu_util_period: float = field(default=0.05, metadata={"help": "seconds between GPU utilisation samples; "
+                                                                   "official: 0.5 (nvidia-smi)"})
+    # data and tokenizers
+    allow_substitute_data: bool = field(default=False, metadata={
+        "help": "run a paper-protocol preset on the offline pack's stand-ins (books for BookCorpus, a lossy "
+                "HellaSwag); every output then says 'substitute data'. Also $SHORTENED_LLM_ALLOW_SUBSTITUTE=1"})
+    requires_original_data: bool = field(default=False, metadata={
+        "help": "paper: refuse the pack's stand-in datasets unless allow_substitute_data (numbers meant to be "
+                "compared with the paper's tables); CPU presets use the pack as it is"})
     # the lessons' demos: what the notebooks would otherwise decide by the preset's name
     retrain_criterion: str = field(default="ppl", metadata={"help": "criterion of the 20% pruned model notebooks 04 "
                                                                     "and 05 retrain (04: when notebook 02 saved none); "
@@ -148,6 +200,24 @@ class Preset:
         for name in ("lora_cutoff", "cpt_block_size", "cpt_val_blocks", "lora_batch", "lora_micro_batch", "cpt_batch", "cpt_micro_batch", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        choices = {"lora_mixed_precision": ("none", "fp16"), "lora_split": ("shuffle", "train_test_split"),
+                   "lora_padding_side": ("right", "left"), "timing_statistic": ("median", "mean")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
+        if self.cpt_weight_decay < 0 or not 0 < self.cpt_adam_beta2 < 1:
+            raise ValueError(f"cpt_weight_decay={self.cpt_weight_decay} must be >= 0 and cpt_adam_beta2="
+                             f"{self.cpt_adam_beta2} in (0, 1)")
+        if self.lora_eval_steps is not None and self.lora_eval_steps < 1:
+            raise ValueError(f"lora_eval_steps={self.lora_eval_steps} must be >= 1 or None")
+        if self.lora_best_checkpoint and (self.lora_eval_steps is None or self.retrain_save_steps % self.lora_eval_steps):
+            raise ValueError(f"lora_best_checkpoint needs lora_eval_steps dividing retrain_save_steps="
+                             f"{self.retrain_save_steps} (a checkpoint is kept only where it was evaluated); "
+                             f"lora_eval_steps={self.lora_eval_steps}")
+        if self.timing_warmup < 0 or self.gpu_util_period <= 0 or self.timing_top_k < 1 or not 0 < self.timing_top_p <= 1:
+            raise ValueError("timing_warmup must be >= 0, gpu_util_period > 0, timing_top_k >= 1, timing_top_p in (0, 1]")
+        if self.timing_dtype is not None:
+            parse_dtype(self.timing_dtype, "Preset.timing_dtype")
         if not all(isinstance(c, BlockCount) for c in self.block_counts):
             raise ValueError(f"block_counts={self.block_counts!r} must be a tuple of BlockCount")
 
@@ -176,7 +246,15 @@ PRESETS: dict[str, Preset] = {
     "smoke": replace(_CPU, name="smoke", calib_samples=4, eval_segments=40, ratios=(0.2, 0.35), zero_shot_limit=20,
                      lora_steps=15, cpt_steps=15),
     "cpu": _CPU,
-    "paper": Preset(name="paper", cpt_steps=None, block_counts=PAPER_BLOCK_COUNTS),
+    "paper": Preset(
+        name="paper", cpt_steps=None, block_counts=PAPER_BLOCK_COUNTS, cpt_data="slimpajama",
+        cpt_batch=512, cpt_micro_batch=2, cpt_weight_decay=0.1, cpt_adam_beta2=0.95,
+        lora_eval_steps=100, lora_best_checkpoint=True, lora_mixed_precision="fp16", lora_split="train_test_split",
+        lora_split_seed=42, lora_padding_side="left",
+        batch_sizes=(1, 8, 16, 32, 64, 128, 256), new_tokens=(128, 512), repeats=20, timing_warmup=10,
+        timing_prompt="The Leaning Tower of Pisa is known for", timing_statistic="mean", timing_sampling=True,
+        timing_dtype="float16", gpu_util_period=0.5, requires_original_data=True,
+    ),
 }
 
 

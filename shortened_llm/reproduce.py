@@ -2,7 +2,9 @@
 
 Notebooks share one ``run_dir`` so each reuses what the previous ones saved (scores,
 pruned models, retrained models). Executed copies go to ``run_dir/notebooks/``, figures
-to ``run_dir/figures/`` and then to ``figures/`` for the README.
+to ``run_dir/figures/`` and then to ``figures/`` for the README. Before the first notebook,
+``run_dir/protocol.json`` says how the preset's protocol compares with the official one
+(``protocol.py``); ``paper`` on the offline pack's stand-in data is refused there unless allowed.
 """
 from __future__ import annotations
 
@@ -73,8 +75,23 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str |
 
 def run_notebooks(preset: str = "smoke", model: str = "smollm2-135m", run_dir: str | os.PathLike | None = None,
                   only: list[str] | None = None, figures_dir: str | os.PathLike | None = "figures",
-                  folder: Path = NOTEBOOKS_DIR) -> list[Path]:
+                  folder: Path = NOTEBOOKS_DIR, allow_substitute_data: bool = False) -> list[Path]:
+    """Every notebook (or those ``only`` names) at ``preset`` into ``run_dir``; the executed copies.
+
+    ``allow_substitute_data`` lets a paper-protocol preset run on the offline pack's stand-ins (it
+    sets ``$SHORTENED_LLM_ALLOW_SUBSTITUTE`` for the kernels, which see the preset by name only).
+    """
+    from .data import ALLOW_SUBSTITUTE_ENV
+    from .protocol import model_config, write_protocol
+
     run_dir = Path(run_dir or REPO / "runs" / preset).resolve()
+    allow = {ALLOW_SUBSTITUTE_ENV: "1"} if allow_substitute_data else {}
+    with mock.patch.dict(os.environ, allow):
+        write_protocol(run_dir, preset, model_config(model))  # refuses paper on stand-in data before hours of work
+        return _run_all(preset, model, run_dir, only, figures_dir, folder)
+
+
+def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: Path) -> list[Path]:
     executed = []
     for path in notebook_paths(folder, only):
         t0 = time.perf_counter()

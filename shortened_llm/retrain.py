@@ -40,6 +40,7 @@ __all__ = [
     "METHODS",
     "RetrainResult",
     "lora_retrain",
+    "lora_procedure",
     "continued_pretrain",
     "cpt_then_lora",
     "apply_adapter",
@@ -53,7 +54,13 @@ __all__ = [
 
 
 def _instruction_split(tokenizer, records: list[dict], preset: Preset, seed: int):
-    """Tokenized train and held-out validation records (official: 2000 held out, seed-shuffled)."""
+    """Tokenized train and held-out validation records, split as ``preset.lora_split`` says.
+
+    ``train_test_split`` is the official split (``datasets``' ``train_test_split(test_size,
+    seed=42)``: the same records held out as the official run when the data is the same);
+    ``shuffle`` is a seeded shuffle with the first ``lora_val_size`` held out. Either holds out at
+    most 10 % of the records, with a warning: the pack's 1000 records cannot spare the official 2000.
+    """
     import random
     import warnings
 
@@ -62,10 +69,28 @@ def _instruction_split(tokenizer, records: list[dict], preset: Preset, seed: int
         warnings.warn(f"lora_val_size={n_val} is more than 10% of the {len(records)} records: holding out "
                       f"{len(records) // 10} instead", stacklevel=3)
         n_val = len(records) // 10
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    rows = [tokenize_record(tokenizer, records[i], preset.lora_cutoff) for i in order]
-    return rows[n_val:], rows[:n_val]
+    split_seed = seed if preset.lora_split_seed is None else preset.lora_split_seed
+    if preset.lora_split == "train_test_split" and n_val > 0:
+        from datasets import Dataset
+
+        parts = Dataset.from_list([{"i": i} for i in range(len(records))]).train_test_split(
+            test_size=n_val, shuffle=True, seed=split_seed)
+        train_idx, val_idx = parts["train"]["i"], parts["test"]["i"]
+    else:
+        order = list(range(len(records)))
+        random.Random(split_seed).shuffle(order)
+        train_idx, val_idx = order[n_val:], order[:n_val]
+    cut = preset.lora_cutoff
+    return ([tokenize_record(tokenizer, records[i], cut) for i in train_idx],
+            [tokenize_record(tokenizer, records[i], cut) for i in val_idx])
+
+
+def lora_procedure(preset: Preset) -> dict:
+    """``run_trainer``'s options for LoRA from the preset: evaluation and checkpoint steps, the best
+    checkpoint, mixed precision and the padding side (official ``lora_retrain.py`` in ``paper``)."""
+    return {"save_steps": preset.retrain_save_steps, "eval_steps": preset.lora_eval_steps,
+            "best_checkpoint": preset.lora_best_checkpoint, "mixed_precision": preset.lora_mixed_precision,
+            "padding_side": preset.lora_padding_side}
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -99,8 +124,8 @@ def lora_retrain(model, tokenizer=None, out_dir: str | os.PathLike = "retrained/
     trainer, seconds, work = run_trainer(
         peft_model, tokenizer, train_rows, val_rows, out_dir=out_dir, lr=preset.lora_lr,
         batch=preset.lora_batch, micro=preset.lora_micro_batch, max_steps=steps, epochs=preset.lora_epochs,
-        warmup=warmup, scheduler="linear", seed=seed, save_steps=preset.retrain_save_steps, resume=resume,
-        progress=progress, callbacks=callbacks, name="lora")
+        warmup=warmup, scheduler="linear", seed=seed, resume=resume, progress=progress, callbacks=callbacks,
+        name="lora", **lora_procedure(preset))
     adapter_tmp = work / "adapter.tmp"
     if trainer.is_world_process_zero():  # before merging: merge_and_unload strips the LoRA layers
         save_adapter(peft_model, adapter_tmp, base_print)
@@ -114,7 +139,9 @@ def lora_retrain(model, tokenizer=None, out_dir: str | os.PathLike = "retrained/
         staging = work / "final"
         save_model(merged, tokenizer, staging, overwrite=True)
         adapter_tmp.rename(staging / ADAPTER_DIR)
+    best = trainer.state.best_model_checkpoint if preset.lora_best_checkpoint else None  # ".../checkpoint-<step>"
     info = {"method": "lora", "steps": trainer.state.global_step, "seconds": round(seconds, 2), "seed": seed,
+            "kept": f"best eval loss (step {int(best.rsplit('-', 1)[1])})" if best else "last step",
             "processes": world_size(), "train_records": len(train_rows), "val_records": len(val_rows),
             "params": count_params(merged), "base": base_print, "preset": preset.name,
             "precision": precision_record(merged), **preset_settings(preset, "lora_")}
@@ -124,15 +151,17 @@ def lora_retrain(model, tokenizer=None, out_dir: str | os.PathLike = "retrained/
 
 
 def continued_pretrain(model, tokenizer=None, out_dir: str | os.PathLike = "retrained/cpt", preset: str | Preset = "smoke",
-                       data: str | list[str] = "c4", max_steps: int | None = None, seed: int | None = None,
+                       data: str | list[str] | None = None, max_steps: int | None = None, seed: int | None = None,
                        overwrite: bool = False, resume: bool = True, keep_checkpoints: bool = False,
                        progress: bool = True, callbacks=(), **overrides) -> RetrainResult:
     """Full-parameter causal-LM training on packed text blocks, cosine schedule with warm-up.
 
-    ``data`` is a dataset name (``load_texts``) or a list of texts. Runs unchanged under
-    ``torchrun``/``accelerate launch``: ``cpt_batch`` is the global batch, split over processes.
+    ``data`` is a dataset name (``load_texts``) or a list of texts; None = the preset's ``cpt_data``
+    (the pack's C4 rows in the CPU presets, SlimPajama streamed in ``paper``, as the paper trained).
+    Runs unchanged under ``torchrun``/``accelerate launch``: ``cpt_batch`` is the global batch.
     """
     preset, out_dir, model, tokenizer = start_run(model, tokenizer, out_dir, preset, overwrite, overrides)
+    data = preset.cpt_data if data is None else data
     seed, train_rows, val_rows, record = packed_text_run(model, tokenizer, data, preset, seed)
     model.train()
     for p in model.parameters():
@@ -185,7 +214,7 @@ METHODS = tuple(register_recovery(m).name for m in (
     RecoveryMethod("lora", "LoRA on instructions (the paper's recipe): adapter saved, merged model returned",
                    lora_retrain, data="alpaca", cli_options=(*_TRAINING_FLAGS, "max_steps")),
     RecoveryMethod("cpt", "continued pretraining of every weight on packed plain text (rescues severe pruning)",
-                   continued_pretrain, data="c4", cli_options=(*_TRAINING_FLAGS, "max_steps")),
+                   continued_pretrain, data=None, cli_options=(*_TRAINING_FLAGS, "max_steps")),
     # its own function, not a chain: the CPT stage is reused when present and training.json sums both stages
     RecoveryMethod("cpt-lora", "CPT into <out>.cpt, then LoRA from it (the paper's best at severe ratios)",
                    cpt_then_lora, data_keyword=None, cli_options=(*_TRAINING_FLAGS, "cpt_steps", "lora_steps")),

@@ -51,6 +51,7 @@ __all__ = [
     "save_adapter",
     "write_loss_log",
     "write_record",
+    "training_arguments",
     "run_trainer",
     "run_on_cpt_budget",
     "save_trained",
@@ -199,17 +200,22 @@ def packed_rows(tokenizer, data, block_size: int, val_blocks: int) -> tuple[list
     return rows[:-n_val], rows[-n_val:]
 
 
-def padding_collator(pad_id: int):
-    """Right-pad a list of ``{"input_ids", "labels"}``; padding is masked out of attention and loss."""
+def padding_collator(pad_id: int, side: str = "right"):
+    """Pad a list of ``{"input_ids", "labels"}`` on ``side``; padding is masked out of attention and loss.
+
+    Official LoRA pads on the left (its tokenizer's ``padding_side``); the packed text methods
+    never pad (equal blocks), so the side matters for LoRA only.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side={side!r} must be 'right' or 'left' (lora_padding_side in the preset)")
 
     def collate(rows: list[dict]) -> dict:
         width = max(len(r["input_ids"]) for r in rows)
         out = {"input_ids": [], "labels": [], "attention_mask": []}
         for r in rows:
             ids, labels, pad = list(r["input_ids"]), list(r["labels"]), width - len(r["input_ids"])
-            out["input_ids"].append(ids + [pad_id] * pad)
-            out["labels"].append(labels + [-100] * pad)
-            out["attention_mask"].append([1] * len(ids) + [0] * pad)
+            for key, row, fill in (("input_ids", ids, pad_id), ("labels", labels, -100), ("attention_mask", [1] * len(ids), 0)):
+                out[key].append(row + [fill] * pad if side == "right" else [fill] * pad + row)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}  # each (B, T)
 
     return collate
@@ -248,15 +254,55 @@ def write_record(staging: Path, record) -> None:
         record.seal_dir(staging)  # a no-op for a plain block record
 
 
+def training_arguments(work: Path, *, lr: float, batch: int, micro: int, max_steps: int | None, epochs: float,
+                       warmup: int, scheduler: str, seed: int, save_steps: int, accum: int, steps_planned: int,
+                       evaluate: bool, progress: bool, eval_steps: int | None = None, best_checkpoint: bool = False,
+                       mixed_precision: str = "none", weight_decay: float = 0.0, adam_beta2: float = 0.999,
+                       cuda: bool | None = None):
+    """The ``TrainingArguments`` of one run (``run_trainer``'s), built apart so a test can read them.
+
+    ``eval_steps=None`` evaluates before the first and after the last step only; a number evaluates
+    every that many steps too (official LoRA: 100). ``best_checkpoint`` keeps the checkpoint of the
+    lowest validation loss (official: ``load_best_model_at_end``). ``mixed_precision="fp16"`` is
+    fp16 autocast with loss scaling over fp32 master weights, on CUDA only: on a CPU it is fp32.
+    """
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    best = bool(best_checkpoint and evaluate)
+    eval_every = min(eval_steps or steps_planned, steps_planned)
+    if best and (save_steps % eval_every or save_steps > steps_planned):  # a short run: checkpoint where it evaluates
+        save_steps = eval_every
+    return TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type=scheduler, warmup_steps=warmup,
+        max_steps=max_steps if max_steps is not None else -1, num_train_epochs=epochs, weight_decay=weight_decay,
+        adam_beta2=adam_beta2, optim="adamw_torch", logging_steps=1, logging_first_step=True, save_strategy="steps",
+        save_steps=save_steps, save_total_limit=2, seed=seed,
+        # validation loss before the first and after the last step; evaluating inside train(), not before it,
+        # matters: an evaluate() call before train() leaves the model unwrapped, and DDP would never sync
+        eval_strategy="steps" if evaluate else "no", eval_steps=eval_every,
+        eval_on_start=evaluate, data_seed=seed, report_to="none",
+        load_best_model_at_end=best, metric_for_best_model="eval_loss" if best else None, greater_is_better=False if best else None,
+        fp16=cuda and mixed_precision == "fp16",
+        disable_tqdm=not progress, use_cpu=not cuda, dataloader_pin_memory=cuda,
+        remove_unused_columns=False, ddp_find_unused_parameters=False,
+    )
+
+
 def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: float, batch: int, micro: int,
                 max_steps: int | None, epochs: float, warmup: int | float, scheduler: str, seed: int, save_steps: int,
-                resume: bool, progress: bool, callbacks, name: str, trainer_cls=None):
+                resume: bool, progress: bool, callbacks, name: str, trainer_cls=None, eval_steps: int | None = None,
+                best_checkpoint: bool = False, mixed_precision: str = "none", padding_side: str = "right",
+                weight_decay: float = 0.0, adam_beta2: float = 0.999):
     """Run a ``Trainer`` in ``<out>.checkpoints``; return it, the seconds it took and the work dir.
 
     ``batch`` is the global batch (``name`` names its preset fields in errors); a float
     ``warmup`` is a share of the planned steps. ``trainer_cls`` swaps the loss (KD).
+    ``eval_steps``, ``best_checkpoint`` and ``mixed_precision`` are ``training_arguments``'s;
+    ``padding_side`` is ``padding_collator``'s; ``weight_decay`` and ``adam_beta2`` are AdamW's.
     """
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
     work = checkpoints_dir(out_dir)
@@ -269,18 +315,11 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     if last is not None:
         check_fingerprint(model, work / BASE_FILE, f"checkpoint dir {str(work)!r}",
                           "Delete it, or pass resume=False (CLI: --no-resume) to start over.")
-    args = TrainingArguments(
-        output_dir=str(work), per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
-        gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type=scheduler, warmup_steps=warmup,
-        max_steps=max_steps if max_steps is not None else -1, num_train_epochs=epochs, weight_decay=0.0,
-        optim="adamw_torch", logging_steps=1, logging_first_step=True, save_strategy="steps", save_steps=save_steps,
-        save_total_limit=2, seed=seed,
-        # validation loss before the first and after the last step; evaluating inside train(), not before it,
-        # matters: an evaluate() call before train() leaves the model unwrapped, and DDP would never sync
-        eval_strategy="steps" if eval_rows else "no", eval_steps=steps_planned, eval_on_start=bool(eval_rows), data_seed=seed, report_to="none",
-        disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False, ddp_find_unused_parameters=False,
-    )
+    args = training_arguments(
+        work, lr=lr, batch=batch, micro=micro, max_steps=max_steps, epochs=epochs, warmup=warmup, scheduler=scheduler,
+        seed=seed, save_steps=save_steps, accum=accum, steps_planned=steps_planned, evaluate=bool(eval_rows),
+        progress=progress, eval_steps=eval_steps, best_checkpoint=best_checkpoint, mixed_precision=mixed_precision,
+        weight_decay=weight_decay, adam_beta2=adam_beta2)
     model.config.use_cache = False  # no KV cache while training
     # fp32 master weights: AdamW on bf16/fp16 weights loses the small updates (a bf16 weight
     # has 8 bits of mantissa), so a model loaded in half precision trains in fp32 and goes
@@ -290,7 +329,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
         model.float()
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
                       data_collator=padding_collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                                     else tokenizer.eos_token_id),
+                                                     else tokenizer.eos_token_id, side=padding_side),
                       callbacks=list(callbacks or []))
     if not progress:  # no bars means no per-step log dicts printed either; the loss log keeps them
         trainer.remove_callback(PrinterCallback)
@@ -312,7 +351,8 @@ def run_on_cpt_budget(model, tokenizer, train_rows, eval_rows, preset, *, out_di
         model, tokenizer, train_rows, eval_rows, out_dir=out_dir, lr=preset.cpt_lr,
         batch=preset.cpt_batch, micro=preset.cpt_micro_batch, max_steps=max_steps or preset.cpt_steps, epochs=1.0,
         warmup=float(preset.cpt_warmup_ratio), scheduler="cosine", seed=seed, save_steps=preset.retrain_save_steps,
-        resume=resume, progress=progress, callbacks=callbacks, name="cpt", trainer_cls=trainer_cls)
+        resume=resume, progress=progress, callbacks=callbacks, name="cpt", trainer_cls=trainer_cls,
+        weight_decay=preset.cpt_weight_decay, adam_beta2=preset.cpt_adam_beta2)
 
 
 def save_trained(trainer, tokenizer, staging: Path, record) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from shortened_llm.architectures import (architecture_config, block_count_params
 from shortened_llm.cli import main
 from shortened_llm.importance import block_importance
 from shortened_llm.models import save_model, tiny_random_model
-from shortened_llm.presets import PRESETS
+from shortened_llm.presets import PRESETS, get_preset
 from shortened_llm.prune import num_blocks_to_remove
 from shortened_llm.reference import reference_table
 from shortened_llm.zeroshot import _lm
@@ -146,3 +148,315 @@ def test_zero_shot_bos_follows_the_family_not_the_tokenizer(model_type, bos, bos
     assert lm.add_bos_token is bos
     text = bos_tok("Paris is in France", add_special_tokens=False).input_ids
     assert _context_ids_seen(lm) == [bos_tok.bos_token_id] * bos + text[:-1]  # the last token is only predicted
+
+
+# ---- 4. the LoRA procedure -----------------------------------------------------------------------
+
+_RUN = dict(lr=1e-4, batch=64, micro=4, max_steps=None, epochs=2.0, warmup=100, scheduler="linear", seed=1234,
+            accum=16, steps_planned=1600, evaluate=True, progress=False)
+
+
+def _lora_args(preset, tmp_path, cuda):
+    from shortened_llm.retrain import lora_procedure
+    from shortened_llm.trainer import training_arguments
+
+    options = {k: v for k, v in lora_procedure(PRESETS[preset]).items() if k != "padding_side"}  # the collator's
+    return training_arguments(tmp_path, **_RUN, **options, cuda=cuda)
+
+
+def test_paper_trains_lora_by_the_official_procedure(tmp_path):
+    args = _lora_args("paper", tmp_path, cuda=True)
+    assert (args.eval_strategy, args.eval_steps, args.save_steps) == ("steps", 100, 200)
+    assert (args.load_best_model_at_end, args.metric_for_best_model, args.greater_is_better) == (True, "eval_loss", False)
+    assert args.fp16 and not args.bf16  # fp16 autocast + GradScaler (loss scaling) over fp32 master weights
+    assert not _lora_args("paper", tmp_path, cuda=False).fp16  # no fp16 AMP on a CPU: fp32 there
+    from shortened_llm.retrain import lora_procedure
+
+    assert lora_procedure(PRESETS["paper"])["padding_side"] == "left"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smoke", "cpu"])
+def test_cpu_presets_keep_the_simpler_lora_procedure(preset, tmp_path):
+    args = _lora_args(preset, tmp_path, cuda=False)
+    assert args.eval_steps == _RUN["steps_planned"]  # before the first and after the last step only
+    assert args.save_steps == PRESETS[preset].retrain_save_steps
+    assert not args.load_best_model_at_end and args.metric_for_best_model is None and not args.fp16
+    assert (args.weight_decay, args.adam_beta2) == (0.0, 0.999)  # what every CPU run trained with before
+
+
+def test_left_padding_masks_the_left():
+    from shortened_llm.trainer import padding_collator
+
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    left, right = padding_collator(0, "left")(rows), padding_collator(0)(rows)
+    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]] and right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert left["labels"][1].tolist() == [-100, -100, 8] and left["attention_mask"][1].tolist() == [0, 0, 1]
+
+
+def test_paper_split_is_datasets_train_test_split_clamped_on_the_pack():
+    from datasets import Dataset
+
+    from shortened_llm.prompts import load_instructions
+    from shortened_llm.retrain import _instruction_split
+
+    tok = make_char_tokenizer()
+    records = load_instructions("alpaca")[:200]
+    with pytest.warns(UserWarning, match="lora_val_size=2000 is more than 10% of the 200 records: holding out 20"):
+        train, val = _instruction_split(tok, records, PRESETS["paper"], seed=1234)
+    official = Dataset.from_list(records).train_test_split(test_size=20, shuffle=True, seed=42)
+    from shortened_llm.prompts import tokenize_record
+
+    assert val == [tokenize_record(tok, dict(r), PRESETS["paper"].lora_cutoff) for r in official["test"]]
+    assert len(train) == 180
+
+
+def test_lora_keeps_the_best_checkpoint_when_asked(tmp_path):
+    from shortened_llm.retrain import lora_retrain
+
+    tok = make_char_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tok))
+    result = lora_retrain(model, tok, tmp_path / "lora", preset="tiny", progress=False, max_steps=3, lora_cutoff=256,
+                          lora_eval_steps=1, retrain_save_steps=1, lora_best_checkpoint=True, lora_split="train_test_split",
+                          lora_split_seed=42, lora_padding_side="left", lora_lr=5e-2)
+    evals = {row["step"]: row["eval_loss"] for row in result.log if "eval_loss" in row}
+    assert sorted(evals) == [0, 1, 2, 3]  # every step, as the official every-100 at this scale
+    info = json.loads((tmp_path / "lora" / "training.json").read_text())
+    best = min((s for s in evals if s > 0), key=evals.get)
+    assert info["kept"] == f"best eval loss (step {best})" and info["lora_padding_side"] == "left"
+
+
+# ---- 5. CPT data ---------------------------------------------------------------------------------
+
+def test_paper_pretrains_on_slimpajama_streamed_and_cpu_presets_on_the_packs_c4(monkeypatch):
+    import inspect
+
+    import shortened_llm.data as data
+    from shortened_llm.recovery import get_recovery
+    from shortened_llm.retrain import continued_pretrain
+
+    spec = data.DATASETS[PRESETS["paper"].cpt_data]
+    assert (spec.hub, spec.split, spec.field, spec.local) == (("cerebras/SlimPajama-627B",), "train", "text", "")
+    assert {PRESETS[p].cpt_data for p in ("tiny", "smoke", "cpu")} == {"c4"}
+    # the CLI passes RecoveryMethod.data; None lets the preset's cpt_data decide
+    assert get_recovery("cpt").data is None and inspect.signature(continued_pretrain).parameters["data"].default is None
+    seen = []
+
+    def load_dataset(*args, split, streaming=False):
+        seen.append((args, split, streaming))
+        return iter({"text": f"row {i}"} for i in range(10**9))  # endless, as a stream is
+
+    monkeypatch.setattr("datasets.load_dataset", load_dataset)
+    monkeypatch.setitem(data.DATASETS, "slimpajama", replace(spec, stream_rows=3))
+    data._load.cache_clear()
+    try:
+        assert data.load_texts("slimpajama") == ["row 0", "row 1", "row 2"]  # the first rows, never the whole
+    finally:
+        data._load.cache_clear()
+    assert seen == [(("cerebras/SlimPajama-627B",), "train", True)]
+
+
+@pytest.mark.parametrize("preset, optimizer", [("paper", (0.1, 0.95, 512)), ("smoke", (0.0, 0.999, 8))])
+def test_cpt_trains_with_the_presets_optimizer(preset, optimizer, monkeypatch, tmp_path):
+    """paper: the authors' CPT model cards (AdamW weight decay 0.1, beta2 0.95, global batch 512); the
+    CPU presets keep what they trained with. Checked where run_on_cpt_budget hands them to run_trainer."""
+    import shortened_llm.trainer as trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "run_trainer", lambda *args, **kwargs: seen.update(kwargs))
+    trainer.run_on_cpt_budget(None, None, [], [], PRESETS[preset], out_dir=tmp_path, max_steps=1, seed=0,
+                              resume=False, progress=False, callbacks=())
+    assert (seen["weight_decay"], seen["adam_beta2"], seen["batch"]) == optimizer
+    args = trainer.training_arguments(tmp_path, **_RUN, save_steps=200, weight_decay=seen["weight_decay"],
+                                      adam_beta2=seen["adam_beta2"])
+    assert (args.weight_decay, args.adam_beta2) == optimizer[:2]
+
+
+# ---- 6. the efficiency protocol ------------------------------------------------------------------
+
+class _Recorder:
+    """Stands in for ``model.generate``: records each call's kwargs, returns the forced length."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, input_ids, attention_mask, generation_config):
+        self.calls.append({"input_ids": input_ids.tolist(), "config": generation_config})
+        new = torch.zeros(input_ids.shape[0], generation_config.max_new_tokens, dtype=torch.long)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def _timed(monkeypatch, seconds):
+    """``_Timer`` returning ``seconds`` in turn for the timed runs (then 0.1 s for each prefill)."""
+    from shortened_llm import efficiency
+
+    values = iter([*seconds, *[0.1] * 100])
+
+    def fake(self, fn):
+        fn()
+        return next(values)
+
+    monkeypatch.setattr(efficiency._Timer, "__call__", fake)
+
+
+def test_paper_timing_settings_reach_generate(monkeypatch):
+    from shortened_llm.efficiency import generation_protocol, sweep_generation
+
+    tok, model = make_char_tokenizer(), make_tiny_llama(vocab_size=100)
+    model.generate = recorder = _Recorder(model)
+    _timed(monkeypatch, [1.0, 2.0, 6.0])
+    paper = get_preset("paper", batch_sizes=(2,), new_tokens=(3,), repeats=3, timing_warmup=2, timing_dtype="float32")
+    table = sweep_generation({"m": model}, tokenizer=tok, progress=False, **generation_protocol(paper))
+    prompt = tok(["The Leaning Tower of Pisa is known for"] * 2).input_ids
+    assert len(recorder.calls) == 2 + 3 + 3  # warm-up, timed, prefill
+    assert all(c["input_ids"] == prompt for c in recorder.calls)
+    config = recorder.calls[0]["config"]
+    assert (config.do_sample, config.top_k, config.top_p, config.use_cache) == (True, 50, 0.95, True)
+    assert config.min_new_tokens == config.max_new_tokens == 3
+    row = table.iloc[0]
+    assert row.latency_s == 3.0 and row.statistic == "mean" and row.decoding == "sampling"  # the median is 2.0
+    assert row.prompt_len == len(prompt[0])
+    with pytest.raises(ValueError, match="the protocol times float16 models, this one is in torch.float32"):
+        sweep_generation({"m": model}, tokenizer=tok, progress=False, **generation_protocol(get_preset(paper, timing_dtype="float16")))
+    official = generation_protocol(PRESETS["paper"])
+    assert (official["batch_sizes"], official["new_tokens"], official["warmup"], official["repeats"]) == \
+           ((1, 8, 16, 32, 64, 128, 256), (128, 512), 10, 20)
+    assert (official["dtype"], official["util_period"]) == ("float16", 0.5)
+
+
+def test_cpu_presets_keep_the_cheap_timing(monkeypatch):
+    from shortened_llm.efficiency import generation_protocol, sweep_generation
+
+    model = make_tiny_llama(vocab_size=100)
+    model.generate = recorder = _Recorder(model)
+    _timed(monkeypatch, [1.0, 2.0, 6.0])
+    smoke = get_preset("smoke", batch_sizes=(1,))
+    row = sweep_generation({"m": model}, progress=False, **generation_protocol(smoke)).iloc[0]
+    assert len(recorder.calls) == 1 + 3 + 3 and recorder.calls[0]["config"].do_sample is False
+    assert len(recorder.calls[0]["input_ids"][0]) == smoke.prompt_len  # random ids, no tokenizer needed
+    assert row.latency_s == 2.0 and row.statistic == "median"
+
+
+# ---- 7. substitute data --------------------------------------------------------------------------
+
+def test_paper_refuses_the_packs_stand_ins_in_one_line_unless_allowed(monkeypatch):
+    from shortened_llm.data import check_original_data
+
+    assert os.environ.get("SHORTENED_LLM_DATA")  # the tests run on the offline pack
+    monkeypatch.delenv("SHORTENED_LLM_ALLOW_SUBSTITUTE", raising=False)
+    with pytest.raises(ValueError) as refused:
+        check_original_data(PRESETS["paper"])
+    text = str(refused.value)
+    assert "\n" not in text and "BookCorpus" in text and "HellaSwag" in text and "--allow-substitute-data" in text
+    assert set(check_original_data(get_preset("paper", allow_substitute_data=True))) == {"bookcorpus", "hellaswag"}
+    assert set(check_original_data(PRESETS["smoke"])) == {"bookcorpus", "hellaswag"}  # CPU presets: never refused
+    monkeypatch.setenv("SHORTENED_LLM_ALLOW_SUBSTITUTE", "1")
+    assert check_original_data(PRESETS["paper"])
+    monkeypatch.delenv("SHORTENED_LLM_DATA")
+    assert check_original_data(PRESETS["paper"]) == {}  # the hub's originals: nothing to refuse
+
+
+def test_reproduce_writes_the_card_or_refuses_before_any_notebook(monkeypatch, tmp_path):
+    from shortened_llm.reproduce import run_notebooks
+
+    monkeypatch.delenv("SHORTENED_LLM_ALLOW_SUBSTITUTE", raising=False)
+    empty = tmp_path / "notebooks"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="substitutes bookcorpus"):
+        run_notebooks("paper", "llama-1-7b", tmp_path / "run", folder=empty, figures_dir=None)
+    assert not (tmp_path / "run" / "protocol.json").exists()
+    assert run_notebooks("paper", "llama-1-7b", tmp_path / "run", folder=empty, figures_dir=None,
+                         allow_substitute_data=True) == []
+    card = json.loads((tmp_path / "run" / "protocol.json").read_text())
+    assert card["substitute_data"] and card["data_note"] == "substitute data"
+    assert "SHORTENED_LLM_ALLOW_SUBSTITUTE" not in os.environ  # the opt-in lasted the run only
+    assert {r["setting"]: r["status"] for r in card["rows"]}["calibration data"].startswith("differs: the offline pack")
+
+
+# ---- 8. tokenizers -------------------------------------------------------------------------------
+
+def test_fast_and_slow_llama_tokenizers_agree_on_calibration_and_ppl_text(tmp_path):
+    """No LLaMA tokenizer.model ships offline, so a sentencepiece model is trained with LLaMA's trainer
+    settings (BPE, byte fallback, split digits, identity normaliser, dummy prefix); the slow tokenizer's
+    ids are sentencepiece's own (BOS + ``encode``), the fast one is transformers' conversion of the same file."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")  # transformers' sentencepiece -> tokenizers conversion reads the proto
+    from transformers import AutoTokenizer
+
+    from shortened_llm.data import load_texts
+    from shortened_llm.protocol import FAST_TOKENIZER_IDS_AGREE
+
+    books, wiki = load_texts("bookcorpus")[:300], load_texts("wikitext2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(books + wiki[:2000]))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=4000, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        max_sentence_length=100000, minloglevel=2, num_threads=1)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tokenizer.model").rename(tmp_path / "tok" / "tokenizer.model")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "legacy": True}))
+    slow = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "tokenizer.model"))
+    fast = AutoTokenizer.from_pretrained(tmp_path / "tok")
+
+    def same(text):
+        return fast(text).input_ids == [slow.bos_id()] + slow.encode(text)
+
+    assert all(same(row) for row in books)  # calibration rows
+    assert same("\n\n".join(wiki))  # the PPL text, joined as evaluate.py joins it
+    assert FAST_TOKENIZER_IDS_AGREE
+    assert not same(" = Robert Boulter = ")  # the comparison can fail: a leading space is where they part
+
+
+# ---- the protocol card ---------------------------------------------------------------------------
+
+# Each point of issue 21 and the official value the card must show for LLaMA-7B / Vicuna-13B
+CARD = {
+    "blocks removed": {"llama-1-7b": [6, 9, 11], "vicuna-13b": [8, 11, 15]},
+    "Taylor gradients in": "float32", "zero-shot BOS": False,
+    "LoRA evaluation every": 100, "LoRA checkpoint every": 200, "LoRA model kept": "best eval loss",
+    "LoRA held-out split": "train_test_split(test_size=2000, seed=42)", "LoRA padding side": "left",
+    "LoRA precision": "fp16", "CPT corpus": "cerebras/SlimPajama-627B",
+    "timing prompt": "The Leaning Tower of Pisa is known for", "timing batch sizes": [1, 8, 16, 32, 64, 128, 256],
+    "timing output tokens (forced)": [128, 512], "timing decoding": "sampling top-k 50, top-p 0.95",
+    "timing dtype": "float16", "timing KV cache": "on", "timing runs: warm-up + timed": [10, 20],
+    "timing statistic": "mean", "timing VRAM": "max_memory_allocated", "GPU utilisation sampled every (s)": 0.5,
+    "calibration data": "BookCorpus", "HellaSwag": "HellaSwag", "LLaMA tokenizer ids": "slow (sentencepiece) ids",
+}
+
+
+@pytest.mark.parametrize("arch", ["llama-1-7b", "vicuna-13b"])
+def test_paper_card_is_the_official_protocol_on_the_papers_models(arch):
+    from shortened_llm.protocol import protocol_card
+
+    card = protocol_card("paper", architecture_config(arch), cuda=True, standins={})
+    rows = {r["setting"]: r for r in card["rows"]}
+    assert {r["point"] for r in card["rows"]} == set(range(9))  # all eight points, and the settings matched before
+    for setting, official in CARD.items():
+        want = official[arch] if isinstance(official, dict) else official
+        assert rows[setting]["official"] == want, setting
+        assert rows[setting]["ours"] == want and rows[setting]["status"] == "same", rows[setting]
+    assert all(r["status"] == "same" for r in card["rows"] if r["controlled"]), \
+        [r for r in card["rows"] if r["controlled"] and r["status"] != "same"]
+    budget = rows["CPT token budget"]  # a budget, not a protocol: days on 8 H100s
+    assert not budget["controlled"] and budget["status"].startswith("differs") and "not confirmed" in budget["official"]
+    assert (card["architecture"], card["substitute_data"], card["data_note"]) == (arch, False, "")
+
+
+def test_card_names_what_the_environment_changes_and_what_cpu_presets_cut():
+    from shortened_llm.protocol import protocol_card
+
+    llama = architecture_config("llama-1-7b")
+    on_cpu = {r["setting"]: r for r in protocol_card("paper", llama, cuda=False, standins={})["rows"]}
+    assert on_cpu["LoRA precision"]["ours"] == "fp32" and on_cpu["LoRA precision"]["status"].startswith("differs: fp16")
+    packed = protocol_card("paper", llama, cuda=True, standins={"bookcorpus": "novels"})
+    assert packed["substitute_data"] and packed["data_note"] == "substitute data"
+    assert {r["setting"]: r["status"] for r in packed["rows"]}["calibration data"] == \
+           "differs: the offline pack's stand-in (substitute data)"
+    smoke = {r["setting"]: r for r in protocol_card("smoke", llama, cuda=False, standins={})["rows"]}
+    for setting in ("blocks removed", "LoRA model kept", "timing prompt", "timing statistic", "CPT corpus"):
+        assert smoke[setting]["status"].startswith("differs: "), smoke[setting]
+    other = {r["setting"]: r for r in protocol_card("paper", architecture_config("llama-3-8b"), cuda=True, standins={})["rows"]}
+    assert other["blocks removed"]["status"].startswith("n/a")  # the official scripts prune no such shape
