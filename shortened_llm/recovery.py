@@ -5,7 +5,7 @@ once by the module that implements it (``retrain.py``: lora, cpt, cpt-lora; ``di
 kd, partial; ``replaceme.py``: replaceme). A composite (``replaceme+lora``, ``replaceme+kd``)
 is only data here: the methods it chains, each stage starting from the last one's output.
 Everything that picks a method by name reads this table: the ``retrain`` CLI command (its
-choices and its dispatch), ``retrain.retrain_or_load`` and notebook 09's ``distill.recover``.
+choices and its dispatch), ``retrain.retrain_or_load`` and notebook 09's ``lessons.recovery_table.recover``.
 
 The methods' own functions keep their signatures; ``RecoveryMethod.__call__`` is the one
 calling convention on top, ``method(model, tokenizer, out_dir, teacher=..., data=..., **options)``:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shortened_llm import distill, retrain
+from shortened_llm import retrain
+from shortened_llm.lessons import recovery_table
 from shortened_llm.recovery import RECOVERY_METHODS, RecoveryMethod, get_recovery, recovery_methods, register_recovery
 from shortened_llm.trainer import RetrainResult
 
@@ -94,7 +95,7 @@ def test_an_unknown_method_gets_did_you_mean(tmp_path):
     with pytest.raises(ValueError, match="Did you mean 'lora'"):
         retrain.retrain_or_load("lroa", None, None, tmp_path / "o")
     with pytest.raises(ValueError, match=r"Unknown recovery method 'replacme\+kd'\. Did you mean 'replaceme\+kd'"):
-        distill.recover(tmp_path, "replacme+kd", tmp_path / "row")
+        recovery_table.recover(tmp_path, "replacme+kd", tmp_path / "row")
 
 
 def test_a_composite_runs_its_parts_in_order_each_from_the_last_output(monkeypatch, tmp_path):

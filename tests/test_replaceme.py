@@ -160,7 +160,7 @@ def test_cli_retrain_replaceme(tmp_path, tiny_llama_dir, embedded, capsys):
 def test_recovery_table_rows_replaceme_then_kd(tmp_path, tiny_llama_dir):
     """notebook 09's `recover`: ReplaceMe alone (no step) and ReplaceMe then KD (trains from the replaced model)."""
     from shortened_llm import load_model, save_model
-    from shortened_llm.distill import RECOVERY, recover
+    from shortened_llm.lessons.recovery_table import RECOVERY, recover
 
     teacher, tokenizer = load_model(tiny_llama_dir)
     pruned = save_model(_pruned(teacher, [2, 3]), tokenizer, tmp_path / "pruned")

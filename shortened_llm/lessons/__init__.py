@@ -7,6 +7,7 @@ pipeline, recovery, evaluation, efficiency, export. Here sit the helpers that ma
 - ``depth_vs_width``: depth- and width-pruned models of one size, side by side (07);
 - ``claims``: the paper's claims checked against a run's tables (06, 09);
 - ``grids``: notebook 09's recovery grid, one per preset;
+- ``recovery_table``: notebook 09's rows: one recovery method at an equal budget, trained or loaded, evaluated;
 - ``unit_comparison``: block vs attention-only vs MLP-only pruning at equal parameters (09);
 - ``plots``: the figures every notebook draws.
 

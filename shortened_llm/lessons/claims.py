@@ -297,7 +297,7 @@ def recovery_claims(recovery: pd.DataFrame, units: pd.DataFrame, speed: pd.DataF
     then the methods compared per retrained criterion (Minitron, ReplaceMe, partial
     fine-tuning); then the units, then the speed at each context.
     """
-    from ..distill import RECOVERY
+    from .recovery_table import RECOVERY
 
     def row(c, r, m):
         sel = recovery[(recovery.criterion == c) & (recovery.ratio == r) & (recovery.method == m)]

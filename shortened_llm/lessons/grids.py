@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..distill import RECOVERY
+from .recovery_table import RECOVERY
 from ..presets import Preset, get_preset
 
 __all__ = ["ALL_CRITERIA", "RecoveryGrid", "GRIDS", "recovery_grid"]
@@ -46,7 +46,7 @@ class RecoveryGrid:
                                                                       "None = the preset's"})
     zero_shot_limit: int | None = field(default=None, metadata={"help": "documents per zero-shot task of every row; "
                                                                         "None = the preset's"})
-    methods: tuple[str, ...] = field(default=RECOVERY, metadata={"help": "recovery methods (distill.RECOVERY) run "
+    methods: tuple[str, ...] = field(default=RECOVERY, metadata={"help": "recovery methods (recovery_table.RECOVERY) run "
                                                                          "on each retrained model"})
     combos: tuple[str, ...] = field(default=ALL_CRITERIA, metadata={"help": "criteria that also get ReplaceMe then "
                                                                             "training (a full training run more each)"})
