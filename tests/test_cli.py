@@ -1,8 +1,10 @@
 """The CLI chains the same calls as the notebooks; bad input fails before any work.
 
-Every test that drives ``main([...])`` or runs ``python -m shortened_llm`` lives here. The export
-commands run on the models of the export and quant-table tests: their fixtures and table maker
-are imported from those modules, not copied.
+The CLI's own tests live here: the entry point, the export and zero-shot commands, the CLI side of a
+llama.cpp crash. A feature's test that also checks the flag reaching it (``--unit``, ``--dtype``,
+``retrain replaceme``, the protocol and fault flags) stays beside the feature's other tests. The
+export commands run on the models of the export and quant-table tests: their fixtures and table
+maker are imported from those modules, not copied.
 """
 import json
 import subprocess
