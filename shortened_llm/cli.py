@@ -369,7 +369,8 @@ def cmd_reproduce(args) -> int:
     from .reproduce import run_notebooks
 
     executed = run_notebooks(preset=args.preset, model=args.model, run_dir=args.run_dir,
-                             only=args.only, figures_dir=args.figures_dir)
+                             only=args.only, figures_dir=args.figures_dir,
+                             allow_substitute_data=args.allow_substitute_data)
     _print_json({"executed": [str(p) for p in executed]})
     return 0
 
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model dir (appears only when training finished)")
     p.add_argument("--max-steps", type=COUNT, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--preset", default="smoke", help=f"budget preset ({', '.join(PRESETS)})")
-    p.add_argument("--data", default=None, help="dataset name or JSON/JSONL file (default: alpaca for LoRA, c4 for CPT)")
+    p.add_argument("--data", default=None, help="dataset name or JSON/JSONL file (default: alpaca for LoRA; for CPT the preset's cpt_data: c4, slimpajama in paper)")
     p.add_argument("--seed", type=SEED, default=None, help="default: the preset's seed")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in <out>.checkpoints/")
@@ -499,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="default: runs/<preset>")
     p.add_argument("--figures-dir", default="figures", help="where the run's figures are copied")
     p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 01 03")
+    p.add_argument("--allow-substitute-data", action="store_true",
+                   help="let --preset paper run on the offline pack's stand-ins (every output then says so)")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

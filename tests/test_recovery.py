@@ -39,7 +39,7 @@ def test_the_cli_choices_are_the_single_methods_in_the_papers_order_then_the_oth
 TRAINING = {"preset": "smoke", "resume": True, "overwrite": False}
 CLI_DEFAULTS = {
     "lora": ((), {**TRAINING, "data": "alpaca"}),
-    "cpt": ((), {**TRAINING, "data": "c4"}),
+    "cpt": ((), TRAINING),  # no --data: the preset's cpt_data decides (c4; slimpajama in paper)
     "cpt-lora": ((), TRAINING),
     "kd": (("teacher",), {**TRAINING, "dataset": "c4", "temperature": 1.0, "alpha": 0.0, "hidden_loss": False,
                           "lora": False}),
