@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import json
 import math
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptFileError, ForeignDirError, MismatchError
+from .errors import CorruptFileError, DiskFullError, ForeignDirError, MismatchError
 
 __all__ = [
     "MANIFEST",
@@ -187,6 +188,26 @@ def artifact_lock(path: str | os.PathLike):
         os.close(fd)
 
 
+# ---- a full disk ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _disk_full_named(out: Path):
+    """Turn ENOSPC/EDQUOT in the block into ``DiskFullError`` naming ``out``, the free space and the fix.
+
+    By then the temp is being removed and ``out`` was never touched: the message says so, so a
+    user does not go looking for a half-written artifact.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(out.parent).free / 2**20
+        raise DiskFullError(out, f"the disk filled while writing it ({err.strerror}; {free:.0f} MiB free now), so "
+                                 "nothing was replaced: the previous one, if any, is intact",
+                            f"free space on the disk of {str(out.parent)!r} (or write elsewhere) and run again") from None
+
+
 # ---- files ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -203,7 +224,8 @@ def atomic_file(out_file: str | os.PathLike):
     _lock(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
+        with _disk_full_named(out_file):
+            yield tmp
         if tmp.exists():
             give_default_mode(tmp)
             fault_point("write")
@@ -308,8 +330,9 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     fd = os.open(tmp, os.O_RDONLY)
     _lock(fd)  # a _recover running between mkdtemp and here would take tmp for a dead writer's: microseconds
     try:
-        yield tmp
-        (tmp / MANIFEST).write_text(json.dumps({"written_by": "shortened_llm", "entries": _entries(tmp)}, indent=1) + "\n")
+        with _disk_full_named(out_dir):
+            yield tmp
+            (tmp / MANIFEST).write_text(json.dumps({"written_by": "shortened_llm", "entries": _entries(tmp)}, indent=1) + "\n")
         for path in (tmp, *tmp.rglob("*")):  # safetensors writes its files 0600 too
             give_default_mode(path)
         check_replaceable(out_dir, overwrite)  # the block may have run for hours: look again

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["ArtifactError", "CorruptFileError", "MismatchError", "ForeignDirError", "NonFiniteError", "unknown_name"]
+__all__ = ["ArtifactError", "CorruptFileError", "MismatchError", "ForeignDirError", "DiskFullError", "NonFiniteError", "unknown_name"]
 
 
 def unknown_name(what: str, name, choices: Iterable[str], available: str | None = None, note: str = "") -> ValueError:
@@ -46,6 +46,10 @@ class MismatchError(ArtifactError):
 
 class ForeignDirError(ArtifactError):
     """An existing directory the package did not write: ``overwrite`` never replaces it."""
+
+
+class DiskFullError(ArtifactError):
+    """The disk (or the quota) filled during a write: nothing was replaced, the previous artifact is intact."""
 
 
 class NonFiniteError(ValueError):
