@@ -586,7 +586,7 @@ def shear_model(model: nn.Module, tokenizer, target: dict | float, *, steps: int
             gate.constrain()
         row = {"step": step, "lm_loss": lm_total, "lagrangian": float(lagrangian.detach()),
                **{f"expected_{s}": float(v.detach()) for s, v in masks.expected().items()},
-               **{f"lambda_{k}": float(v) for k, v in lambdas.items()}}
+               **{f"lambda_{k}": float(v.detach()) for k, v in lambdas.items()}}
         log.append(row)
         if loader is not None and step % settings.domain_interval == 0:
             inner.eval()
@@ -600,7 +600,7 @@ def shear_model(model: nn.Module, tokenizer, target: dict | float, *, steps: int
     inner.eval()
     for p in weights:
         p.requires_grad_(True)
-    expected = {s: float(v) for s, v in masks.expected().items()}
+    expected = {s: float(v.detach()) for s, v in masks.expected().items()}
     over = {s: (expected[s], masks.target[s], masks.sizes[s]) for s in expected
             if (expected[s] - masks.target[s]) / masks.sizes[s] > settings.tolerance}
     if over:

@@ -178,3 +178,20 @@ def test_shearing_with_dynamic_batch_loading_saves_the_weights_over_time(tmp_pat
     rows = (out / "domain_weights.csv").read_text().splitlines()
     assert rows[0].startswith("step,weight_fox,weight_box") and [r.split(",")[0] for r in rows[1:]] == \
         ["0", "2", "4", "reference"]
+
+
+def test_cli_shear_writes_a_plain_smaller_model_and_prints_the_summary(tmp_path, capsys, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from shortened_llm.cli import main
+
+    out = tmp_path / "sheared"
+    argv = ["shear", "--model", str(tiny_llama_dir), "--target-shape", '{"intermediate_size": 56}', "--steps", "2",
+            "--preset", "tiny", "--out", str(out), "--tolerance", "0.5"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["target"]["intermediate_size"] == 56 and summary["steps"] == 2
+    assert summary["params_after"] < summary["params_before"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 56
+    assert main(argv) == 2  # --out exists and --overwrite was not given
+    assert "--overwrite" in capsys.readouterr().err
