@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -370,7 +371,8 @@ def cmd_reproduce(args) -> int:
 
     executed = run_notebooks(preset=args.preset, model=args.model, run_dir=args.run_dir,
                              only=args.only, figures_dir=args.figures_dir,
-                             allow_substitute_data=args.allow_substitute_data)
+                             allow_substitute_data=args.allow_substitute_data,
+                             jobs=args.jobs or min(2, os.cpu_count() or 1))
     _print_json({"executed": [str(p) for p in executed]})
     return 0
 
@@ -502,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 01 03")
     p.add_argument("--allow-substitute-data", action="store_true",
                    help="let --preset paper run on the offline pack's stand-ins (every output then says so)")
+    p.add_argument("--jobs", type=COUNT, default=None,
+                   help="notebooks side by side, each after those it reuses, the cores split between them "
+                        "(default: 2 where there are 2 cores or more; 1 = one after another)")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

@@ -5,19 +5,40 @@ pruned models, retrained models). Executed copies go to ``run_dir/notebooks/``, 
 to ``run_dir/figures/`` and then to ``figures/`` for the README. Before the first notebook,
 ``run_dir/protocol.json`` says how the preset's protocol compares with the official one
 (``protocol.py``); ``paper`` on the offline pack's stand-in data is refused there unless allowed.
+
+With ``jobs > 1`` notebooks run side by side, each as soon as the notebooks whose artifacts it
+reuses have finished (``NEEDS``), and each kernel gets its share of the cores
+(``OMP_NUM_THREADS``): on two cores two one-thread kernels beat one two-thread kernel, whose
+threads spend much of their time waiting on each other. A notebook starts only after the ones it
+reuses, so it finds their artifacts and computes nothing twice: the results are those of the
+sequential run.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from unittest import mock
 
-__all__ = ["NOTEBOOKS_DIR", "notebook_paths", "run_notebook", "run_notebooks"]
+__all__ = ["NOTEBOOKS_DIR", "NEEDS", "notebook_paths", "run_notebook", "run_notebooks", "schedule"]
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO / "notebooks"
+
+
+# The notebooks whose artifacts in run_dir each one reuses (scores, pruned and retrained models):
+# 02 and 03 read 01's scores; 04 starts from the pruned model 02/03 saved (and picks its criterion
+# by whether it exists); 05 reuses 04's LoRA run; 06 evaluates what 04 and 05 trained; 07-09 start
+# from the pruned models. Every notebook still computes what is missing when run alone.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "01": (), "02": ("01",), "03": ("01",), "04": ("02", "03"), "05": ("04",), "06": ("04", "05"),
+    "07": ("02", "03"), "08": ("02", "03"), "09": ("02", "03"),
+}
 
 
 def notebook_paths(folder: Path = NOTEBOOKS_DIR, only: list[str] | None = None) -> list[Path]:
@@ -75,8 +96,11 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str |
 
 def run_notebooks(preset: str = "smoke", model: str = "smollm2-135m", run_dir: str | os.PathLike | None = None,
                   only: list[str] | None = None, figures_dir: str | os.PathLike | None = "figures",
-                  folder: Path = NOTEBOOKS_DIR, allow_substitute_data: bool = False) -> list[Path]:
+                  folder: Path = NOTEBOOKS_DIR, allow_substitute_data: bool = False, jobs: int = 1) -> list[Path]:
     """Every notebook (or those ``only`` names) at ``preset`` into ``run_dir``; the executed copies.
+
+    ``jobs``: notebooks run side by side (each after those it reuses, see ``NEEDS``), the cores
+    split between them; 1 runs them in order in this process.
 
     ``allow_substitute_data`` lets a paper-protocol preset run on the offline pack's stand-ins (it
     sets ``$SHORTENED_LLM_ALLOW_SUBSTITUTE`` for the kernels, which see the preset by name only).
@@ -84,20 +108,79 @@ def run_notebooks(preset: str = "smoke", model: str = "smollm2-135m", run_dir: s
     from .data import ALLOW_SUBSTITUTE_ENV
     from .protocol import model_config, write_protocol
 
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} must be a whole number >= 1 (notebooks run side by side)")
     run_dir = Path(run_dir or REPO / "runs" / preset).resolve()
     allow = {ALLOW_SUBSTITUTE_ENV: "1"} if allow_substitute_data else {}
     with mock.patch.dict(os.environ, allow):
         write_protocol(run_dir, preset, model_config(model))  # refuses paper on stand-in data before hours of work
-        return _run_all(preset, model, run_dir, only, figures_dir, folder)
+        return _run_all(preset, model, run_dir, only, figures_dir, folder, jobs)
 
 
-def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: Path) -> list[Path]:
-    executed = []
-    for path in notebook_paths(folder, only):
+def _number(path: Path) -> str:
+    return path.name[:2]
+
+
+def schedule(paths: list[Path], jobs: int, run_one, needs: dict = NEEDS) -> list:
+    """Run ``run_one(path)`` for every path, at most ``jobs`` at a time, each after the ones it ``needs``
+    (among ``paths``; a need that is not being run is taken as there). Results in the order of
+    ``paths``. The first failure stops new starts; the running ones finish, then it is raised."""
+    numbers = {_number(p) for p in paths}
+    pending, running, done, results, failure = list(paths), {}, set(), {}, None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while running or (pending and failure is None):
+            ready = [p for p in pending if all(n in done or n not in numbers for n in needs.get(_number(p), ()))]
+            for path in ready[: jobs - len(running)] if failure is None else []:
+                pending.remove(path)
+                running[pool.submit(run_one, path)] = path
+            if not running:
+                raise RuntimeError(f"notebooks {[p.name for p in pending]} wait on each other: check NEEDS")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                path = running.pop(future)
+                try:
+                    results[path] = future.result()
+                    done.add(_number(path))
+                except BaseException as err:  # noqa: BLE001  (re-raised below, after the others finish)
+                    failure = failure or err
+    if failure is not None:
+        raise failure
+    return [results[p] for p in paths]
+
+
+def _run_in_child(path: Path, out_dir: Path, parameters: dict, threads: int) -> Path:
+    """``run_notebook`` in a child process whose kernel gets ``threads`` torch threads (the environment
+    is the child's own, so kernels started side by side never see each other's settings)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    code = ("import json, sys; from pathlib import Path; from shortened_llm.reproduce import run_notebook; "
+            "run_notebook(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(out_dir), json.dumps(parameters)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"{path.name} failed (exit {proc.returncode}); its last lines:\n{tail}")
+    return out_dir / path.name
+
+
+def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: Path, jobs: int = 1) -> list[Path]:
+    paths = notebook_paths(folder, only)
+    parameters = {"model": model, "preset": preset, "run_dir": str(run_dir)}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    start = time.perf_counter()
+
+    def run_one(path: Path) -> Path:
         t0 = time.perf_counter()
-        print(f"[reproduce] {path.name} (preset={preset}) ...", flush=True)
-        executed.append(run_notebook(path, run_dir / "notebooks", {"model": model, "preset": preset, "run_dir": str(run_dir)}))
-        print(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        side = f", {threads} thread(s), side by side" if jobs > 1 else ""
+        print(f"[reproduce] {path.name} (preset={preset}{side}) ...", flush=True)
+        if jobs > 1:
+            out = _run_in_child(path, run_dir / "notebooks", parameters, threads)
+        else:
+            out = run_notebook(path, run_dir / "notebooks", parameters)
+        print(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s "
+              f"({time.perf_counter() - start:.0f} s since the start)", flush=True)
+        return out
+
+    executed = schedule(paths, jobs, run_one)
     if figures_dir is not None and (run_dir / "figures").is_dir():
         target = Path(figures_dir)
         target = target if target.is_absolute() else REPO / target
