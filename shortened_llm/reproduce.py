@@ -33,10 +33,12 @@ NOTEBOOKS_DIR = REPO / "notebooks"
 
 # The notebooks whose artifacts in run_dir each one reuses (scores, pruned and retrained models):
 # 02 and 03 read 01's scores; 04 starts from the pruned model 02/03 saved (and picks its criterion
-# by whether it exists); 05 reuses 04's LoRA run; 06 evaluates what 04 and 05 trained; 07-09 start
-# from the pruned models. Every notebook still computes what is missing when run alone.
+# by whether it exists); 05 reuses 04's LoRA run; 06 evaluates what 04 and 05 trained, and its claims
+# table reads 07's latency CSVs; 07-09 start from the pruned models. One run after another follows
+# the same order (07 before 06), so side by side and in turn give the same tables. Every notebook
+# still computes what is missing when run alone.
 NEEDS: dict[str, tuple[str, ...]] = {
-    "01": (), "02": ("01",), "03": ("01",), "04": ("02", "03"), "05": ("04",), "06": ("04", "05"),
+    "01": (), "02": ("01",), "03": ("01",), "04": ("02", "03"), "05": ("04",), "06": ("04", "05", "07"),
     "07": ("02", "03"), "08": ("02", "03"), "09": ("02", "03"),
 }
 
@@ -123,8 +125,9 @@ def _number(path: Path) -> str:
 
 def schedule(paths: list[Path], jobs: int, run_one, needs: dict = NEEDS) -> list:
     """Run ``run_one(path)`` for every path, at most ``jobs`` at a time, each after the ones it ``needs``
-    (among ``paths``; a need that is not being run is taken as there). Results in the order of
-    ``paths``. The first failure stops new starts; the running ones finish, then it is raised."""
+    (among ``paths``; a need that is not being run is taken as there), the lowest-numbered ready one
+    first. Results in the order of ``paths``. The first failure stops new starts; the running ones
+    finish, then it is raised."""
     numbers = {_number(p) for p in paths}
     pending, running, done, results, failure = list(paths), {}, set(), {}, None
     with ThreadPoolExecutor(max_workers=jobs) as pool:

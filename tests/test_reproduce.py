@@ -50,6 +50,13 @@ def test_schedule_stops_new_starts_after_a_failure_and_raises_it():
     assert started == ["01"]  # 02 and 03 needed it: never started
 
 
+def test_one_at_a_time_follows_the_needs_too():
+    paths = [Path(f"{n}_x.ipynb") for n in ("05", "06", "07")]
+    order = []
+    schedule(paths, 1, lambda p: order.append(p.name[:2]), {"06": ("05", "07")})
+    assert order == ["05", "07", "06"]  # 06's claims read 07's latency tables: in turn as side by side
+
+
 def test_a_need_that_is_not_run_is_taken_as_there():
     # `reproduce --only 04`: its needs 02/03 are not in the run, their artifacts are expected to exist (or be computed)
     assert schedule([Path("04_x.ipynb")], 2, lambda p: p.name) == ["04_x.ipynb"]
