@@ -87,6 +87,29 @@ def _existing_file(text: str) -> str:
     return text
 
 
+def _blocked_by_a_file(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` that is a file (nothing can be written under it), else None."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
+def _out_file(text: str) -> str:
+    """An output file: not an existing directory, and not under a file."""
+    blocker = _blocked_by_a_file(Path(text))
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {str(blocker)!r} is a file, not a folder")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory: give a file path")
+    return text
+
+
+def _out_dir(text: str) -> str:
+    """An output directory: not under a file (one at the path itself is refused by check_replaceable)."""
+    blocker = _blocked_by_a_file(Path(text))
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be created: {str(blocker)!r} is a file, not a folder")
+    return text
+
+
 COUNT = _whole(1)  # steps, samples, segments, documents, batch sizes, blocks
 SEQ_LEN = _whole(2)  # a segment needs a token after the first to predict
 SEED = _whole(0, 2**32 - 1)  # what numpy accepts as a seed
@@ -383,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score every block and write block,score CSV")
     _add_scoring_args(p)
-    p.add_argument("--out", required=True, help="CSV path (columns block,score)")
+    p.add_argument("--out", type=_out_file, required=True, help="CSV path (columns block,score)")
     p.add_argument("--n", type=COUNT, default=None, help="blocks to remove, for criteria that need it (sleb, angular)")
     p.set_defaults(func=cmd_score)
 
@@ -399,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depth: remove blocks; width: remove KV groups and MLP channels by magnitude from every "
                         "block, as many parameters as depth pruning at --ratio (--criterion is ignored)")
     p.add_argument("--scores", type=_existing_file, default=None, help="precomputed scores CSV (skips scoring)")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", type=_out_dir, required=True, help="output model directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_prune)
 
@@ -427,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrain", help="LoRA, continued pretraining, or CPT then LoRA; saves a plain HF model")
     p.add_argument("method", choices=recovery_methods(cli=True))
     p.add_argument("--model", required=True, help="pruned model dir (or embedded name / hub id)")
-    p.add_argument("--out", required=True, help="output model dir (appears only when training finished)")
+    p.add_argument("--out", type=_out_dir, required=True, help="output model dir (appears only when training finished)")
     p.add_argument("--max-steps", type=COUNT, default=None, help="optimizer steps (default: the preset's)")
     p.add_argument("--preset", default="smoke", help=f"budget preset ({', '.join(PRESETS)})")
     p.add_argument("--data", default=None, help="dataset name or JSON/JSONL file (default: alpaca for LoRA; for CPT the preset's cpt_data: c4, slimpajama in paper)")
@@ -474,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_sub = p.add_subparsers(dest="export_command", required=True)
     q = export_sub.add_parser("gguf", help="GGUF for llama.cpp, quantised by llama.cpp; prints JSON")
     q.add_argument("--model", required=True, help="HF model dir (e.g. runs/smoke/pruned/ppl-0.20) or embedded name")
-    q.add_argument("--out", required=True, help="output .gguf file")
+    q.add_argument("--out", type=_out_file, required=True, help="output .gguf file")
     q.add_argument("--quant", default="f16", help="f32, f16 (gguf only); q8_0, q4_k_m, ... (need the llamacpp extra)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_export_gguf)

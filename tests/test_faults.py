@@ -581,3 +581,22 @@ def test_a_cached_eval_csv_missing_columns_is_named(tmp_path, text, why):
         read_cached_csv(path, ["model", "task", "acc"], "delete it: the rows are measured again")
     path.write_text("model,task,acc,extra\nppl,piqa,0.5,x\n")
     assert read_cached_csv(path, ["model", "task", "acc"], "unused").acc.tolist() == [0.5]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["score", "--out", "{dir}"], "is a directory: give a file path"),
+    (["score", "--out", "{file}/s.csv"], "is a file, not a folder"),
+    (["export", "gguf", "--out", "{dir}"], "is a directory: give a file path"),
+    (["export", "gguf", "--out", "{file}/m.gguf"], "is a file, not a folder"),
+    (["prune", "--out", "{file}/pruned"], "is a file, not a folder"),
+    (["retrain", "lora", "--out", "{file}/r"], "is a file, not a folder"),
+    (["prune", "--out", "{file}"], "is a file, not a directory"),
+    (["retrain", "lora", "--out", "{file}"], "is a file, not a directory"),
+])
+def test_an_out_path_that_cannot_be_written_is_refused_before_loading(capsys, tmp_path, argv, message):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("mine\n")
+    argv = [a.format(dir=tmp_path / "d", file=tmp_path / "f") for a in argv]
+    code, out, err = run_cli(capsys, *argv, "--model", "no-such-model")
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err and "Unknown model" not in err
+    assert (tmp_path / "f").read_text() == "mine\n" and list((tmp_path / "d").iterdir()) == []
