@@ -37,7 +37,7 @@ import torch
 
 from .artifacts import atomic_file
 from .gguf_layout import ARCHITECTURES, LLAMA_CPP_TYPES, WRITER_TYPES, exportable_type, gguf_tensor_name
-from .llamacpp import (check_imatrix_given, check_out_file, check_quant, gguf_perplexity, llama_cpp_available, load_gguf,
+from .llamacpp import (check_gguf_file, check_imatrix_given, check_out_file, check_quant, gguf_perplexity, llama_cpp_available, load_gguf,
                        quantize_gguf, require_llama_cpp)
 
 __all__ = ["export_gguf", "read_gguf_metadata", "file_size_mb", "compare_formats"]
@@ -319,6 +319,8 @@ def read_gguf_metadata(gguf_file: str | os.PathLike) -> dict:
     embedded model. Where a loaded ``llama_cpp.Llama`` is at hand, its ``metadata`` is instant.
     """
     from gguf import GGUFReader
+
+    check_gguf_file(gguf_file)  # a cut or foreign file: one line, not the reader's reshape error
 
     reader = GGUFReader(str(gguf_file))
 

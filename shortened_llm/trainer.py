@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from .artifacts import atomic_dir, atomic_write_text
+from .errors import MismatchError
+from .finite import NonFiniteLossCallback
 from .models import get_blocks, load_model
 from .presets import Preset, get_preset
 
@@ -144,7 +146,7 @@ def check_fingerprint(model, path: Path, what: str, fix: str) -> None:
     diff = {k: (expected.get(k), got[k]) for k in got if expected.get(k) != got[k]}
     if diff:
         detail = "; ".join(f"{k}: {a} there, {b} here" for k, (a, b) in diff.items())
-        raise ValueError(f"{what} belongs to a different base model ({detail}). {fix}")
+        raise MismatchError(path, f"{what} belongs to a different base model ({detail})", fix)
 
 
 def accumulation_steps(batch: int, micro: int, world: int, name: str) -> int:
@@ -330,7 +332,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
                       data_collator=padding_collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                                      else tokenizer.eos_token_id, side=padding_side),
-                      callbacks=list(callbacks or []))
+                      callbacks=[NonFiniteLossCallback(), *(callbacks or [])])  # a NaN/inf loss stops the run, named
     if not progress:  # no bars means no per-step log dicts printed either; the loss log keeps them
         trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():

@@ -35,7 +35,7 @@ def depth_pruned(dense, tokenizer, ratio: float, run_dir: str | os.PathLike | No
         return model, f"loaded {pruned_dir(run_dir, 'ppl', ratio)}"
     n = num_blocks_for_ratio(num_blocks(dense), ratio)
     if run_dir is not None and scores_csv(run_dir, "ppl").exists():
-        scores, criterion = load_scores(scores_csv(run_dir, "ppl")), "ppl"
+        scores, criterion = load_scores(scores_csv(run_dir, "ppl"), num_blocks=num_blocks(dense)), "ppl"
     else:  # the cheap, data-free fallback
         scores, criterion = None, "magnitude+"
     model, removed, _ = prune_model(copy.deepcopy(dense), None, criterion, n, ratio=ratio, scores=scores,
