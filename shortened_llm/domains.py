@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .evaluate import token_nll
 from .trainer import packed_rows
 
 __all__ = ["DEFAULT_DOMAINS", "Domain", "update_weights", "DynamicBatchLoader"]
@@ -113,18 +114,9 @@ class DynamicBatchLoader:
                 for i in which.tolist()]
         return torch.stack(rows)
 
-    @torch.no_grad()
     def held_out_losses(self, model, micro_batch: int = 4) -> torch.Tensor:
-        """``(k,)`` mean next-token loss of ``model`` on each domain's held-out blocks."""
-        device = next(model.parameters()).device
-        out = []
-        for d in self.domains:
-            total = 0.0
-            for i in range(0, len(d.held_out), micro_batch):
-                x = d.held_out[i : i + micro_batch].to(device)
-                total += float(model(input_ids=x, labels=x).loss) * len(x)  # blocks are equal length
-            out.append(total / len(d.held_out))
-        return torch.tensor(out, dtype=torch.float64)
+        """``(k,)`` mean next-token loss of ``model`` on each domain's held-out blocks (``evaluate.token_nll``)."""
+        return torch.stack([token_nll(model, d.held_out, micro_batch).double().mean() for d in self.domains])
 
     def set_reference(self, losses) -> None:
         losses = torch.as_tensor(losses, dtype=torch.float64)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .families import count_params, family_of, get_blocks, get_path, hooks_removed, unwrap
+from .width import head_dim, kv_group_rows
 from .record import PruningRecord
 
 __all__ = [
@@ -146,10 +147,6 @@ class ShearResult:
 
 # ---- target shapes ------------------------------------------------------------------------------
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def shape_of(config) -> dict[str, int]:
     """The five numbers of a Llama-shaped architecture that shearing can shrink."""
     return {k: int(getattr(config, k)) for k in SHAPE_KEYS}
@@ -192,7 +189,7 @@ def check_target(config, target: dict) -> dict[str, int]:
 
 def _config_for(config, shape: dict):
     new = copy.deepcopy(config)
-    new.head_dim = _head_dim(config)  # explicit: hidden_size / heads no longer gives it
+    new.head_dim = head_dim(config)  # explicit: hidden_size / heads no longer gives it
     for key, value in shape.items():
         setattr(new, key, value)
     return new
@@ -439,7 +436,7 @@ def prune_to_masks(model: nn.Module, masks: ShearMasks, record: ShearRecord | No
     family, inner, blocks, final_norm = _parts(model)
     names, halves = family.width, family.sublayers
     config = inner.config
-    hd, hpg = _head_dim(config), config.num_attention_heads // config.num_key_value_heads
+    hd, hpg = head_dim(config), config.num_attention_heads // config.num_key_value_heads
     kept = masks.kept()
     layers = kept["layers"]
     before = count_params(inner)
@@ -456,8 +453,7 @@ def prune_to_masks(model: nn.Module, masks: ShearMasks, record: ShearRecord | No
             continue
         attn, mlp = getattr(block, names.attn), getattr(block, names.mlp)
         groups = torch.tensor(kept["kv_groups"][i])
-        q_rows = (groups[:, None] * hpg * hd + torch.arange(hpg * hd)).flatten()  # HF repeat_kv order
-        kv_rows = (groups[:, None] * hd + torch.arange(hd)).flatten()
+        q_rows, kv_rows = kv_group_rows(groups, hpg, hd)
         q, k, v = (getattr(attn, n) for n in names.qkv)
         _narrow_linear(q, q_rows, hidden)
         _narrow_linear(k, kv_rows, hidden)

@@ -32,6 +32,8 @@ from .record import PruningRecord
 __all__ = [
     "WidthPlan",
     "WidthRecord",
+    "head_dim",
+    "kv_group_rows",
     "unit_sizes",
     "plan_width",
     "width_config",
@@ -62,8 +64,21 @@ class WidthRecord(PruningRecord):
     params_after: int | None = None
 
 
-def _head_dim(config) -> int:
+def head_dim(config) -> int:
+    """Width of one attention head: the config's ``head_dim`` when it states one (it need not be hidden / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_group_rows(groups: torch.Tensor, heads_per_group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output rows of q and of k/v that the KV groups ``groups`` own: ``(q_rows, kv_rows)``.
+
+    Group g owns query heads g*hpg .. (g+1)*hpg-1 (HF ``repeat_kv`` order) and KV head g; q_rows are
+    also the input columns of o_proj. Width pruning keeps the best-scored groups, shearing the learned ones.
+    """
+    arange = torch.arange(heads_per_group * head_dim, device=groups.device)
+    q_rows = (groups[:, None] * heads_per_group * head_dim + arange).flatten()
+    kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim, device=groups.device)).flatten()
+    return q_rows, kv_rows
 
 
 def unit_sizes(config) -> dict[str, int]:
@@ -71,7 +86,7 @@ def unit_sizes(config) -> dict[str, int]:
 
     Works on a config so that architecture-only models (no weights) can be planned too.
     """
-    hidden, hd = config.hidden_size, _head_dim(config)
+    hidden, hd = config.hidden_size, head_dim(config)
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if heads % kv:
         raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
@@ -173,8 +188,7 @@ def _prune_attention(attn: nn.Module, names: WidthProjections, sizes: dict, n_re
         + o.weight.abs().double().view(o.weight.shape[0], kv, hpg * hd).sum((0, 2))
     )  # (kv,)
     groups = _kept(score.cpu(), n_remove).to(q.weight.device)
-    q_rows = (groups[:, None] * hpg * hd + torch.arange(hpg * hd, device=groups.device)).flatten()
-    kv_rows = (groups[:, None] * hd + torch.arange(hd, device=groups.device)).flatten()
+    q_rows, kv_rows = kv_group_rows(groups, hpg, hd)
     for name, layer in zip(names.qkv, (_slice_linear(q, rows=q_rows), _slice_linear(k, rows=kv_rows),
                                        _slice_linear(v, rows=kv_rows))):
         setattr(attn, name, layer)
