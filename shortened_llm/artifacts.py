@@ -49,6 +49,7 @@ __all__ = [
     "pruned_dir",
     "save_scores",
     "load_scores",
+    "check_scores_fit",
     "read_cached_csv",
     "fault_point",
 ]
@@ -392,10 +393,19 @@ def load_scores(path: str | os.PathLike, num_blocks: int | None = None) -> torch
     if bad:
         raise CorruptFileError(path, f"holds NaN or -inf scores for blocks {bad}: no ranking can use them",
                                "score again with --dtype float32 (an fp16/bf16 overflow gives NaN)")
-    if num_blocks is not None and len(pairs) != num_blocks:
-        raise MismatchError(path, f"scores {len(pairs)} blocks, but the model has {num_blocks}",
+    scores = torch.tensor([s for _, s in pairs], dtype=torch.float64)
+    if num_blocks is not None:
+        check_scores_fit(path, scores, num_blocks)
+    return scores
+
+
+def check_scores_fit(path: str | os.PathLike, scores: torch.Tensor, num_blocks: int) -> None:
+    """Refuse scores read from ``path`` that score another number of blocks than the model's ``num_blocks``
+    (for a CSV read before the model was loaded: ``prune --scores`` reads it first, so a broken one
+    fails before the load)."""
+    if len(scores) != num_blocks:
+        raise MismatchError(path, f"scores {len(scores)} blocks, but the model has {num_blocks}",
                             "pass the scores CSV made for this model, or score it again")
-    return torch.tensor([s for _, s in pairs], dtype=torch.float64)
 
 
 def _number_row(row: dict) -> bool:

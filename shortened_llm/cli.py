@@ -170,7 +170,7 @@ def cmd_score(args) -> int:
 
 def cmd_prune(args) -> int:
     from .architectures import n_blocks_for
-    from .artifacts import load_scores
+    from .artifacts import check_scores_fit, load_scores
     from .importance import split_criterion
     from .models import load_model, num_blocks, save_model
     from .pipeline import plus_rule, prune_model
@@ -197,7 +197,7 @@ def cmd_prune(args) -> int:
     else:  # the paper preset knows the official count for the paper's models
         n = n_blocks_for(preset, model.config, ratio)
     if scores is not None:
-        scores = load_scores(args.scores, num_blocks=num_blocks(model))  # ... and one for another model, once it has
+        check_scores_fit(args.scores, scores, num_blocks(model))  # ... and one for another model, once it has
     ids = None if scores is not None else _calibration(args, tokenizer, model)
     model, removed, scores = prune_model(model, ids, args.criterion, n, ratio=ratio, scores=scores,
                                          **plus_rule(args.criterion, preset))
