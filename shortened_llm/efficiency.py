@@ -4,7 +4,9 @@ The official scripts force the output length (``min_new_tokens = max_new_tokens`
 never ends a sequence early) and time whole ``generate`` calls after a warm-up; we do the
 same. ``generation_protocol(preset)`` gives the rest of a preset's protocol: in ``paper`` the
 official one (a fixed prompt, top-k / top-p sampling, fp16, 10 warm-up runs and the mean of
-20), in the CPU presets a cheaper one (random ids, greedy, 1 warm-up, the median of 3). Two numbers matter and pull in different directions:
+20), in the CPU presets a cheaper one (random ids, greedy, 1 warm-up, the median of 3).
+
+Two numbers matter and pull in different directions:
 
 - **latency** (seconds per batch): at batch 1 decoding is a chain of small, sequential
   steps, one per block per token, so removing blocks (depth) shortens the chain while
@@ -19,8 +21,8 @@ what was allocated before (the other models of a side-by-side sweep, for instanc
 there is no allocator counter, so we sample the process's resident set size (RSS) in a
 thread and report its peak growth over the level measured just before the first (warm-up)
 call; ``ru_maxrss`` is used too, but only when it rose during the call, since it is a
-process-lifetime high-water mark that never decreases. GPU
-utilisation is sampled with nvidia-ml-py (``pynvml``) in a thread on NVIDIA GPUs.
+process-lifetime high-water mark that never decreases. GPU utilisation is sampled with
+nvidia-ml-py (``pynvml``) in a thread on NVIDIA GPUs.
 
 The same samplers measure any block of code: ``track_peak_memory`` is what a retraining reports
 as its ``memory_*`` (KD holds a teacher beside the student; partial fine-tuning fewer optimizer states).
