@@ -11,7 +11,7 @@ import seaborn as sns
 
 __all__ = ["save_figure", "plot_block_scores", "plot_reference_curve", "plot_ppl_bars", "plot_generation_sweep",
            "plot_score_heatmap", "plot_rank_correlation", "plot_ppl_vs_ratio", "plot_quant_table",
-           "plot_replaceme_residuals"]
+           "plot_replaceme_residuals", "stamp"]
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -214,3 +214,17 @@ def plot_replaceme_residuals(fits, ax=None):
     ax.set_ylabel("mean squared residual per token")
     ax.set_title("Distance to the removed span's output, on calibration tokens")
     return ax.figure
+
+
+def stamp(fig_or_ax, preset: str, model: str | os.PathLike):
+    """Write ``preset · model`` small and grey in the figure's lower right corner, and return the Figure.
+
+    A saved PNG travels without its notebook: a learner comparing a ``tiny`` figure with a ``paper`` one,
+    or a CPU run with the committed GPU one, must see which run drew it. A model given as a path is
+    shown by its last component (``/tmp/x/pruned-20`` -> ``pruned-20``), so no machine's paths end up
+    in a figure. Call it once per figure, after the axes are drawn.
+    """
+    fig = fig_or_ax if isinstance(fig_or_ax, plt.Figure) else fig_or_ax.figure
+    name = Path(str(model).rstrip("/")).name or str(model)
+    fig.text(0.995, 0.005, f"preset {preset} · {name}", ha="right", va="bottom", fontsize=7, color="grey")
+    return fig
