@@ -11,7 +11,7 @@ import seaborn as sns
 
 __all__ = ["save_figure", "plot_block_scores", "plot_reference_curve", "plot_ppl_bars", "plot_generation_sweep",
            "plot_score_heatmap", "plot_rank_correlation", "plot_ppl_vs_ratio", "plot_quant_table",
-           "plot_replaceme_residuals", "stamp"]
+           "plot_replaceme_residuals", "stamp", "SCORE_LABELS", "plot_residual_cosine"]
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -27,7 +27,10 @@ def save_figure(fig, name: str, run_dir: str | os.PathLike | None) -> Path | Non
 
 
 def plot_block_scores(scores: Sequence[float], criterion: str, removed: Sequence[int] = (), log: bool = False, ax=None):
-    """Bars of one criterion's per-block scores; the blocks a pruning would drop in red."""
+    """Bars of one criterion's per-block scores; the blocks a pruning would drop in red.
+
+    The y label says what the number is (``SCORE_LABELS``: a PPL, a sum of |w|, an angle), not just "score".
+    """
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 3.2))
     df = pd.DataFrame({"block": range(len(scores)), "score": list(map(float, scores))})
@@ -36,32 +39,49 @@ def plot_block_scores(scores: Sequence[float], criterion: str, removed: Sequence
                 dodge=False, ax=ax)
     if log:
         ax.set_yscale("log")
+    label = SCORE_LABELS.get(criterion.rstrip("+"), "score")
+    ax.set_ylabel(f"{label} (log scale)" if log else label, fontsize=8)
+    ax.set_xlabel("block (0 = next to the embeddings)")
     ax.set_title(f"Block importance: {criterion} (higher = more important)")
     ax.tick_params(axis="x", labelsize=8)
     return ax.figure
 
 
-def plot_reference_curve(ours: Sequence[float], reference: pd.DataFrame, label: str = "ours", ax=None):
-    """Calibration PPL with block i removed, against normalised depth i / (L - 1), log scale.
+def plot_reference_curve(ours: Sequence[float], reference: pd.DataFrame, label: str = "ours",
+                         dense: float | None = None, ax=None):
+    """Calibration PPL with block i removed, relative, against normalised depth i / (L - 1), log scale.
 
-    ``reference`` has columns model, removed_block, calibration_ppl (official_block_ppl.csv).
+    ``reference`` has columns model, removed_block, calibration_ppl (official_block_ppl.csv). Each
+    model is scored on its own text (BookCorpus there, our books here) and starts from its own PPL,
+    so raw curves do not compare: each is divided by its cheapest removal, the lowest point of its
+    curve. That stands in for the dense PPL, which the official CSVs do not publish; ``dense`` (our
+    model's dense calibration PPL) draws where dense sits on our scale, to show how close the two are.
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 4))
     for model, df in reference.groupby("model"):
         depth = df.removed_block / df.removed_block.max()
-        ax.plot(depth, df.calibration_ppl, lw=1, alpha=0.7, label=model)
-    n = len(ours)
-    ax.plot([i / (n - 1) for i in range(n)], ours, "k-o", lw=2.5, ms=4, label=label)
+        ax.plot(depth, df.calibration_ppl / df.calibration_ppl.min(), lw=1, alpha=0.7, label=model)
+    n, cheapest = len(ours), min(map(float, ours))
+    ax.plot([i / (n - 1) for i in range(n)], [float(p) / cheapest for p in ours], "k-o", lw=2.5, ms=4, label=label)
+    if dense is not None:
+        ax.axhline(float(dense) / cheapest, color="black", ls="--", lw=1, label=f"dense, {label}")
     ax.set_yscale("log")
-    ax.set_xlabel("normalised depth of the removed block")
-    ax.set_ylabel("calibration PPL without it")
+    ax.set_xlabel("depth of the removed block (0 = first block, 1 = last)")
+    ax.set_ylabel("PPL without the block / cheapest removal\n(log scale)")
+    ax.set_title("Removing one block: the paper's models and ours")
     ax.legend(fontsize=8, ncol=2)
     return ax.figure
 
 
-def plot_ppl_bars(table: pd.DataFrame, x: str = "model", y: str = "ppl", hue: str | None = "dataset", ax=None, log: bool = True):
-    """Grouped bars of perplexities (one bar per model x dataset), value on top."""
+def plot_ppl_bars(table: pd.DataFrame, x: str = "model", y: str = "ppl", hue: str | None = "dataset", ax=None, log: bool = True,
+                  *, dense: float | None = None, dense_label: str = "dense", ylabel: str | None = None, title: str | None = None):
+    """Grouped bars of perplexities (one bar per model x dataset), value on top.
+
+    ``dense``: the dense model's value, drawn as a dashed line across the bars, so a reader sees how
+    much of the gap to it a method closed (its legend entry reads ``dense_label`` and the value).
+    ``ylabel`` replaces the column name on the y axis; a log axis says so in the label.
+    """
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 4))
     sns.barplot(table, x=x, y=y, hue=hue, ax=ax)
@@ -69,31 +89,71 @@ def plot_ppl_bars(table: pd.DataFrame, x: str = "model", y: str = "ppl", hue: st
         ax.bar_label(container, fmt="%.1f", fontsize=8)
     if log:
         ax.set_yscale("log")
+    if dense is not None:
+        ax.axhline(float(dense), color="black", ls="--", lw=1.2, zorder=3, label=f"{dense_label} ({float(dense):.1f})")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no bar hidden behind it
+    if ylabel is not None:
+        ax.set_ylabel(f"{ylabel} (log scale)" if log else ylabel)
+    if title is not None:
+        ax.set_title(title)
     ax.set_xlabel("")
     return ax.figure
 
 
 def plot_generation_sweep(table: pd.DataFrame, new_tokens: int | None = None, shape: str | None = None):
-    """Latency and throughput against batch size, one line per model (efficiency sweep, notebook 07).
+    """Throughput against batch size (log-log), and each pruned model's speed-up over dense (notebook 07).
 
     ``table`` is ``efficiency.sweep_generation``'s output; rows not ``status == "ok"`` (OOM) are
-    left out; ``new_tokens`` and ``shape`` pick one output length and one model shape.
+    left out; ``new_tokens`` and ``shape`` pick one output length and one model shape. Throughput
+    spans orders of magnitude from batch 1 to 256, hence the log y axis. A timing without its spread
+    reads as more certain than it is: each point is the median over rounds, and its bar runs from the
+    slowest round's median to the fastest single call (``latency_min_s``), so a bar exists even with
+    one round of several calls; the title says how many rounds and calls the bars come from.
     """
+    from ..efficiency import speedup_table  # one definition of a speed-up (medians over rounds)
+
     df = table[table.status == "ok"]
     if new_tokens is not None:
         df = df[df.new_tokens == new_tokens]
     if shape is not None:
         df = df[df["shape"] == shape]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    sns.lineplot(df, x="batch_size", y="latency_s", hue="model", marker="o", estimator="median", errorbar=None, ax=ax1)
-    sns.lineplot(df, x="batch_size", y="tokens_per_s", hue="model", marker="o", estimator="median", errorbar=None, ax=ax2)
-    for ax, title in ((ax1, "latency per batch (s), lower is better"), (ax2, "throughput (tokens/s), higher is better")):
+    df = df.assign(fastest=df.batch_size * df.new_tokens / df.latency_min_s)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    models = list(dict.fromkeys(df.model))
+    colours = dict(zip(models, sns.color_palette(n_colors=len(models))))
+    for name, g in df.groupby("model", sort=False):
+        per_batch = g.groupby("batch_size").agg(mid=("tokens_per_s", "median"), low=("tokens_per_s", "min"),
+                                                high=("fastest", "max"))
+        ax1.errorbar(per_batch.index, per_batch.mid, yerr=[per_batch.mid - per_batch.low, per_batch.high - per_batch.mid],
+                     marker="o", capsize=3, color=colours[name], label=name)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("batch size (log scale)")
+    ax1.set_ylabel("generated tokens per second (log scale)")
+    ax1.set_title("Throughput, higher is better")
+    ax1.legend(fontsize=8)
+    speed = speedup_table(df)
+    pruned = speed[speed.model != "dense"]
+    for name, g in pruned.groupby("model", sort=False):
+        ax2.plot(g.batch_size, g.speedup_median, marker="o", color=colours[name], label=f"{name}, median")
+        ax2.plot(g.batch_size, g.speedup_min, marker="^", ls=":", color=colours[name], alpha=0.7,
+                 label=f"{name}, fastest calls")
+    ax2.axhline(1, color="grey", ls="--", lw=1)
+    ax2.text(0.01, 1, " dense = 1", va="bottom", fontsize=8, color="grey", transform=ax2.get_yaxis_transform())
+    batches = sorted(set(df.batch_size))
+    for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
-        ax.set_title(title)
-        ax.set_xlabel("batch size")
+        ax.set_xticks(batches, [str(b) for b in batches])
+    ax2.set_xlabel("batch size (log scale)")
+    ax2.set_ylabel("speed-up over dense (dense latency / latency)")
+    ax2.set_title("Speed-up of each pruned model, above 1 = faster")
+    ax2.legend(fontsize=8)
     device = ", ".join(sorted(set(df.get("device", pd.Series(["?"])).astype(str))))
     shapes = ", ".join(sorted(set(df["shape"]))) + ", " if "shape" in df else ""
-    fig.suptitle(f"generation, {shapes}{', '.join(map(str, sorted(set(df.new_tokens))))} new tokens, {device}")
+    rounds = df["round"].nunique() if "round" in df else 1
+    calls = int(df.repeats.max()) if "repeats" in df and df.repeats.notna().any() else 1
+    fig.suptitle(f"Generation, {shapes}{', '.join(map(str, sorted(set(df.new_tokens))))} new tokens, {device}; "
+                 f"bars: {rounds} round(s) x {calls} timed call(s)")
+    fig.tight_layout()
     return fig
 
 
@@ -130,13 +190,23 @@ def plot_rank_correlation(corr: pd.DataFrame, ax=None):
 
 
 def plot_ppl_vs_ratio(table: pd.DataFrame, dataset: str = "WikiText-2", ax=None):
-    """Perplexity of the pruned model against the pruning ratio, one line per criterion (log y)."""
+    """Perplexity of the pruned model against the pruning ratio, one line per criterion, dense as a line.
+
+    ``table`` is ``PruneExplorer.sweep``'s output (its ``n == 0`` rows are the dense model). The y
+    axis turns logarithmic only when the values span more than 3x (as at 35 % and beyond), and says so.
+    """
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(table, x="ratio", y="ppl", hue="criterion", marker="o", ax=ax)
-    ax.set_yscale("log")
-    ax.set_xlabel("share of blocks removed")
-    ax.set_ylabel(f"{dataset} perplexity")
+    sns.lineplot(table.assign(percent=100 * table.ratio), x="percent", y="ppl", hue="criterion", marker="o", ax=ax)
+    dense = table[table.n == 0].ppl
+    if not dense.empty:
+        ax.axhline(float(dense.iloc[0]), color="grey", ls="--", lw=1, label=f"dense ({float(dense.iloc[0]):.1f})")
+        ax.legend(fontsize=8)
+    log = table.ppl.max() / table.ppl.min() > 3
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("blocks removed (% of all blocks)")
+    ax.set_ylabel(f"{dataset} perplexity" + (" (log scale)" if log else ""))
     ax.set_title(f"{dataset} perplexity after one-shot depth pruning")
     return ax.figure
 
@@ -228,3 +298,38 @@ def stamp(fig_or_ax, preset: str, model: str | os.PathLike):
     name = Path(str(model).rstrip("/")).name or str(model)
     fig.text(0.995, 0.005, f"preset {preset} · {name}", ha="right", va="bottom", fontsize=7, color="grey")
     return fig
+
+
+# ---- the residual stream and block scores (notebooks 01-03) ---------------------------------------
+
+# What each criterion's number is, for a y axis (plot_block_scores); a "+" variant has its base's scores
+SCORE_LABELS = {
+    "ppl": "calibration PPL\nwithout the block",
+    "taylor": "sum |w * dL/dw|",
+    "magnitude": "sum |w|",
+    "bi": "1 - cos(h_in, h_out)",
+    "angular": "smallest angle / pi\nof a span with it",
+    "sleb": "greedy removal step",
+    "reverse": "depth rank",
+    "random": "random rank",
+}
+
+
+def plot_residual_cosine(cosine: Sequence[float], ax=None):
+    """Mean cos(h_in, h_out) per block: how little each block turns the residual stream (1 = not at all).
+
+    ``cosine`` is ``1 - block_importance(..., "bi")``. A block whose output points where its input
+    did adds little to the stream, which is why it can be skipped; the first blocks turn it most.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3.2))
+    values = list(map(float, cosine))
+    ax.plot(range(len(values)), values, "-o", ms=4, color="#4c72b0")
+    ax.axhline(1, color="grey", ls="--", lw=1)
+    ax.text(len(values) - 1, 1, "1 = the block changes nothing ", ha="right", va="bottom", fontsize=8, color="grey")
+    ax.set_xlabel("block (0 = next to the embeddings)")
+    ax.set_ylabel("mean cos(h_in, h_out)\nover calibration tokens")
+    ax.set_title("How far each block turns the residual stream")
+    low = min(values)
+    ax.set_ylim(low - 0.08 * (1 - low) - 1e-3, 1 + 0.1 * (1 - low) + 1e-3)
+    return ax.figure
