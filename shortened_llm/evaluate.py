@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import eval_cache
 from .data import load_texts
 from .families import family_of
 
-__all__ = ["PPL_DATASETS", "perplexity", "ppl_segments", "token_nll", "default_bos"]
+__all__ = ["PPL_DATASETS", "perplexity", "ppl_segments", "token_nll", "default_bos", "ppl_key"]
 
 PPL_DATASETS = ("wikitext2", "ptb")
 BosProtocol = Literal["once", "per-segment"]
@@ -91,9 +92,31 @@ def shifted_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seq_len: int = 128, bos: BosProtocol | None = None,
-               max_segments: int | None = None, batch_size: int = 8, progress: bool = True) -> float:
-    """Paper-protocol perplexity; ``bos=None`` follows the model family (see ``default_bos``)."""
+               max_segments: int | None = None, batch_size: int = 8, progress: bool = True, cache=None) -> float:
+    """Paper-protocol perplexity; ``bos=None`` follows the model family (see ``default_bos``).
+
+    ``cache`` (``eval_cache.resolve``: ``None`` = the active cache, if any; ``False`` = none) reads
+    the number back when this model's weights were measured on these very token ids at this batch
+    size before, by any notebook: ``ppl_key`` says what the key holds.
+    """
     bos = bos or default_bos(model)
     segments = ppl_segments(tokenizer, dataset, seq_len, bos, max_segments)
-    nll = token_nll(model, segments, batch_size, progress=f"PPL {dataset}" if progress else False)
-    return math.exp(nll.double().mean().item())
+
+    def measure() -> float:
+        nll = token_nll(model, segments, batch_size, progress=f"PPL {dataset}" if progress else False)
+        return math.exp(nll.double().mean().item())
+
+    store = eval_cache.resolve(cache)
+    if store is None:
+        return measure()
+    key = ppl_key(model, segments, dataset=dataset, seq_len=seq_len, bos=bos, max_segments=max_segments,
+                  batch_size=batch_size)
+    return float(store.get_or_compute(key, measure))
+
+
+def ppl_key(model, segments: torch.Tensor, **protocol) -> dict:
+    """The evaluation-cache key of one PPL: the model (``eval_cache.model_key``), the digest of the
+    token ids (dataset, tokenizer, seq_len, BOS rule and segment count all change them), and the
+    protocol's settings spelled out so an entry reads on its own. The batch size is in it: batches
+    of another shape may round the last digits differently."""
+    return {"kind": "ppl", **eval_cache.model_key(model), "inputs": eval_cache.tensor_digest(segments), **protocol}

@@ -27,6 +27,8 @@ from string import Template
 import pandas as pd
 from tqdm.auto import tqdm
 
+from . import eval_cache
+from .artifacts import read_cached_csv
 from .data import data_dir, set_offline_if_pack
 from .errors import unknown_name
 
@@ -40,6 +42,7 @@ __all__ = [
     "task_manager",
     "stock_tasks_dir",
     "average_row",
+    "zero_shot_key",
 ]
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -136,41 +139,78 @@ def average_row(table: pd.DataFrame) -> dict:
 
 
 def zero_shot(model, tokenizer=None, tasks=PAPER_TASKS, limit: int | None = None, batch_size: int | str = 16,
-              average: bool = True, progress: bool = True) -> pd.DataFrame:
+              average: bool = True, progress: bool = True, cache=None) -> pd.DataFrame:
     """Zero-shot accuracy on ``tasks`` with lm-eval; one row per task (and an ``average`` row).
 
     Columns: task, metric (the paper's), value, stderr, limit (``None`` = all documents),
     n_docs, seconds (wall time of that task), source (``pack`` or ``hub``), note.
     ``limit`` takes the first N documents of each task, as lm-eval's ``--limit`` does.
-    Tasks run one at a time so each gets its own wall time.
+    Tasks run one at a time so each gets its own wall time, and each task's row is one entry of
+    the evaluation cache (``cache``: ``eval_cache.resolve``; ``None`` = the active cache, if any):
+    notebook 06's one-task calls and notebook 09's all-task ones share rows. ``zero_shot_key``
+    says what the key holds; an lm-eval ``HFLM`` passed as ``model`` is never cached.
     """
-    import lm_eval
-
     tasks = check_tasks(tasks)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit={limit!r} must be a whole number >= 1 (documents per task) or None for all")
-    lm = _lm(model, tokenizer, batch_size)
-    source = "pack" if data_dir() is not None else "hub"
+    pack = data_dir()
+    source = "pack" if pack is not None else "hub"
+    store = eval_cache.resolve(cache) if tokenizer is not None and not _is_hflm(model) else None
+    base = zero_shot_key(model, tokenizer, limit=limit, batch_size=batch_size, source=source) if store else None
+    lm = None
     rows = []
     with task_manager(tasks) as manager:
         for name in tqdm(tasks, desc="zero-shot", unit="task", disable=not progress):
-            t0 = time.perf_counter()
-            out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
-                                          num_fewshot=0, log_samples=False, verbosity="ERROR")
-            seconds = time.perf_counter() - t0
-            metric = REPORTED_METRIC[name]
-            result = out["results"][name]
-            stderr = result.get(f"{metric}_stderr,none")
-            rows.append({
-                "task": name, "metric": metric, "value": float(result[f"{metric},none"]),
-                "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
-                "limit": limit, "n_docs": int(out["n-samples"][name]["effective"]), "seconds": round(seconds, 2),
-                "source": source, "note": PACK_SUBSTITUTES.get(name, "") if source == "pack" else "",
-            })
+            def measure(name=name):
+                nonlocal lm
+                lm = lm or _lm(model, tokenizer, batch_size)  # built only when a task is not cached
+                return _task_row(lm, name, manager, limit, source)
+            if store is None:
+                rows.append(measure())
+                continue
+            data = eval_cache.file_digest(pack / "zeroshot" / f"{name}.jsonl") if pack is not None else "hub"
+            rows.append(store.get_or_compute({**base, "task": name, "data": data}, measure))
     table = pd.DataFrame(rows)
     if average:
         table = pd.concat([table, pd.DataFrame([average_row(table)])], ignore_index=True)
     return table
+
+
+def _is_hflm(model) -> bool:
+    from lm_eval.models.huggingface import HFLM
+
+    return isinstance(model, HFLM)
+
+
+def _task_row(lm, name: str, manager, limit: int | None, source: str) -> dict:
+    """One task's row, scored by lm-eval (the only place a zero-shot number is computed)."""
+    import lm_eval
+
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
+                                  num_fewshot=0, log_samples=False, verbosity="ERROR")
+    seconds = time.perf_counter() - t0
+    metric = REPORTED_METRIC[name]
+    result = out["results"][name]
+    stderr = result.get(f"{metric}_stderr,none")
+    return {
+        "task": name, "metric": metric, "value": float(result[f"{metric},none"]),
+        "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
+        "limit": limit, "n_docs": int(out["n-samples"][name]["effective"]), "seconds": round(seconds, 2),
+        "source": source, "note": PACK_SUBSTITUTES.get(name, "") if source == "pack" else "",
+    }
+
+
+def zero_shot_key(model, tokenizer, **protocol) -> dict:
+    """The evaluation-cache key of a zero-shot row, less its task and data file: the model
+    (``eval_cache.model_key``), the tokenizer, the family's BOS rule, lm-eval's version and the
+    protocol's settings (limit, batch size: lm-eval pads each batch, source)."""
+    import lm_eval
+
+    from .models import family_of
+
+    return {"kind": "zero_shot", **eval_cache.model_key(model), "tokenizer": eval_cache.tokenizer_digest(tokenizer),
+            "add_bos": family_of(model).zero_shot_bos, "lm_eval": lm_eval.__version__, **protocol}
 
 
 # ---- a resumable results table over several models -----------------------------------------
@@ -181,19 +221,26 @@ def _write_csv(table: pd.DataFrame, path: Path) -> None:
     atomic_write_text(path, table.to_csv(index=False))
 
 
+# what zero_shot_table reads back from its CSV to know a row is done, and shows
+TABLE_COLUMNS = ("model", "task", "metric", "value", "stderr", "limit", "n_docs", "seconds", "source", "note")
+
+
 def zero_shot_table(models: dict, out_csv, tasks=PAPER_TASKS, limit: int | None = None, batch_size: int | str = 16,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True, cache=None) -> pd.DataFrame:
     """Zero-shot rows for every ``model label -> loader()`` x task, appended to ``out_csv`` as they finish.
 
     A loader returns ``(model, tokenizer)``. Rows already in ``out_csv`` with the same label,
     task and limit are kept, not recomputed, so an interrupted background run resumes where it
-    stopped. Tasks are the outer loop: a run cut short still compares every model on the
+    stopped (a CSV lacking a column of ``TABLE_COLUMNS`` is refused with ``CorruptFileError``); a row
+    another notebook measured on the same model comes from the evaluation cache (``cache``, as in
+    ``zero_shot``). Tasks are the outer loop: a run cut short still compares every model on the
     tasks it finished. A loader that raises ``LookupError`` (e.g. a criterion not available
     yet) is skipped for that task and tried again on the next one.
     """
     tasks = check_tasks(tasks)
     out_csv = Path(out_csv)
-    done = pd.read_csv(out_csv, keep_default_na=False) if out_csv.exists() else pd.DataFrame()
+    done = (read_cached_csv(out_csv, TABLE_COLUMNS, f"delete {str(out_csv)!r} (its rows are measured again) or pass "
+                            "another out_csv", keep_default_na=False) if out_csv.exists() else pd.DataFrame())
     key = "all" if limit is None else str(limit)
 
     def have(label, task):
@@ -212,7 +259,7 @@ def zero_shot_table(models: dict, out_csv, tasks=PAPER_TASKS, limit: int | None 
                     continue
             model, tokenizer = loaded[label]
             row = zero_shot(model, tokenizer, tasks=[task], limit=limit, batch_size=batch_size,
-                            average=False, progress=progress).assign(model=label)
+                            average=False, progress=progress, cache=cache).assign(model=label)
             row["limit"] = key
             done = pd.concat([done, row], ignore_index=True)
             _write_csv(done, out_csv)

@@ -26,16 +26,22 @@ __all__ = ["RECOVERY", "quick_eval", "recover"]
 RECOVERY = ("none", "lora", "partial", "kd", "replaceme", "replaceme+lora", "replaceme+kd")
 
 
-def quick_eval(model, tokenizer, preset: Preset) -> dict:
-    """WikiText-2 PPL (paper protocol) and the zero-shot average at the preset's limits."""
+def quick_eval(model, tokenizer, preset: Preset, cache=None) -> dict:
+    """WikiText-2 PPL (paper protocol) and the zero-shot average at the preset's limits.
+
+    The same calls, at the same budgets, as notebook 06's tables (``claims.ppl_table``,
+    ``zeroshot.zero_shot_table``): with the evaluation cache on (``cache``, ``eval_cache.resolve``;
+    ``None`` = the active one), a model 06 measured already (the dense one, the ``ppl`` and
+    ``taylor+`` pruned ones) is read back, not scored again.
+    """
     from ..evaluate import perplexity
     from ..zeroshot import zero_shot
 
     ppl = perplexity(model, tokenizer, "wikitext2", seq_len=preset.eval_seq_len, max_segments=preset.eval_segments,
-                     batch_size=preset.eval_batch_size, progress=False)
+                     batch_size=preset.eval_batch_size, progress=False, cache=cache)
     tasks = preset.zero_shot_tasks or None
     table = zero_shot(model, tokenizer, **({"tasks": tasks} if tasks else {}), limit=preset.zero_shot_limit,
-                      batch_size=preset.eval_batch_size, progress=False)
+                      batch_size=preset.eval_batch_size, progress=False, cache=cache)
     return {"wikitext2_ppl": ppl, "zero_shot_avg": float(table[table.task == "average"].value.iloc[0])}
 
 
