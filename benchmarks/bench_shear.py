@@ -1,18 +1,19 @@
 """Sheared-LLaMA's learned structured pruning on the embedded model: PPL, size against target, wall time.
 
-    python benchmarks/bench_shear.py                         # 20 % fewer parameters, 25 mask steps, CPU
+    python benchmarks/bench_shear.py                         # 20 % fewer parameters, smoke's 25 mask steps, CPU
     python benchmarks/bench_shear.py --steps 80 --compare-depth
 
 Shears SmolLM2-135M to ``--ratio`` fewer parameters (``shear.shape_for_ratio``: hidden and MLP
 sizes shrink together) with ``--steps`` steps of mask learning on the pack's C4 rows, batches of
-``--batch`` blocks of the smoke preset's 128 tokens, then cuts the model to the masks. Prints
+``--batch`` blocks of the smoke preset's 128 tokens (``shear_*`` fields: every flag left out is
+the smoke preset's value), then cuts the model to the masks. Prints
 WikiText-2 PPL (``evaluate.perplexity``, the smoke preset's segments) of the dense and the sheared
 model, the parameter count against the target (the issue asks for 2 %), and the seconds of each
 step. ``--compare-depth`` adds a depth-pruned model of about the same size (data-free magnitude
 criterion, whole blocks) after CPT for the same number of steps and blocks per step, i.e. equal
-training tokens. The model's weights are frozen while the masks learn here (``--weights-lr 0``,
-the paper trains them at 1e-4): on two CPU cores the weights' backward and Adam would double each
-step. Nothing is asserted: the numbers are the result, whatever they say.
+training tokens. The model's weights are frozen while the masks learn at smoke
+(``shear_weights_lr=0``, the paper trains them at 1e-4): on two CPU cores the weights' backward and
+Adam would double each step. Nothing is asserted: the numbers are the result, whatever they say.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from shortened_llm.evaluate import perplexity
 from shortened_llm.families import count_params
 from shortened_llm.models import load_model
 from shortened_llm.presets import get_preset
-from shortened_llm.shear import ShearSettings, shape_for_ratio, shape_params, shear_model
+from shortened_llm.shear import shape_for_ratio, shape_params, shear_model
 
 
 def _cpu_model() -> str:
@@ -45,17 +46,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratio", type=float, default=0.2, help="share of the parameters to remove")
-    p.add_argument("--steps", type=int, default=25, help="25 fit 10 minutes on 2 shared CPU cores")
-    p.add_argument("--batch", type=int, default=2, help="blocks per step (one forward pass)")
-    p.add_argument("--mask-lr", type=float, default=0.5, help="paper: 1.0 over 3,200 steps")
-    p.add_argument("--lambda-lr", type=float, default=50.0, help="paper: 1.0 over 3,200 steps; 5 left the hidden "
+    p.add_argument("--steps", type=int, default=None, help="default: smoke's shear_steps (25 fit 10 minutes on 2 "
+                   "shared CPU cores)")
+    p.add_argument("--batch", type=int, default=None, help="blocks per step (default: smoke's shear_batch)")
+    p.add_argument("--mask-lr", type=float, default=None, help="paper: 1.0 over 3,200 steps")
+    p.add_argument("--lambda-lr", type=float, default=None, help="paper: 1.0 over 3,200 steps; 5 left the hidden "
                    "masks 7 %% above target after 40 steps")
-    p.add_argument("--weights-lr", type=float, default=0.0, help="paper: 1e-4")
-    p.add_argument("--droprate-init", type=float, default=0.01, help="paper: 0.5 (a short run cannot recover from it)")
+    p.add_argument("--weights-lr", type=float, default=None, help="paper: 1e-4")
+    p.add_argument("--droprate-init", type=float, default=None, help="paper: 0.5 (a short run cannot recover from it)")
     p.add_argument("--compare-depth", action="store_true", help="also depth-prune + CPT at equal steps and tokens")
     args = p.parse_args(argv)
 
-    preset = get_preset("smoke", cpt_batch=args.batch, cpt_micro_batch=args.batch)
+    preset = get_preset("smoke", shear_steps=args.steps, shear_batch=args.batch, shear_mask_lr=args.mask_lr,
+                        shear_lambda_lr=args.lambda_lr, shear_weights_lr=args.weights_lr,
+                        shear_droprate_init=args.droprate_init)
+    args.steps, args.batch = preset.shear_steps, preset.shear_batch
+    # depth + CPT sees the same tokens: the shearing batches, of the same block size
+    preset = get_preset(preset, cpt_batch=args.batch, cpt_micro_batch=args.batch, cpt_block_size=preset.shear_block_size)
     print(f"CPU: {_cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; preset smoke "
           f"(eval_segments={preset.eval_segments}, seq_len={preset.eval_seq_len}; blocks of {preset.cpt_block_size} "
           f"tokens, {args.batch} per step)", flush=True)
@@ -68,11 +75,9 @@ def main(argv=None) -> int:
     print(f"dense: {dense:,} parameters, WikiText-2 PPL {ppl['dense']:.2f}; target shape {shape} "
           f"({shape_params(model.config, shape):,} parameters)", flush=True)
 
-    settings = ShearSettings(mask_lr=args.mask_lr, lambda_lr=args.lambda_lr, weights_lr=args.weights_lr,
-                             droprate_init=args.droprate_init, target_warmup=0.5)
     t0 = time.perf_counter()
     try:
-        result = shear_model(model, tok, shape, steps=args.steps, preset=preset, settings=settings, data="c4")
+        result = shear_model(model, tok, shape, preset=preset, data="c4")
     except ValueError as err:  # the masks did not reach the target: that is the result
         print(f"shear failed after {time.perf_counter() - t0:.0f} s: {err}")
         return 1

@@ -324,7 +324,8 @@ def cmd_shear(args) -> int:
 
     from .families import count_params
     from .models import load_model
-    from .shear import ShearSettings, save_sheared, shear_model
+    from .presets import get_preset
+    from .shear import save_sheared, shear_model
 
     if args.target_shape is not None:
         try:
@@ -336,15 +337,14 @@ def cmd_shear(args) -> int:
             raise ValueError(f"--target-shape must be a JSON object of shape keys, got {args.target_shape!r}")
     else:
         target = args.target_ratio
-    settings = ShearSettings(**{k: getattr(args, k) for k in ("mask_lr", "lambda_lr", "weights_lr", "droprate_init",
-                                                              "target_warmup", "tolerance", "domain_interval")
-                                if getattr(args, k) is not None})
+    preset = get_preset(args.preset, **{f"shear_{k}": getattr(args, k) for k in (
+        "mask_lr", "lambda_lr", "weights_lr", "droprate_init", "target_warmup", "tolerance", "domain_interval")})
     out = Path(args.out)
     check_replaceable(out, args.overwrite, flag="--overwrite")  # not after the training
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype="float32", preset=args.preset)  # masks and weights train in fp32
     before = count_params(model)
-    result = shear_model(model, tokenizer, target, steps=args.steps, preset=args.preset, settings=settings,
+    result = shear_model(model, tokenizer, target, steps=args.steps, preset=preset,
                          data=args.data, domains=args.domains, seed=args.seed, progress=args.progress)
     save_sheared(result, tokenizer, out, overwrite=args.overwrite, info={"model": args.model, "preset": args.preset})
     r = result.record
@@ -478,9 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-shape", default=None,
                         help="JSON of num_hidden_layers, hidden_size, num_attention_heads / num_key_value_heads, "
                              "intermediate_size (missing keys keep the model's)")
-    p.add_argument("--steps", type=COUNT, required=True, help="optimizer steps of mask learning (paper: 3200)")
+    p.add_argument("--steps", type=COUNT, default=None, help="optimizer steps of mask learning (default: the preset's "
+                   "shear_steps; paper: 3200)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--preset", default="smoke", help=f"{', '.join(PRESETS)}: batch and block size (cpt_* fields)")
+    p.add_argument("--preset", default="smoke", help=f"{', '.join(PRESETS)}: steps, batches, learning rates (shear_* fields)")
     p.add_argument("--data", default="c4", help="training text (a dataset name) when --domains is not given")
     p.add_argument("--domains", nargs="+", default=None,
                    help="dynamic batch loading over these datasets, e.g. bookcorpus c4 (weights saved per update)")
@@ -488,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("mask-lr", float), ("lambda-lr", float), ("weights-lr", float), ("droprate-init", float),
                        ("target-warmup", float), ("tolerance", float), ("domain-interval", COUNT)):
         p.add_argument(f"--{name}", type=kind, default=None,
-                       help="shear.ShearSettings." + name.replace("-", "_") + " (default: the paper's)")
+                       help="the preset's shear_" + name.replace("-", "_") + " (paper: Sheared-LLaMA's value)")
     p.add_argument("--progress", action="store_true", help="print every step's losses and expected shape")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_shear)

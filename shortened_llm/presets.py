@@ -152,6 +152,39 @@ class Preset:
     requires_original_data: bool = field(default=False, metadata={
         "help": "paper: refuse the pack's stand-in datasets unless allow_substitute_data (numbers meant to be "
                 "compared with the paper's tables); CPU presets use the pack as it is"})
+    # dynamic batch loading in CPT (Sheared-LLaMA, Section 2.2; domains.DynamicBatchLoader)
+    cpt_dynamic_batch_loading: bool = field(default=False, metadata={
+        "help": "CPT samples its blocks from cpt_domains by weights that follow each domain's loss above the dense "
+                "model's (Sheared-LLaMA's dynamic batch loading); False: the one corpus cpt_data, as the paper"})
+    cpt_domains: tuple[str, ...] = field(default=("bookcorpus", "c4"), metadata={
+        "help": "the domains of dynamic batch loading (data.DATASETS training sources, never a test split); "
+                "Sheared-LLaMA: RedPajama's seven"})
+    cpt_domain_interval: int = field(default=400, metadata={
+        "help": "dynamic batch loading in CPT: optimizer steps between weight updates (m); Sheared-LLaMA's CPT: 400"})
+    # shearing (Sheared-LLaMA's pruning stage, shear.py); official llmshearing/scripts/pruning.sh in the defaults
+    shear_steps: int = field(default=3200, metadata={"help": "optimizer steps of mask learning; Sheared-LLaMA: 3200 "
+                                                             "(x 32 x 4096 tokens = 0.42B tokens)"})
+    shear_batch: int = field(default=32, metadata={"help": "blocks per shearing step (accumulated in cpt_micro_batch "
+                                                           "blocks per forward pass); Sheared-LLaMA: 32"})
+    shear_block_size: int = field(default=4096, metadata={"help": "tokens per shearing block; Sheared-LLaMA: 4096"})
+    shear_mask_lr: float = field(default=1.0, metadata={"help": "lr of the masks' log_alpha; Sheared-LLaMA: 1.0 "
+                                                                "(lag_lr, the l0 module's); every preset (with lambda 50, 10 steps reach a 20 % target at tiny)"})
+    shear_lambda_lr: float = field(default=1.0, metadata={
+        "help": "lr of the Lagrange multipliers' ascent; Sheared-LLaMA: 1.0 (lag_lr). CPU presets: 50, as 25 "
+                "steps must do what 3200 do (5 left the hidden masks 7 % above target after 40 steps)"})
+    shear_weights_lr: float = field(default=1e-4, metadata={
+        "help": "lr of the model's weights while the masks learn; Sheared-LLaMA: 1e-4; CPU presets: 0 (frozen: "
+                "on a CPU the weights' backward and Adam double each step)"})
+    shear_droprate_init: float = field(default=0.5, metadata={
+        "help": "initial P(unit dropped); Sheared-LLaMA (CoFi): 0.5; CPU presets: 0.01, as a few steps cannot "
+                "win back a model started half masked"})
+    shear_target_warmup: float = field(default=0.2, metadata={
+        "help": "share of the steps over which the target moves from the start to the final shape; "
+                "Sheared-LLaMA: 0.2 (640 of 3200 steps); CPU presets: 0.5"})
+    shear_tolerance: float = field(default=0.02, metadata={
+        "help": "largest expected-size gap above target at the last step (a share of the structure); more raises"})
+    shear_domain_interval: int = field(default=50, metadata={
+        "help": "dynamic batch loading while shearing: steps between weight updates; Sheared-LLaMA: 50"})
     # the lessons' demos: what the notebooks would otherwise decide by the preset's name
     retrain_criterion: str = field(default="ppl", metadata={"help": "criterion of the 20% pruned model notebooks 04 "
                                                                     "and 05 retrain (04: when notebook 02 saved none); "
@@ -197,7 +230,9 @@ class Preset:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1: it counts generated tokens")
         if self.imatrix_samples is not None and self.imatrix_samples < 1:
             raise ValueError(f"imatrix_samples={self.imatrix_samples} must be >= 1 or None")
-        for name in ("lora_cutoff", "cpt_block_size", "cpt_val_blocks", "lora_batch", "lora_micro_batch", "cpt_batch", "cpt_micro_batch", "lora_rank"):
+        for name in ("lora_cutoff", "cpt_block_size", "cpt_val_blocks", "lora_batch", "lora_micro_batch", "cpt_batch",
+                     "cpt_micro_batch", "lora_rank", "cpt_domain_interval", "shear_steps", "shear_batch",
+                     "shear_block_size", "shear_domain_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         choices = {"lora_mixed_precision": ("none", "fp16"), "lora_split": ("shuffle", "train_test_split"),
@@ -205,6 +240,11 @@ class Preset:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
+        if self.cpt_dynamic_batch_loading and len(set(self.cpt_domains)) < 2:
+            raise ValueError(f"cpt_domains={self.cpt_domains!r}: dynamic batch loading needs at least 2 domains")
+        if self.shear_mask_lr <= 0 or self.shear_lambda_lr <= 0 or self.shear_weights_lr < 0:
+            raise ValueError(f"shear_mask_lr={self.shear_mask_lr} and shear_lambda_lr={self.shear_lambda_lr} must be "
+                             f"> 0 and shear_weights_lr={self.shear_weights_lr} >= 0 (0 freezes the weights)")
         if self.cpt_weight_decay < 0 or not 0 < self.cpt_adam_beta2 < 1:
             raise ValueError(f"cpt_weight_decay={self.cpt_weight_decay} must be >= 0 and cpt_adam_beta2="
                              f"{self.cpt_adam_beta2} in (0, 1)")
@@ -229,6 +269,12 @@ _CPU = Preset(
     lora_batch=8, lora_micro_batch=4, lora_cutoff=128, lora_val_size=16, cpt_batch=8, cpt_micro_batch=4,
     cpt_block_size=128, retrain_save_steps=10,
     batch_sizes=(1, 4, 16), new_tokens=(32,), repeats=3,
+    # dynamic batch loading: a 30-step CPT updates its weights 6 times
+    cpt_domain_interval=5,
+    # shearing in minutes on the embedded model (benchmarks/bench_shear.py: 25 steps reach the target); why
+    # each value differs from the paper's is in the field's help
+    shear_steps=50, shear_batch=2, shear_block_size=128, shear_lambda_lr=50.0,
+    shear_weights_lr=0.0, shear_droprate_init=0.01, shear_target_warmup=0.5, shear_domain_interval=5,
 )
 
 PRESETS: dict[str, Preset] = {
@@ -242,9 +288,12 @@ PRESETS: dict[str, Preset] = {
         quant_types=("q8_0", "q4_0"), imatrix_samples=2, quant_gen_tokens=8,  # seconds, not minutes
         crossover_ratios=(0.35, 0.5), two_process_check=False, explorer_ratios=(0.1, 0.5),
         quant_ladder=("f16", "q4_k_m", "q2_k"),
+        cpt_domain_interval=1, shear_steps=10, shear_batch=2, shear_block_size=64, shear_lambda_lr=50.0,
+        shear_weights_lr=0.0, shear_droprate_init=0.01, shear_target_warmup=0.5,
+        shear_domain_interval=1,
     ),
     "smoke": replace(_CPU, name="smoke", calib_samples=4, eval_segments=40, ratios=(0.2, 0.35), zero_shot_limit=20,
-                     lora_steps=15, cpt_steps=15),
+                     lora_steps=15, cpt_steps=15, shear_steps=25),
     "cpu": _CPU,
     "paper": Preset(
         name="paper", cpt_steps=None, block_counts=PAPER_BLOCK_COUNTS, cpt_data="slimpajama",

@@ -80,16 +80,17 @@ SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_ke
 
 @dataclass(frozen=True)
 class ShearSettings:
-    """The optimisation of one shearing run; batches and block size come from the preset's ``cpt_*`` fields."""
+    """The optimisation of one shearing run. The defaults are the paper's (official ``pruning.sh``); a preset's
+    ``shear_*`` fields give a run's values (``from_preset``), and its ``shear_batch`` / ``shear_block_size`` the batches."""
 
     mask_lr: float = field(default=1.0, metadata={"help": "Adam lr of the masks' log_alpha; paper: 1.0"})
     lambda_lr: float = field(default=1.0, metadata={"help": "lr of the Lagrange multipliers' gradient ascent; "
                                                                  "paper: 1.0"})
     weights_lr: float = field(default=1e-4, metadata={"help": "Adam lr of the model's weights; paper: 1e-4; 0 freezes them"})
     droprate_init: float = field(default=0.5, metadata={"help": "initial P(unit dropped) -> log_alpha; CoFi/paper: 0.5"})
-    target_warmup: float = field(default=0.5, metadata={"help": "share of the steps over which the target moves "
+    target_warmup: float = field(default=0.2, metadata={"help": "share of the steps over which the target moves "
                                                                 "linearly from the initial expected size to the "
-                                                                "target (CoFi); our choice"})
+                                                                "target (CoFi); paper: 0.2 (640 of 3200 steps)"})
     tolerance: float = field(default=0.02, metadata={"help": "largest expected-size gap above target at the last "
                                                              "step, as a share of the structure; more raises"})
     domain_interval: int = field(default=50, metadata={"help": "dynamic batch loading: steps between weight "
@@ -108,10 +109,16 @@ class ShearSettings:
         if self.domain_interval < 1:
             raise ValueError(f"domain_interval={self.domain_interval} must be >= 1")
 
+    @classmethod
+    def from_preset(cls, preset) -> "ShearSettings":
+        """The settings a preset's ``shear_*`` fields name (``presets.Preset`` sits below this module and knows none)."""
+        return cls(**{f: getattr(preset, f"shear_{f}") for f in (
+            "mask_lr", "lambda_lr", "weights_lr", "droprate_init", "target_warmup", "tolerance", "domain_interval")})
 
-# The paper's pruning stage (Appendix, Table of hyperparameters): 3,200 steps of 32 x 4,096 tokens = 0.4B
-# tokens, lr 1.0 for masks and multipliers, 1e-4 for the weights; dynamic batch loading every 50 steps.
-# With preset "paper" give steps=3200 and cpt_batch=32, cpt_block_size=4096.
+
+# The paper's pruning stage (official llmshearing/scripts/pruning.sh): 3,200 steps of 32 x 4,096 tokens = 0.42B
+# tokens, lr 1.0 for masks and multipliers (lag_lr), 1e-4 for the weights, the target reached after 640 steps;
+# dynamic batch loading every 50 steps. Preset "paper" states the same values (shear_* fields).
 PAPER_SETTINGS = ShearSettings()
 
 
@@ -498,10 +505,13 @@ def _lagrangian(gaps: dict, lambdas: nn.ParameterDict) -> torch.Tensor:
     return sum(lambdas[f"{s}_1"] * g + lambdas[f"{s}_2"] * g ** 2 for s, g in gaps.items())
 
 
-def shear_model(model: nn.Module, tokenizer, target: dict | float, *, steps: int, preset="smoke",
-                settings: ShearSettings = PAPER_SETTINGS, data="c4", domains=None, seed: int | None = None,
+def shear_model(model: nn.Module, tokenizer, target: dict | float, *, steps: int | None = None, preset="smoke",
+                settings: ShearSettings | None = None, data="c4", domains=None, seed: int | None = None,
                 progress: bool = False) -> ShearResult:
     """Learn the masks for ``steps`` optimizer steps on packed text, then cut ``model`` to ``target``.
+
+    ``steps`` (default the preset's ``shear_steps``) of ``shear_batch`` blocks of ``shear_block_size``
+    tokens; ``settings`` default to the preset's ``shear_*`` fields (``ShearSettings.from_preset``).
 
     ``target`` is a shape dict (``check_target``) or a parameter ratio (``shape_for_ratio``). Every
     check on the target runs before the first step. ``domains`` (a list of dataset names or a dict,
@@ -515,25 +525,28 @@ def shear_model(model: nn.Module, tokenizer, target: dict | float, *, steps: int
     _, inner, blocks, _ = _parts(model)
     shape = check_target(inner.config, shape_for_ratio(inner.config, target)
                          if isinstance(target, (int, float)) and not isinstance(target, bool) else dict(target))
+    preset = get_preset(preset)
+    steps = preset.shear_steps if steps is None else steps
+    settings = ShearSettings.from_preset(preset) if settings is None else settings
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     prior = getattr(model, "pruning", None)
     if prior is not None and prior.method != "depth":
         raise ValueError(f"the model is already {prior.method}-pruned: shear a dense or depth-pruned model")
-    preset = get_preset(preset)
     seed = preset.seed if seed is None else seed
-    accum = accumulation_steps(preset.cpt_batch, preset.cpt_micro_batch, 1, "cpt")
+    micro = min(preset.cpt_micro_batch, preset.shear_batch)
+    accum = accumulation_steps(preset.shear_batch, micro, 1, "shear")
     device = next(inner.parameters()).device
     torch.manual_seed(seed)
     loader = None
     if domains is not None:
         from .domains import DynamicBatchLoader
 
-        loader = DynamicBatchLoader(tokenizer, domains, preset.cpt_block_size, preset.cpt_val_blocks, seed)
+        loader = DynamicBatchLoader(tokenizer, domains, preset.shear_block_size, preset.cpt_val_blocks, seed)
         inner.eval()
-        loader.measure_reference(inner, preset.cpt_micro_batch)  # the dense model, before any mask
+        loader.measure_reference(inner, micro)  # the dense model, before any mask
     else:
-        train_rows, _ = packed_rows(tokenizer, data, preset.cpt_block_size, preset.cpt_val_blocks)
+        train_rows, _ = packed_rows(tokenizer, data, preset.shear_block_size, preset.cpt_val_blocks)
         train = torch.tensor([r["input_ids"] for r in train_rows], dtype=torch.long)  # (n, block_size)
         order = torch.randperm(len(train))
     record = ShearRecord(original_num_blocks=prior.original_num_blocks if prior else len(blocks),
@@ -562,10 +575,10 @@ def shear_model(model: nn.Module, tokenizer, target: dict | float, *, steps: int
         with masked(inner, masks, "sample"):
             for _ in range(accum):
                 if loader is not None:
-                    x = loader.sample(preset.cpt_micro_batch)
+                    x = loader.sample(micro)
                 else:
-                    idx = order[torch.arange(drawn, drawn + preset.cpt_micro_batch) % len(order)]
-                    drawn += preset.cpt_micro_batch
+                    idx = order[torch.arange(drawn, drawn + micro) % len(order)]
+                    drawn += micro
                     x = train[idx]  # (micro, block_size), epochs in one fixed shuffled order
                 x = x.to(device)
                 lm = inner(input_ids=x, labels=x).loss
@@ -587,7 +600,7 @@ def shear_model(model: nn.Module, tokenizer, target: dict | float, *, steps: int
         if loader is not None and step % settings.domain_interval == 0:
             inner.eval()
             with masked(inner, masks, "mean"):
-                loader.update(step, loader.held_out_losses(inner, preset.cpt_micro_batch))
+                loader.update(step, loader.held_out_losses(inner, micro))
         if progress:
             print(f"shear step {step}/{steps}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"),
                   flush=True)
@@ -603,7 +616,7 @@ def shear_model(model: nn.Module, tokenizer, target: dict | float, *, steps: int
         gaps_text = "; ".join(f"{s}: expected {e:.1f} kept vs target {t} (gap {e - t:+.1f} of {n}, "
                               f"{(e - t) / n:+.1%} > tolerance {settings.tolerance:.0%})" for s, (e, t, n) in over.items())
         raise ValueError(f"steps={steps} were too few: the masks did not reach the target in {steps} steps: {gaps_text}. Train longer "
-                           "(steps), or raise the multipliers' learning rate (ShearSettings.lambda_lr)")
+                           "(steps), or raise the multipliers' learning rate (preset shear_lambda_lr, ShearSettings.lambda_lr)")
     record.expected_at_end = expected
     record.steps = steps
     prune_to_masks(model, masks, record)

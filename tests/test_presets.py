@@ -6,7 +6,7 @@ import pytest
 from shortened_llm.presets import PRESETS, get_preset
 
 # What a preset buys: more of each makes a run slower and its numbers steadier.
-BUDGETS = ("calib_samples", "eval_segments", "zero_shot_limit", "lora_steps", "cpt_steps")
+BUDGETS = ("calib_samples", "eval_segments", "zero_shot_limit", "lora_steps", "cpt_steps", "shear_steps")
 
 
 def _budget(p, name):
@@ -85,3 +85,24 @@ def test_the_grid_retrains_only_what_it_names():
     assert [job for job in smoke.pruning_jobs() if job[0] == "random"] == [("random", 0.2, s) for s in (0, 1, 2)]
     with pytest.raises(ValueError, match="must be among criteria"):
         RecoveryGrid(criteria=("ppl",), retrain=("reverse",), combos=())
+
+
+def test_paper_states_sheared_llamas_pruning_stage():
+    """Official llmshearing/scripts/pruning.sh: 3200 steps x 32 x 4096 tokens (0.42B), lag_lr 1.0 for the
+    masks and multipliers, lr 1e-4 for the weights, 640 of 3200 steps of target warm-up, updates every 50."""
+    from shortened_llm.shear import PAPER_SETTINGS, ShearSettings
+
+    paper = PRESETS["paper"]
+    tokens = paper.shear_steps * paper.shear_batch * paper.shear_block_size
+    assert 0.4e9 < tokens < 0.43e9
+    assert ShearSettings.from_preset(paper) == PAPER_SETTINGS
+    assert (PAPER_SETTINGS.mask_lr, PAPER_SETTINGS.lambda_lr, PAPER_SETTINGS.weights_lr) == (1.0, 1.0, 1e-4)
+    assert PAPER_SETTINGS.target_warmup == pytest.approx(640 / 3200) and PAPER_SETTINGS.domain_interval == 50
+    assert paper.cpt_domain_interval == 400 and not paper.cpt_dynamic_batch_loading
+
+
+def test_shear_fields_are_checked():
+    with pytest.raises(ValueError, match="shear_lambda_lr"):
+        get_preset("tiny", shear_lambda_lr=0.0)
+    with pytest.raises(ValueError, match="cpt_domains"):
+        get_preset("tiny", cpt_dynamic_batch_loading=True, cpt_domains=("c4",))

@@ -195,3 +195,15 @@ def test_cli_shear_writes_a_plain_smaller_model_and_prints_the_summary(tmp_path,
     assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 56
     assert main(argv) == 2  # --out exists and --overwrite was not given
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_tiny_presets_defaults_reach_a_20_percent_target_without_flags():
+    """The CLI's shear defaults come from the preset: at tiny they must reach the target (the paper's 1.0 for the
+    multipliers, over 3200 steps, stops short in 10), so a run without flags cuts instead of raising."""
+    tok = make_char_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tok))
+    result = shear_model(model, tok, 0.2, preset="tiny", data=TEXTS)
+    assert result.record.steps == 10 and count_params(result.model) < 0.81 * result.record.params_before
+    with pytest.raises(ValueError, match="did not reach the target"):
+        shear_model(make_tiny_llama(vocab_size=len(tok)), tok, 0.2, preset="tiny", data=TEXTS,
+                    settings=ShearSettings())  # the paper's settings, in tiny's 10 steps
