@@ -33,11 +33,21 @@ def counted(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def tiny_pair(tiny_llama_dir):
+@pytest.fixture(scope="module")
+def loaded_tiny(tiny_llama_dir):
     from shortened_llm import load_model
 
     return load_model(tiny_llama_dir, device="cpu")
+
+
+@pytest.fixture
+def tiny_pair(loaded_tiny):
+    """A fresh copy of the tiny model (tests change its weights) with one tokenizer for the module:
+    ``evaluate``'s token stream is cached per tokenizer object, so WikiText-2 is tokenized once."""
+    import copy
+
+    model, tok = loaded_tiny
+    return copy.deepcopy(model), tok
 
 
 def _ppl(model, tok, cache, **kw):

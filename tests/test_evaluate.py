@@ -62,3 +62,15 @@ def test_pruning_hurts_perplexity(embedded):
     pruned = perplexity(remove_blocks(copy.deepcopy(model), [12, 13, 14]), tok, "wikitext2", max_segments=2,
                         progress=False)
     assert pruned > 1.2 * dense
+
+
+@pytest.mark.integration
+def test_a_cached_perplexity_is_the_measured_one_bit_for_bit(tiny_llama_dir, tmp_path):
+    """The evaluation cache stores the float it measured: a reader gets exactly what a fresh run gives."""
+    from shortened_llm import load_model
+
+    model, tok = load_model(tiny_llama_dir, device="cpu")
+    fresh = perplexity(model, tok, "wikitext2", max_segments=2, progress=False, cache=False)
+    stored = perplexity(model, tok, "wikitext2", max_segments=2, progress=False, cache=tmp_path)
+    read = perplexity(model, tok, "wikitext2", max_segments=2, progress=False, cache=tmp_path)
+    assert fresh == stored == read and len(list(tmp_path.glob("ppl-*.json"))) == 1

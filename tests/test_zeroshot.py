@@ -118,3 +118,19 @@ def test_zero_shot_table_on_embedded_model(embedded):
     assert table.value.iloc[2] == pytest.approx(tasks.value.mean())
     assert table.stderr.iloc[2] == pytest.approx(math.sqrt((tasks.stderr**2).sum()) / 2)
     assert list(table.note) == ["", "pack-substitute", ""]
+
+
+def test_zero_shot_table_refuses_a_cached_csv_lacking_columns(tmp_path):
+    """A CSV from another tool or version: the clear error naming the file, before any model loads."""
+    from shortened_llm.errors import CorruptFileError
+    from shortened_llm.zeroshot import zero_shot_table
+
+    out_csv = tmp_path / "zeroshot.csv"
+    out_csv.write_text("model,task\ndense,winogrande\n")
+
+    def never():
+        raise AssertionError("a model loaded before the cached CSV was checked")
+
+    with pytest.raises(CorruptFileError, match=r"lacks the column\(s\) metric, value") as err:
+        zero_shot_table({"dense": never}, out_csv, tasks=["winogrande"], limit=2)
+    assert str(out_csv) in str(err.value)
