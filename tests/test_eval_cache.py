@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from shortened_llm import eval_cache, evaluate, zeroshot
 from shortened_llm.data import data_dir
 from shortened_llm.errors import CorruptFileError
