@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifacts import atomic_dir, atomic_write_text
+from .artifacts import atomic_dir, atomic_write_text, fault_point
 from .errors import MismatchError
 from .finite import NonFiniteLossCallback
 from .models import get_blocks, load_model
@@ -55,6 +55,7 @@ __all__ = [
     "write_record",
     "training_arguments",
     "run_trainer",
+    "last_complete_checkpoint",
     "run_on_cpt_budget",
     "save_trained",
     "publish",
@@ -260,13 +261,15 @@ def training_arguments(work: Path, *, lr: float, batch: int, micro: int, max_ste
                        warmup: int, scheduler: str, seed: int, save_steps: int, accum: int, steps_planned: int,
                        evaluate: bool, progress: bool, eval_steps: int | None = None, best_checkpoint: bool = False,
                        mixed_precision: str = "none", weight_decay: float = 0.0, adam_beta2: float = 0.999,
-                       cuda: bool | None = None):
+                       cuda: bool | None = None, resumed: bool = False):
     """The ``TrainingArguments`` of one run (``run_trainer``'s), built apart so a test can read them.
 
     ``eval_steps=None`` evaluates before the first and after the last step only; a number evaluates
     every that many steps too (official LoRA: 100). ``best_checkpoint`` keeps the checkpoint of the
     lowest validation loss (official: ``load_best_model_at_end``). ``mixed_precision="fp16"`` is
     fp16 autocast with loss scaling over fp32 master weights, on CUDA only: on a CPU it is fp32.
+    ``resumed``: the run goes on from a checkpoint, whose log already holds the validation loss
+    before the first step, so it is not measured again (the loss log then equals an uninterrupted run's).
     """
     from transformers import TrainingArguments
 
@@ -284,12 +287,49 @@ def training_arguments(work: Path, *, lr: float, batch: int, micro: int, max_ste
         # validation loss before the first and after the last step; evaluating inside train(), not before it,
         # matters: an evaluate() call before train() leaves the model unwrapped, and DDP would never sync
         eval_strategy="steps" if evaluate else "no", eval_steps=eval_every,
-        eval_on_start=evaluate, data_seed=seed, report_to="none",
+        eval_on_start=evaluate and not resumed, data_seed=seed, report_to="none",
         load_best_model_at_end=best, metric_for_best_model="eval_loss" if best else None, greater_is_better=False if best else None,
         fp16=cuda and mixed_precision == "fp16",
         disable_tqdm=not progress, use_cpu=not cuda, dataloader_pin_memory=cuda,
         remove_unused_columns=False, ddp_find_unused_parameters=False,
     )
+
+
+def _fault_points():
+    """A callback with the training kill points of the test hook (``artifacts.FAULT_ENV``):
+    ``checkpoint`` (a checkpoint fully saved, before the next step) and ``step`` (mid-step: the
+    gradients computed, not yet applied). Unset, each costs one dict lookup per step."""
+    from transformers import TrainerCallback
+
+    class FaultPoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            fault_point("checkpoint")
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            fault_point("step")
+
+    return FaultPoints()
+
+
+def last_complete_checkpoint(work: Path) -> str | None:
+    """The newest ``checkpoint-<step>`` in ``work`` that was saved to the end, or None; removes the others' debris.
+
+    The Trainer writes a checkpoint in place (weights, optimizer, RNG, then ``trainer_state.json``
+    last), so a run killed while saving leaves a ``checkpoint-<step>`` without a readable state,
+    and ``get_last_checkpoint`` would hand it to the resume, which then fails on every rerun.
+    Such a dir is removed here, and the resume starts from the one before it.
+    """
+    import re
+
+    steps = sorted((int(m.group(1)), p) for p in work.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):  # missing or cut short: killed mid-save
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: float, batch: int, micro: int,
@@ -305,7 +345,6 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     ``padding_side`` is ``padding_collator``'s; ``weight_decay`` and ``adam_beta2`` are AdamW's.
     """
     from transformers import PrinterCallback, Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
     work = checkpoints_dir(out_dir)
     world = world_size()
@@ -313,7 +352,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     steps_planned = max_steps or math.ceil(epochs * len(train_rows) / batch)
     if isinstance(warmup, float):  # a ratio of the planned steps
         warmup = int(round(warmup * steps_planned))
-    last = get_last_checkpoint(str(work)) if work.is_dir() and resume else None
+    last = last_complete_checkpoint(work) if work.is_dir() and resume else None
     if last is not None:
         check_fingerprint(model, work / BASE_FILE, f"checkpoint dir {str(work)!r}",
                           "Delete it, or pass resume=False (CLI: --no-resume) to start over.")
@@ -321,7 +360,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
         work, lr=lr, batch=batch, micro=micro, max_steps=max_steps, epochs=epochs, warmup=warmup, scheduler=scheduler,
         seed=seed, save_steps=save_steps, accum=accum, steps_planned=steps_planned, evaluate=bool(eval_rows),
         progress=progress, eval_steps=eval_steps, best_checkpoint=best_checkpoint, mixed_precision=mixed_precision,
-        weight_decay=weight_decay, adam_beta2=adam_beta2)
+        weight_decay=weight_decay, adam_beta2=adam_beta2, resumed=last is not None)
     model.config.use_cache = False  # no KV cache while training
     # fp32 master weights: AdamW on bf16/fp16 weights loses the small updates (a bf16 weight
     # has 8 bits of mantissa), so a model loaded in half precision trains in fp32 and goes
@@ -332,7 +371,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
                       data_collator=padding_collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                                      else tokenizer.eos_token_id, side=padding_side),
-                      callbacks=[NonFiniteLossCallback(), *(callbacks or [])])  # a NaN/inf loss stops the run, named
+                      callbacks=[NonFiniteLossCallback(), _fault_points(), *(callbacks or [])])  # NaN/inf loss: stops, named
     if not progress:  # no bars means no per-step log dicts printed either; the loss log keeps them
         trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():

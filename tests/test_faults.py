@@ -600,3 +600,19 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_loading(capsys, tm
     code, out, err = run_cli(capsys, *argv, "--model", "no-such-model")
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err and "Unknown model" not in err
     assert (tmp_path / "f").read_text() == "mine\n" and list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_checkpoint_killed_mid_save_is_dropped_and_the_one_before_resumes(tmp_path):
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut while saving."""
+    from shortened_llm.trainer import last_complete_checkpoint
+
+    for step, state in ((2, "{}"), (4, None), (6, '{"global_st')):  # complete, killed before the state, state cut
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"w")
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-10.tmp").mkdir()  # not a checkpoint name: left alone
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10.tmp", "checkpoint-2"]
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(tmp_path) is None  # nothing complete: train from step 0

@@ -178,3 +178,110 @@ def test_two_cli_prunes_to_one_out_dir_never_mix(tmp_path, tiny_llama_dir, unint
     last = loser.strip().split("\n")[-1]
     assert last.startswith("shortened-llm: error: ") and "already exists: pass" in last and "--overwrite" in last
     assert snapshot(out) == uninterrupted("prune") and [p.name for p in tmp_path.iterdir()] == ["pruned"]
+
+
+# ---- training: killed, then resumed from its last checkpoint ---------------------------------------
+
+# 6 steps, a checkpoint every 2: a kill after step 2 or 4 has a checkpoint to resume from
+TRAINING = {"preset": "tiny", "max_steps": 6, "retrain_save_steps": 2, "progress": False}
+TRAIN_CHILD = r"""
+import json, sys
+from transformers import Trainer
+from shortened_llm.artifacts import fault_point
+from shortened_llm.recovery import get_recovery
+
+# the point `save`: killed inside the Trainer's checkpoint write, weights / optimizer / RNG written,
+# trainer_state.json not yet (the Trainer writes in place: this is the half-saved checkpoint)
+save_rng_state = Trainer._save_rng_state
+Trainer._save_rng_state = lambda self, folder: (save_rng_state(self, folder), fault_point("save"))[0]
+method, model, out, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+get_recovery(method)(model, out_dir=out, **options)
+"""
+# (method, fault point, the checkpoint step the rerun must resume from)
+TRAIN_KILLS = [
+    ("lora", "checkpoint:1", 2),  # right after checkpoint-2 was saved
+    ("lora", "step:4", 2),  # mid-step 4: its gradients computed, not applied; checkpoint-2 is the last
+    ("lora", "save:2", 2),  # checkpoint-4 half-saved: the rerun must drop it and go back to checkpoint-2
+    ("partial", "checkpoint:2", 4),  # another method (full weights of the last blocks): after checkpoint-4
+]
+TRAIN_FAST: set = set()  # each takes 35-60 s on a loaded 2-core CPU (a child process, then the rerun): all heavy
+
+
+def start_step_watch():
+    """A callback noting the step training starts at (0, or the resumed checkpoint's) and the first step it runs."""
+    from transformers import TrainerCallback
+
+    class StepWatch(TrainerCallback):
+        seen: dict = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.seen["start"] = state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.setdefault("first", state.global_step)
+
+    return StepWatch()
+
+
+def trained_outputs(out):
+    """A finished training dir as bytes, less what differs between any two runs: what was measured.
+
+    ``loss_log.csv`` keeps the per-step columns (loss, lr, grad norm, eval loss); its timing columns
+    and the summary's ``train_loss`` (the mean over the steps *this process* ran) are left out, as are
+    ``training.json``'s seconds and peak memory. ``training_args.bin`` (the Trainer's pickle of its
+    arguments, in full-weight outputs) is left out too: a resumed run's says ``eval_on_start=False``,
+    as it does not measure again the validation loss before step 1 that its checkpoint's log holds.
+    """
+    import pandas as pd
+
+    files = snapshot(out)
+    files.pop("training_args.bin", None)
+    log = pd.read_csv(out / "loss_log.csv")[["step", "epoch", "loss", "learning_rate", "grad_norm", "eval_loss"]]
+    files["loss_log.csv"] = log.to_csv(index=False, float_format="%r").encode()
+    info = json.loads(files.pop("training.json"))
+    info = {k: v for k, v in info.items() if k != "seconds" and not k.startswith("memory_")}
+    files["training.json"] = json.dumps(info, sort_keys=True).encode()
+    return files, log
+
+
+def train(method, model, out, callbacks=()):
+    from shortened_llm.recovery import get_recovery
+
+    return get_recovery(method)(model, out_dir=out, callbacks=callbacks, **TRAINING)
+
+
+@pytest.fixture(scope="module")
+def trained_uninterrupted(tmp_path_factory, tiny_llama_dir):
+    """Each method's training run from start to end, once per method."""
+    done = {}
+
+    def get(method):
+        if method not in done:
+            out = tmp_path_factory.mktemp("ref") / method
+            train(method, tiny_llama_dir, out)
+            done[method] = trained_outputs(out)
+        return done[method]
+    return get
+
+
+@pytest.mark.parametrize("method, point, resumed_at",
+                         [pytest.param(*k, marks=() if k[:2] in TRAIN_FAST else pytest.mark.heavy) for k in TRAIN_KILLS],
+                         ids=[f"{m}-{p}" for m, p, _ in TRAIN_KILLS])
+def test_training_killed_then_run_again_resumes_and_ends_as_if_never_killed(
+        tmp_path, tiny_llama_dir, trained_uninterrupted, method, point, resumed_at):
+    out = tmp_path / method
+    env = {**os.environ, FAULT_ENV: point, "SHORTENED_LLM_DTYPE": "float32", "OMP_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, "-c", TRAIN_CHILD, method, str(tiny_llama_dir), str(out), json.dumps(TRAINING)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert not out.exists()  # nothing at the artifact's path until training finished
+    work = tmp_path / f"{method}.checkpoints"
+    watch = start_step_watch()
+    result = train(method, tiny_llama_dir, out, callbacks=[watch])
+    assert watch.seen == {"start": resumed_at, "first": resumed_at + 1}  # from the checkpoint, not from step 0
+    assert result.steps == TRAINING["max_steps"]
+    files, log = trained_outputs(out)
+    reference, reference_log = trained_uninterrupted(method)
+    assert log.loss.dropna().iloc[-1] == reference_log.loss.dropna().iloc[-1]  # the same final loss, bitwise
+    assert files == reference  # weights, adapter, per-step log and record: bitwise an uninterrupted run's
+    assert not work.exists() and [p.name for p in tmp_path.iterdir()] == [out.name]  # checkpoints and temps gone
