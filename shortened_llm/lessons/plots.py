@@ -110,6 +110,8 @@ def plot_generation_sweep(table: pd.DataFrame, new_tokens: int | None = None, sh
     slowest round's median to the fastest single call (``latency_min_s``), so a bar exists even with
     one round of several calls; the title says how many rounds and calls the bars come from.
     """
+    from matplotlib import ticker
+
     from ..efficiency import speedup_table  # one definition of a speed-up (medians over rounds)
 
     df = table[table.status == "ok"]
@@ -127,6 +129,9 @@ def plot_generation_sweep(table: pd.DataFrame, new_tokens: int | None = None, sh
         ax1.errorbar(per_batch.index, per_batch.mid, yerr=[per_batch.mid - per_batch.low, per_batch.high - per_batch.mid],
                      marker="o", capsize=3, color=colours[name], label=name)
     ax1.set_yscale("log")
+    low, high = ax1.get_ylim()
+    ax1.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 10, 100, not 10^1, 10^2
+    ax1.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}") if high / low < 10 else ticker.NullFormatter())
     ax1.set_xlabel("batch size (log scale)")
     ax1.set_ylabel("generated tokens per second (log scale)")
     ax1.set_title("Throughput, higher is better")
