@@ -207,7 +207,7 @@ def quant_table(model: str | os.PathLike, out_csv: str | os.PathLike | None = No
 
     import torch
 
-    from .artifacts import atomic_write_text
+    from .artifacts import atomic_write_text, read_cached_csv
     from .models import resolve_model_path
 
     plan = _plan(types, imatrix)
@@ -222,6 +222,12 @@ def quant_table(model: str | os.PathLike, out_csv: str | os.PathLike | None = No
             models.setdefault(name or resolved.name, resolved)
     if dense is not None and len(models) < 2:
         raise ValueError(f"model and dense both have the label {next(iter(models))!r}: pass label= / dense_label=")
+    done = pd.DataFrame()
+    if out_csv is not None and Path(out_csv).exists():
+        # a CSV of another version or tool is refused in one line here, not as a KeyError mid-table, before any dir is made
+        done = read_cached_csv(out_csv, COLUMNS, f"delete {str(out_csv)!r} (its rows are measured again) or pass "
+                               "another out_csv (CLI: --out)", dtype={"same_file_as": str, "max_segments": str})
+        done = done.assign(imatrix=done.imatrix.astype(str) == "True", same_file_as=done.same_file_as.fillna(""))
     tmp = None
     if work_dir is None and out_csv is None:
         tmp = tempfile.TemporaryDirectory(prefix="quant-table-")
@@ -230,10 +236,6 @@ def quant_table(model: str | os.PathLike, out_csv: str | os.PathLike | None = No
     work_dir.mkdir(parents=True, exist_ok=True)
     threads = n_threads or torch.get_num_threads()
 
-    done = pd.DataFrame()
-    if out_csv is not None and Path(out_csv).exists():
-        done = pd.read_csv(out_csv, dtype={"same_file_as": str, "max_segments": str})
-        done = done.assign(imatrix=done.imatrix.astype(str) == "True", same_file_as=done.same_file_as.fillna(""))
     seg = "all" if max_segments is None else str(max_segments)
     rows = []
     try:

@@ -583,6 +583,21 @@ def test_a_cached_eval_csv_missing_columns_is_named(tmp_path, text, why):
     assert read_cached_csv(path, ["model", "task", "acc"], "unused").acc.tolist() == [0.5]
 
 
+def test_a_cached_quant_table_csv_missing_columns_is_one_line_before_any_measurement(capsys, tmp_path, tiny_llama_dir):
+    """``export quant-table --out`` reuses the rows of its CSV: one of another version (no ``ppl`` column) was a KeyError."""
+    from shortened_llm.quant_table import COLUMNS
+
+    out = tmp_path / "quant_table.csv"
+    kept = [c for c in COLUMNS if c != "ppl"]
+    out.write_text(",".join(kept) + "\n" + ",".join("x" for _ in kept) + "\n")
+    before = out.read_bytes()
+    code, _, err = run_cli(capsys, "export", "quant-table", "--model", tiny_llama_dir, "--out", out, "--types", "f16")
+    assert code == 2
+    assert error_line(err) == (f"shortened-llm: error: {str(out)!r}: lacks the column(s) ppl of a finished-rows cache. "
+                               f"Fix: delete {str(out)!r} (its rows are measured again) or pass another out_csv (CLI: --out)")
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["quant_table.csv"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["score", "--out", "{dir}"], "is a directory: give a file path"),
     (["score", "--out", "{file}/s.csv"], "is a file, not a folder"),
