@@ -458,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in <out>.checkpoints/")
     p.add_argument("--teacher", default=None, help="kd, replaceme: the dense teacher (embedded name, dir or hub id)")
+    p.add_argument("--dynamic-batch-loading", dest="cpt_dynamic_batch_loading", action="store_true", default=None,
+                   help="cpt: draw blocks from the preset's cpt_domains by Sheared-LLaMA's dynamic batch loading "
+                        "(needs --reference-model; weights saved as domain_weights.json)")
+    p.add_argument("--reference-model", default=None, help="cpt --dynamic-batch-loading: the dense model whose "
+                   "held-out loss per domain is the reference (embedded name, dir or hub id)")
     p.add_argument("--temperature", type=TEMPERATURE, default=1.0, help="kd: softmax temperature T (KL scaled by T^2)")
     p.add_argument("--alpha", type=ALPHA, default=0.0, help="kd: weight of the LM loss (the KL gets 1 - alpha)")
     p.add_argument("--hidden-loss", action="store_true", help="kd: add per-block hidden-state MSE (needs pruning.json)")

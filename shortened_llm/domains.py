@@ -18,18 +18,32 @@ so the weights follow how much each domain suffered from pruning.
 
 The starting weights are each domain's share of the training blocks (the paper starts from
 RedPajama's own mixture). ``DynamicBatchLoader`` owns the domains' packed blocks, the
-weights and their history; ``history_csv`` is what a run saves beside its model.
+weights and their history; ``history_csv`` / ``history_json`` is what a run saves beside its model.
+
+Shearing (``shear.py``, its own loop) calls ``sample`` and ``update`` itself. CPT runs on the HF
+``Trainer``, which draws its batches from a dataset through a sampler it owns; there the loader
+enters as two pieces (``dynamic_batch_loading``): ``DomainMixture``, a map-style dataset whose
+row ``i`` is a block drawn by the weights *at the time it is read* (from a generator seeded by
+``i``: the same weights give the same row), and ``DynamicBatchLoadingCallback``, which measures
+the held-out losses every ``m`` optimizer steps and moves the weights. The Trainer's data loader
+reads one batch ahead, so an update first shows in the batch after next.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import json
+
 import torch
+from transformers import TrainerCallback
 
 from .evaluate import token_nll
 from .trainer import packed_rows
 
-__all__ = ["DEFAULT_DOMAINS", "Domain", "update_weights", "DynamicBatchLoader"]
+__all__ = ["DEFAULT_DOMAINS", "WEIGHTS_FILE", "Domain", "update_weights", "DynamicBatchLoader", "DomainMixture",
+           "DynamicBatchLoadingCallback", "dynamic_batch_loading"]
+
+WEIGHTS_FILE = "domain_weights.json"  # what a CPT run with dynamic batch loading saves beside its model
 
 # The pack's training text sources (data.DATASETS); WikiText-2 and PTB are evaluation sets and never a domain.
 DEFAULT_DOMAINS = ("bookcorpus", "c4")
@@ -114,6 +128,7 @@ class DynamicBatchLoader:
                 for i in which.tolist()]
         return torch.stack(rows)
 
+    @torch.no_grad()
     def held_out_losses(self, model, micro_batch: int = 4) -> torch.Tensor:
         """``(k,)`` mean next-token loss of ``model`` on each domain's held-out blocks (``evaluate.token_nll``)."""
         return torch.stack([token_nll(model, d.held_out, micro_batch).double().mean() for d in self.domains])
@@ -146,3 +161,64 @@ class DynamicBatchLoader:
             lines.append("reference," + ",".join("" for _ in self.names) + ","
                          + ",".join(str(float(r)) for r in self.reference))
         return "\n".join(lines) + "\n"
+
+    def history_json(self, interval: int | None = None) -> str:
+        """The same history as JSON: domains, reference losses, and one ``{step, weights, losses}`` per update."""
+        rows = [{"step": r["step"], "weights": {n: r[f"weight_{n}"] for n in self.names},
+                 "losses": {n: r[f"loss_{n}"] for n in self.names} if f"loss_{self.names[0]}" in r else None}
+                for r in self.history]
+        reference = None if self.reference is None else dict(zip(self.names, map(float, self.reference)))
+        return json.dumps({"domains": self.names, "update_every_steps": interval, "reference": reference,
+                           "history": rows}, indent=2) + "\n"
+
+
+class DomainMixture(torch.utils.data.Dataset):
+    """The Trainer's training rows under dynamic batch loading: row ``i`` is a block of a domain drawn by the
+    loader's weights when the row is read (the Trainer's sampler picks ``i``; the weights pick the domain).
+
+    A generator seeded by ``(seed, i)`` draws both the domain and the block, so a row depends only on its
+    index and the weights of the moment: runs with the same seed draw the same blocks.
+    """
+
+    def __init__(self, loader: DynamicBatchLoader, seed: int = 0):
+        self.loader, self.seed = loader, seed
+        self.length = sum(len(d.train) for d in loader.domains)  # an epoch: as many rows as there are blocks
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        domain = self.loader.domains[int(torch.multinomial(self.loader.weights.float(), 1, generator=gen))]
+        block = domain.train[int(torch.randint(len(domain.train), (1,), generator=gen))].tolist()
+        return {"input_ids": block, "labels": block}
+
+
+class DynamicBatchLoadingCallback(TrainerCallback):
+    """Every ``interval`` optimizer steps: the model's held-out loss per domain, then Algorithm 1's update."""
+
+    def __init__(self, loader: DynamicBatchLoader, interval: int, micro_batch: int = 4):
+        if interval < 1:
+            raise ValueError(f"interval={interval} must be >= 1 (cpt_domain_interval in the preset)")
+        self.loader, self.interval, self.micro_batch = loader, interval, micro_batch
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.interval:
+            return
+        training = model.training
+        model.eval()
+        losses = self.loader.held_out_losses(model, self.micro_batch)
+        model.train(training)
+        self.loader.update(state.global_step, losses)
+
+
+def dynamic_batch_loading(tokenizer, reference_model, domains, *, block_size: int, val_blocks: int, interval: int,
+                          micro_batch: int = 4, seed: int = 0):
+    """``(loader, dataset, callback)`` for a Trainer run: the domains packed, the reference losses measured
+    on ``reference_model`` (the dense model) before any training, the dataset and the callback above."""
+    loader = DynamicBatchLoader(tokenizer, list(domains), block_size, val_blocks, seed)
+    training = reference_model.training
+    reference_model.eval()
+    loader.measure_reference(reference_model, micro_batch)
+    reference_model.train(training)
+    return loader, DomainMixture(loader, seed), DynamicBatchLoadingCallback(loader, interval, micro_batch)

@@ -153,16 +153,35 @@ def lora_retrain(model, tokenizer=None, out_dir: str | os.PathLike = "retrained/
 def continued_pretrain(model, tokenizer=None, out_dir: str | os.PathLike = "retrained/cpt", preset: str | Preset = "smoke",
                        data: str | list[str] | None = None, max_steps: int | None = None, seed: int | None = None,
                        overwrite: bool = False, resume: bool = True, keep_checkpoints: bool = False,
-                       progress: bool = True, callbacks=(), **overrides) -> RetrainResult:
+                       progress: bool = True, callbacks=(), reference_model=None, **overrides) -> RetrainResult:
     """Full-parameter causal-LM training on packed text blocks, cosine schedule with warm-up.
 
     ``data`` is a dataset name (``load_texts``) or a list of texts; None = the preset's ``cpt_data``
     (the pack's C4 rows in the CPU presets, SlimPajama streamed in ``paper``, as the paper trained).
     Runs unchanged under ``torchrun``/``accelerate launch``: ``cpt_batch`` is the global batch.
+
+    With ``cpt_dynamic_batch_loading`` (a preset field, also an override here) the training blocks
+    come from the preset's ``cpt_domains`` by Sheared-LLaMA's dynamic batch loading
+    (``domains.dynamic_batch_loading``): ``reference_model`` (the dense model: an object, name or dir)
+    gives each domain's reference loss, the weights move every ``cpt_domain_interval`` steps and their
+    history is saved as ``domain_weights.json``; ``data`` then only gives the validation blocks. A
+    resumed run starts the weights again from the domains' sizes (they are not checkpointed).
     """
     preset, out_dir, model, tokenizer = start_run(model, tokenizer, out_dir, preset, overwrite, overrides)
+    if preset.cpt_dynamic_batch_loading and reference_model is None:
+        raise ValueError("cpt_dynamic_batch_loading needs reference_model= (CLI: --reference-model): the dense model "
+                         "whose held-out loss on each domain is the loss the pruned model is drawn towards")
     data = preset.cpt_data if data is None else data
     seed, train_rows, val_rows, record = packed_text_run(model, tokenizer, data, preset, seed)
+    domain_loader = None
+    if preset.cpt_dynamic_batch_loading:
+        from .domains import dynamic_batch_loading
+
+        reference = load_model(reference_model)[0] if isinstance(reference_model, (str, os.PathLike)) else reference_model
+        domain_loader, train_rows, callback = dynamic_batch_loading(
+            tokenizer, reference, preset.cpt_domains, block_size=preset.cpt_block_size, val_blocks=preset.cpt_val_blocks,
+            interval=preset.cpt_domain_interval, micro_batch=preset.cpt_micro_batch, seed=seed)
+        callbacks = [*callbacks, callback]
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -170,6 +189,10 @@ def continued_pretrain(model, tokenizer=None, out_dir: str | os.PathLike = "retr
         model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, max_steps=max_steps, seed=seed,
         resume=resume, progress=progress, callbacks=callbacks)
     save_trained(trainer, tokenizer, work / "final", record)
+    if domain_loader is not None and trainer.is_world_process_zero():  # publish moves it into out_dir with the model
+        from .domains import WEIGHTS_FILE
+
+        atomic_write_text(work / "final" / WEIGHTS_FILE, domain_loader.history_json(preset.cpt_domain_interval))
     info = {"method": "cpt", "steps": trainer.state.global_step, "seconds": round(seconds, 2), "seed": seed,
             "processes": world_size(), "train_blocks": len(train_rows), "val_blocks": len(val_rows),
             "tokens_per_step": preset.cpt_batch * preset.cpt_block_size, "base": fingerprint(model),
@@ -214,7 +237,8 @@ METHODS = tuple(register_recovery(m).name for m in (
     RecoveryMethod("lora", "LoRA on instructions (the paper's recipe): adapter saved, merged model returned",
                    lora_retrain, data="alpaca", cli_options=(*_TRAINING_FLAGS, "max_steps")),
     RecoveryMethod("cpt", "continued pretraining of every weight on packed plain text (rescues severe pruning)",
-                   continued_pretrain, data=None, cli_options=(*_TRAINING_FLAGS, "max_steps")),
+                   continued_pretrain, data=None,
+                   cli_options=(*_TRAINING_FLAGS, "max_steps", "cpt_dynamic_batch_loading", "reference_model")),
     # its own function, not a chain: the CPT stage is reused when present and training.json sums both stages
     RecoveryMethod("cpt-lora", "CPT into <out>.cpt, then LoRA from it (the paper's best at severe ratios)",
                    cpt_then_lora, data_keyword=None, cli_options=(*_TRAINING_FLAGS, "cpt_steps", "lora_steps")),
