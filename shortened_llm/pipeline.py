@@ -25,9 +25,12 @@ from .importance import block_importance, check_removable, criterion_options, sp
 from .models import load_model, save_model
 from .presets import Preset, get_preset
 from .prune import num_blocks_for_ratio
+from .pruning_methods import PruningMethod, register_pruning_method
 from .units import get_unit
+from .width import width_prune
 
-__all__ = ["RUN_MANIFEST", "check_run_model", "plus_rule", "prune_model", "pruned_model", "prune_unit"]
+__all__ = ["RUN_MANIFEST", "check_run_model", "plus_rule", "prune_model", "pruned_model", "prune_unit", "depth_prune",
+           "method_pruned", "METHODS"]
 
 
 def plus_rule(criterion: str, preset: str | Preset | None = None) -> dict:
@@ -128,11 +131,51 @@ def pruned_model(model: str = "smollm2-135m", run_dir: str | os.PathLike | None 
     return pruned, tokenizer
 
 
-def _prune_dense(model: str, ratio: float, preset: str | Preset, criterion: str):
+def depth_prune(model: nn.Module, tokenizer, ratio: float, preset: str | Preset = "smoke", criterion: str = "ppl"):
+    """The paper's one-shot depth pruning of a loaded model, in place: ``ratio`` of the blocks by ``criterion``,
+    scored on the preset's calibration samples, with the preset's "+" rule for a "+" criterion; returns the model."""
     preset = get_preset(preset)
-    dense, tokenizer = load_model(model)
     ids = calibration_batches(tokenizer, preset.calib_samples, preset.calib_seq_len, preset.seed,
-                              bos_every=family_of(dense).bos_every)
-    n = num_blocks_for_ratio(len(get_blocks(dense)), ratio)
-    prune_model(dense, ids, criterion, n, ratio=ratio, **plus_rule(criterion, preset))
+                              bos_every=family_of(model).bos_every)
+    n = num_blocks_for_ratio(len(get_blocks(model)), ratio)
+    prune_model(model, ids, criterion, n, ratio=ratio, **plus_rule(criterion, preset))
+    return model
+
+
+def _prune_dense(model: str, ratio: float, preset: str | Preset, criterion: str):
+    dense, tokenizer = load_model(model)
+    depth_prune(dense, tokenizer, ratio, preset, criterion)
     return dense, tokenizer
+
+
+def _width(model: nn.Module, tokenizer=None, ratio: float | None = None, target_params: int | None = None,
+           preset=None) -> nn.Module:
+    """The registry's width entry: ``width_prune`` takes ``ratio`` as depth's share of block parameters already."""
+    return width_prune(model, ratio=ratio, target_params=target_params)
+
+
+def method_pruned(method: str, model: str, out_dir: str | os.PathLike, preset: str | Preset = "smoke",
+                  **size_and_options):
+    """Train-or-load for notebooks: ``out_dir`` if it holds a finished model, else ``model`` (a name or dir) loaded,
+    pruned by the registered ``method`` (``ratio=`` or ``target_params=``, and the method's options) and saved
+    there. Returns ``(model, tokenizer)``; a sheared dir reloads as a plain model (its ``pruning.json`` keeps
+    what was kept: ``shear.ShearRecord.from_json``)."""
+    from .pruning_methods import get_pruning_method
+
+    runner = get_pruning_method(method)  # a bad name fails before any load
+    out_dir = Path(out_dir)
+    with artifact_lock(out_dir):
+        if (out_dir / "config.json").exists():
+            return load_model(out_dir)
+        dense, tokenizer = load_model(model, dtype="float32") if runner.trains else load_model(model)
+        pruned = runner(dense, tokenizer, preset=preset, **size_and_options)
+        save_model(pruned, tokenizer, out_dir, overwrite=True)
+    return pruned, tokenizer
+
+
+METHODS = tuple(register_pruning_method(m).name for m in (
+    PruningMethod("depth", "remove whole blocks by an importance criterion (the paper; criterion=, default ppl)",
+                  depth_prune, needs_data=True, takes_target_params=False),
+    PruningMethod("width", "thinner blocks: KV groups and MLP channels by magnitude, as many parameters as depth",
+                  _width),
+))

@@ -50,8 +50,9 @@ import torch
 from torch import nn
 
 from .families import count_params, family_of, get_blocks, get_path, hooks_removed, unwrap
-from .width import head_dim, kv_group_rows
+from .pruning_methods import PruningMethod, register_pruning_method
 from .record import PruningRecord
+from .width import head_dim, kv_group_rows
 
 __all__ = [
     "SHAPE_KEYS",
@@ -69,6 +70,7 @@ __all__ = [
     "prune_to_masks",
     "shear_model",
     "save_sheared",
+    "shear_pruned",
 ]
 
 BETA, LIMIT_L, LIMIT_R = 2 / 3, -0.1, 1.1  # hard-concrete temperature and stretch limits (Louizos et al.)
@@ -139,6 +141,7 @@ class ShearRecord(PruningRecord):
     steps: int = 0
     params_before: int | None = None
     params_after: int | None = None
+    seconds: float | None = None  # of mask learning (the cut and the checks excluded)
 
 
 @dataclass
@@ -619,6 +622,7 @@ def shear_model(model: nn.Module, tokenizer, target: dict | float, *, steps: int
                            "(steps), or raise the multipliers' learning rate (preset shear_lambda_lr, ShearSettings.lambda_lr)")
     record.expected_at_end = expected
     record.steps = steps
+    record.seconds = round(seconds, 2)
     prune_to_masks(model, masks, record)
     return ShearResult(model, record, log, seconds, loader)
 
@@ -647,3 +651,21 @@ def save_sheared(result: ShearResult, tokenizer, out_dir, overwrite: bool = Fals
                                                        "seconds": result.seconds, **(info or {})}, indent=2) + "\n")
     return out_dir
 
+
+
+def shear_pruned(model: nn.Module, tokenizer, ratio: float | None = None, target_params: int | None = None,
+                 preset="smoke", **options) -> nn.Module:
+    """The registry's shear entry: as many parameters removed as depth pruning at ``ratio`` of the blocks (or down
+    to ``target_params``), through ``shape_for_ratio``'s shape; ``options`` go to ``shear_model``. Returns the model."""
+    inner = unwrap(model)
+    before = count_params(inner)
+    to_remove = round(ratio * sum(count_params(b) for b in get_blocks(inner))) if ratio is not None \
+        else before - int(target_params)
+    if not 0 < to_remove < before:
+        raise ValueError(f"target_params={target_params} must be below the model's {before:,} parameters and above 0")
+    return shear_model(model, tokenizer, to_remove / before, preset=preset, **options).model
+
+
+register_pruning_method(PruningMethod(
+    "shear", "Sheared-LLaMA: learned masks over layers, KV groups, channels and hidden dims, then the cut "
+             "(trains for the preset's shear_steps)", shear_pruned, needs_data=True, trains=True))

@@ -207,3 +207,26 @@ def test_the_tiny_presets_defaults_reach_a_20_percent_target_without_flags():
     with pytest.raises(ValueError, match="did not reach the target"):
         shear_model(make_tiny_llama(vocab_size=len(tok)), tok, 0.2, preset="tiny", data=TEXTS,
                     settings=ShearSettings())  # the paper's settings, in tiny's 10 steps
+
+
+def test_depth_width_and_shear_are_pruning_methods_removing_the_same_parameters():
+    from shortened_llm.pruning_methods import get_pruning_method, pruning_methods
+
+    assert pruning_methods() == ("depth", "width", "shear")
+    with pytest.raises(ValueError, match="Did you mean 'shear'"):
+        get_pruning_method("sheer")
+    tok = make_char_tokenizer()
+    dense = count_params(make_tiny_llama(vocab_size=len(tok)))
+    depth = get_pruning_method("depth")(make_tiny_llama(vocab_size=len(tok)), tok, ratio=0.5, preset="tiny",
+                                        criterion="magnitude")
+    assert depth.pruning.method == "depth" and len(depth.pruning.removed_blocks) == 2
+    with pytest.raises(ValueError, match="whole blocks"):
+        get_pruning_method("depth")(make_tiny_llama(vocab_size=len(tok)), tok, target_params=dense // 2)
+    goal = count_params(depth)
+    width = get_pruning_method("width")(make_tiny_llama(vocab_size=len(tok)), tok, target_params=goal)
+    sheared = get_pruning_method("shear")(make_tiny_llama(vocab_size=len(tok)), tok, target_params=goal, preset="tiny",
+                                          data=TEXTS, settings=ShearSettings(lambda_lr=50, droprate_init=0.01,
+                                                                              target_warmup=0.5, weights_lr=0))
+    assert sheared.pruning.method == "shear" and sheared.pruning.seconds > 0
+    for model in (width, sheared):  # each within 5 % of depth's count (one hidden dim of 32 is 3 %)
+        assert abs(count_params(model) / goal - 1) < 0.05, (model.pruning.method, count_params(model), goal)
