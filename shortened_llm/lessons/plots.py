@@ -11,7 +11,7 @@ import seaborn as sns
 
 __all__ = ["save_figure", "plot_block_scores", "plot_reference_curve", "plot_ppl_bars", "plot_generation_sweep",
            "plot_score_heatmap", "plot_rank_correlation", "plot_ppl_vs_ratio", "plot_quant_table",
-           "plot_replaceme_residuals", "stamp", "SCORE_LABELS", "plot_residual_cosine"]
+           "plot_replaceme_residuals", "stamp", "plot_recovery_ppl", "plot_units_speed_kv", "SCORE_LABELS", "plot_residual_cosine"]
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -338,3 +338,69 @@ def plot_residual_cosine(cosine: Sequence[float], ax=None):
     low = min(values)
     ax.set_ylim(low - 0.08 * (1 - low) - 1e-3, 1 + 0.1 * (1 - low) + 1e-3)
     return ax.figure
+
+
+def plot_recovery_ppl(rows: pd.DataFrame, ratio: float, dense_ppl: float, catastrophic: float = 10.0):
+    """Notebook 09's PPL after each retraining at one ``ratio``: every model on a log axis, then the usable ones.
+
+    ``rows`` has one row per model and seed (criterion, method, seed, wikitext2_ppl). A model more
+    than ``catastrophic`` times the dense PPL has lost language modelling; on one log axis with it
+    the differences that matter between the usable models (a few PPL points) vanish, so the right
+    panel shows only the models below that line, on a linear axis, and names the ones left out.
+    Each seed is a dot (``random`` has several), so a mean pulled up by one bad seed cannot hide.
+    """
+    df = rows[(rows.ratio == ratio) & (rows.criterion != "dense")]
+    methods = list(dict.fromkeys(df.method))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    usable = df[df.wikitext2_ppl <= catastrophic * dense_ppl]
+    seeds = df.groupby(["criterion", "method"]).seed.transform("nunique")
+    left_out = [f"{r.criterion} / {r.method}" + (f" (seed {r.seed})" if n > 1 else "")
+                for r, n in zip(df.itertuples(), seeds) if r.wikitext2_ppl > catastrophic * dense_ppl]
+    fig, (ax_all, ax_zoom) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    for ax, part in ((ax_all, df), (ax_zoom, usable)):
+        if part.empty:
+            continue
+        order = sorted(set(part.criterion))
+        if ax is ax_all:  # a median over the usable seeds only would mislead: the zoom shows the seeds alone
+            sns.barplot(part, x="criterion", y="wikitext2_ppl", hue="method", hue_order=methods, order=order,
+                        palette=palette, estimator="median", errorbar=None, alpha=0.45, ax=ax, legend=False)
+        sns.stripplot(part, x="criterion", y="wikitext2_ppl", hue="method", hue_order=methods, order=order, palette=palette,
+                      dodge=True, size=5 if ax is ax_all else 7, edgecolor="k", linewidth=0.5, ax=ax, legend=ax is ax_zoom)
+        ax.axhline(dense_ppl, color="k", ls="--", lw=1)
+        ax.text(0.99, dense_ppl, "dense ", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8)
+        ax.set_xlabel("pruning criterion")
+    ax_all.set_yscale("log")
+    ax_all.axhline(catastrophic * dense_ppl, color="#c44e52", ls=":", lw=1)
+    ax_all.text(0.01, catastrophic * dense_ppl, f" {catastrophic:g}x dense: catastrophic above", color="#c44e52", fontsize=8,
+                transform=ax_all.get_yaxis_transform(), va="bottom")
+    ax_all.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax_all.set_title("Every model (bars: median over seeds, dots: seeds)")
+    ax_zoom.set_ylabel("WikiText-2 perplexity (linear)")
+    ax_zoom.set_ylim(bottom=0)
+    ax_zoom.set_title(f"Usable models only (below {catastrophic:g}x dense; dots: seeds), lower is better")
+    if left_out:
+        ax_zoom.set_xlabel("pruning criterion\nleft out, catastrophic: " + ", ".join(left_out), fontsize=9)
+    ax_zoom.legend(title="retraining", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"PPL after retraining, {ratio:.0%} of the blocks removed")
+    fig.tight_layout()
+    return fig
+
+
+def plot_units_speed_kv(speed: pd.DataFrame, calls: int):
+    """Notebook 09's generation speed-up over dense and measured KV cache, per prompt length and pruned unit.
+
+    ``speed`` is ``unit_comparison.relative_to``'s table, one median of ``calls`` timed calls per bar:
+    no spread is recorded, and the title says so, so a 5 % difference is not read as a result.
+    """
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    sns.barplot(speed, x="context", y="speedup", hue="model", ax=a)
+    a.axhline(1, color="k", ls="--", lw=1)
+    a.set_xlabel("prompt length (tokens)")
+    a.set_ylabel("speed-up over dense (dense latency / latency)")
+    a.set_title(f"Batch-1 generation, higher = faster (median of {calls} call(s), no spread)")
+    sns.barplot(speed, x="context", y="kv_cache_mb", hue="model", ax=b)
+    b.set_xlabel("prompt length (tokens)")
+    b.set_ylabel("KV cache after the prompt (MiB)")
+    b.set_title("Keys and values the cache holds (measured)")
+    fig.tight_layout()
+    return fig
