@@ -11,7 +11,8 @@ What each page shows comes from one run directory (default ``runs/smoke``, what
     images; a notebook the run has not executed yet is shown unexecuted, with a note saying so;
   - solutions: ``run_dir/solutions/NN_*.ipynb`` when executed, else ``solutions/`` as written;
   - the claims table: ``run_dir/eval/claims.csv`` (notebook 06 writes it);
-  - the README as the home page, with its ``figures/`` and links to the notebook pages.
+  - the README as the home page, with its ``figures/`` and links to the notebook pages;
+  - ``TEACHING.md``, the teaching guide, and ``CONTRIBUTING.md``, as written.
 """
 from __future__ import annotations
 
@@ -124,12 +125,15 @@ def stage_docs(run_dir: Path, docs_dir: Path, readme: Path = REPO / "README.md",
     index = _index_page(readme, docs_dir, nb_pages)
     contributing = "CONTRIBUTING.md"  # the README links to it: the package's floors and recipes
     shutil.copy2(REPO / contributing, docs_dir / contributing)
+    teaching = "TEACHING.md"  # the instructor's guide: lesson plan, glossary, what-should-I-use table
+    shutil.copy2(REPO / teaching, docs_dir / teaching)
     nav = [{"Home": index},
+           {"Teaching guide": teaching},
            {"Notebooks": [{_title(p): p} for p in nb_pages]},
            {"Solutions": [{_title(p): p} for p in sol_pages]},
            {"Claims table": claims},
            {"The package": contributing}]
-    return (nav, [index, *nb_pages, *sol_pages, claims, contributing],
+    return (nav, [index, teaching, *nb_pages, *sol_pages, claims, contributing],
             nb_unrun + [f"solutions/{n}" for n in sol_unrun])
 
 

@@ -353,6 +353,15 @@ def test_site_links_and_figures(page, executed_explorer, tmp_path):
         assert all(i["complete"] and i["width"] > 0 for i in images), f"an image did not load: {images}"
         _assert_no_error_shown(page, "the notebook page")
         shot = _shot(page, "site")
+        # the teaching guide (TEACHING.md) is a page of its own, reached from the navigation
+        page.goto(result.index.as_uri())
+        page.get_by_role("link", name="Teaching guide").first.click()
+        page.wait_for_load_state("load")
+        assert page.url.endswith("TEACHING.html"), page.url
+        assert page.get_by_role("heading", name="Lesson plan").count() == 1
+        assert page.get_by_role("heading", name="What should I use?").count() == 1
+        assert page.locator("table").count() >= 2, "the lesson plan and the what-should-I-use tables"
+        _assert_no_error_shown(page, "the teaching guide")
     _record("site", {"pages": len(result.pages), "html_files": len(list(result.site_dir.rglob("*.html"))),
                      "build_s": round(result.seconds, 1), "links_checked": checked, "figures": len(figures),
                      "test_s": round(time.perf_counter() - t0, 1), "screenshot": str(shot)})
