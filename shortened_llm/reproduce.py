@@ -12,11 +12,20 @@ reuses have finished (``NEEDS``), and each kernel gets its share of the cores
 threads spend much of their time waiting on each other. A notebook starts only after the ones it
 reuses, so it finds their artifacts and computes nothing twice: the results are those of the
 sequential run.
+
+A run cut short (kill -9, a crash, a closed laptop) is resumed by running it again: a notebook
+whose executed copy is complete for the same source and parameters (``finished``) is not run
+again (``force=True``, CLI ``--force``, runs every one). An executed copy appears at its path only
+once every cell ran (papermill writes it cell by cell into a temp beside it); a failed run's copy
+goes to ``<name>.failed.ipynb``, so what sits at ``<name>.ipynb`` is always a whole, successful run.
+The side-by-side runners die with the scheduler (Linux), and each kernel with its runner.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 import shutil
 import subprocess
 import sys
@@ -25,7 +34,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from unittest import mock
 
-__all__ = ["NOTEBOOKS_DIR", "NEEDS", "notebook_paths", "run_notebook", "run_notebooks", "schedule"]
+__all__ = ["NOTEBOOKS_DIR", "NEEDS", "finished", "notebook_paths", "run_notebook", "run_notebooks", "schedule"]
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO / "notebooks"
@@ -34,12 +43,13 @@ NOTEBOOKS_DIR = REPO / "notebooks"
 # The notebooks whose artifacts in run_dir each one reuses (scores, pruned and retrained models):
 # 02 and 03 read 01's scores; 04 starts from the pruned model 02/03 saved (and picks its criterion
 # by whether it exists); 05 reuses 04's LoRA run; 06 evaluates what 04 and 05 trained, and its claims
-# table reads 07's latency CSVs; 07-09 start from the pruned models. One run after another follows
+# table reads 07's latency CSVs; 07-10 start from the pruned models (10 sets Sheared-LLaMA against
+# them). One run after another follows
 # the same order (07 before 06), so side by side and in turn give the same tables. Every notebook
 # still computes what is missing when run alone.
 NEEDS: dict[str, tuple[str, ...]] = {
     "01": (), "02": ("01",), "03": ("01",), "04": ("02", "03"), "05": ("04",), "06": ("04", "05", "07"),
-    "07": ("02", "03"), "08": ("02", "03"), "09": ("02", "03"),
+    "07": ("02", "03"), "08": ("02", "03"), "09": ("02", "03"), "10": ("02", "03"),
 }
 
 
@@ -81,25 +91,73 @@ def _ipc_kernel_manager():
 QUIET_PROGRESS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+RECORD = "shortened_llm"  # the executed copy's metadata key: what it was run from (``finished`` reads it)
+
+
+def _source_record(path: Path, parameters: dict) -> dict:
+    return {"source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "parameters": parameters}
+
+
+def finished(path: Path, out: Path, parameters: dict) -> bool:
+    """True when ``out`` is a complete executed copy of notebook ``path`` (unchanged since) run with ``parameters``.
+
+    ``run_notebook`` stamps the record on a copy only after its last cell ran; a copy from another
+    version of the notebook, other parameters, or from before the record existed is run again.
+    """
+    import nbformat
+
+    try:
+        record = nbformat.read(out, as_version=4).metadata.get(RECORD)
+    except (OSError, ValueError):  # missing, or not a notebook: run it
+        return False
+    return record == _source_record(path, parameters)
+
+
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str | None = None) -> Path:
-    """Execute one notebook into ``out_dir``; raise papermill's error (with the cell) on failure."""
+    """Execute one notebook into ``out_dir``; raise papermill's error (with the cell) on failure.
+
+    Papermill saves the copy after every cell: it writes a temp beside ``out_dir/<name>``, renamed
+    in once the last cell ran and the run's record (``finished``) is stamped on it, so a kill leaves
+    the previous copy or none, never a part. A failed run's copy (the error in its cell) is kept
+    as ``<name>.failed.ipynb``.
+    """
+    import nbformat
     import papermill as pm
+
+    from .artifacts import atomic_file, fault_point
 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
-    with mock.patch.dict(os.environ, QUIET_PROGRESS):  # the kernel inherits it; restored after
-        pm.execute_notebook(
-            str(path), str(out), parameters=parameters, cwd=str(path.parent),
-            kernel_name=kernel_name or "python3", progress_bar=False, log_output=False,
-            kernel_manager_class=_ipc_kernel_manager(),
-        )
+    with atomic_file(out) as tmp, mock.patch.dict(os.environ, QUIET_PROGRESS):  # the kernel inherits it
+        failed = out.with_name(f"{path.stem}.failed.ipynb")
+        try:
+            with warnings.catch_warnings():  # the temp's name ends in .tmp, not .ipynb: papermill says so
+                warnings.filterwarnings("ignore", message="The specified file .* does not end in")
+                pm.execute_notebook(
+                    str(path), str(tmp), parameters=parameters, cwd=str(path.parent),
+                    kernel_name=kernel_name or "python3", progress_bar=False, log_output=False,
+                    kernel_manager_class=_ipc_kernel_manager(),
+                )
+        except BaseException:
+            if tmp.exists():
+                os.replace(tmp, failed)
+            raise
+        nb = nbformat.read(tmp, as_version=4)
+        nb.metadata[RECORD] = _source_record(path, parameters)
+        nbformat.write(nb, tmp)
+        fault_point("executed")  # a test hook (artifacts.FAULT_ENV): killed with the copy whole in its temp
+        failed.unlink(missing_ok=True)  # this run succeeded: an older failure's copy is stale
     return out
 
 
 def run_notebooks(preset: str = "smoke", model: str = "smollm2-135m", run_dir: str | os.PathLike | None = None,
                   only: list[str] | None = None, figures_dir: str | os.PathLike | None = "figures",
-                  folder: Path = NOTEBOOKS_DIR, allow_substitute_data: bool = False, jobs: int = 1) -> list[Path]:
+                  folder: Path = NOTEBOOKS_DIR, allow_substitute_data: bool = False, jobs: int = 1,
+                  force: bool = False) -> list[Path]:
     """Every notebook (or those ``only`` names) at ``preset`` into ``run_dir``; the executed copies.
+
+    A notebook already ``finished`` in ``run_dir`` (an earlier run, perhaps killed later) is not run
+    again unless ``force``.
 
     ``jobs``: notebooks run side by side (each after those it reuses, see ``NEEDS``), the cores
     split between them; 1 runs them in order in this process.
@@ -116,7 +174,7 @@ def run_notebooks(preset: str = "smoke", model: str = "smollm2-135m", run_dir: s
     allow = {ALLOW_SUBSTITUTE_ENV: "1"} if allow_substitute_data else {}
     with mock.patch.dict(os.environ, allow):
         write_protocol(run_dir, preset, model_config(model))  # refuses paper on stand-in data before hours of work
-        return _run_all(preset, model, run_dir, only, figures_dir, folder, jobs)
+        return _run_all(preset, model, run_dir, only, figures_dir, folder, jobs, force)
 
 
 def _number(path: Path) -> str:
@@ -153,11 +211,15 @@ def schedule(paths: list[Path], jobs: int, run_one, needs: dict = NEEDS) -> list
 
 def _run_in_child(path: Path, out_dir: Path, parameters: dict, threads: int) -> Path:
     """``run_notebook`` in a child process whose kernel gets ``threads`` torch threads (the environment
-    is the child's own, so kernels started side by side never see each other's settings)."""
+    is the child's own, so kernels started side by side never see each other's settings).
+
+    The child dies with this process (``_die_with_parent``): a scheduler killed -9 leaves no runner
+    behind to finish a notebook that the rerun is running too."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    code = ("import json, sys; from pathlib import Path; from shortened_llm.reproduce import run_notebook; "
-            "run_notebook(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]))")
-    proc = subprocess.run([sys.executable, "-c", code, str(path), str(out_dir), json.dumps(parameters)],
+    code = ("import json, sys; from pathlib import Path; from shortened_llm import reproduce; "
+            "reproduce._die_with_parent(int(sys.argv[4])); "
+            "reproduce.run_notebook(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(out_dir), json.dumps(parameters), str(os.getpid())],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
@@ -165,7 +227,26 @@ def _run_in_child(path: Path, out_dir: Path, parameters: dict, threads: int) -> 
     return out_dir / path.name
 
 
-def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: Path, jobs: int = 1) -> list[Path]:
+def _die_with_parent(parent: int) -> None:
+    """Have Linux SIGKILL this process when ``parent`` dies (``PR_SET_PDEATHSIG``; elsewhere a no-op).
+
+    Set in the child itself, not by ``preexec_fn`` (unsafe in the scheduler's threads); a parent
+    that died before it was set is seen by ``getppid`` at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: Path, jobs: int = 1,
+             force: bool = False) -> list[Path]:
+    from .artifacts import fault_point
+
     paths = notebook_paths(folder, only)
     parameters = {"model": model, "preset": preset, "run_dir": str(run_dir)}
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -173,12 +254,16 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
 
     def run_one(path: Path) -> Path:
         t0 = time.perf_counter()
+        if not force and finished(path, run_dir / "notebooks" / path.name, parameters):
+            print(f"[reproduce] {path.name}: finished in an earlier run, kept (--force runs it again)", flush=True)
+            return run_dir / "notebooks" / path.name
         side = f", {threads} thread(s), side by side" if jobs > 1 else ""
         print(f"[reproduce] {path.name} (preset={preset}{side}) ...", flush=True)
         if jobs > 1:
             out = _run_in_child(path, run_dir / "notebooks", parameters, threads)
         else:
             out = run_notebook(path, run_dir / "notebooks", parameters)
+        fault_point("notebook")  # a test hook (artifacts.FAULT_ENV): killed with this notebook's copy in place
         print(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s "
               f"({time.perf_counter() - start:.0f} s since the start)", flush=True)
         return out
