@@ -395,7 +395,7 @@ def cmd_reproduce(args) -> int:
     executed = run_notebooks(preset=args.preset, model=args.model, run_dir=args.run_dir,
                              only=args.only, figures_dir=args.figures_dir,
                              allow_substitute_data=args.allow_substitute_data,
-                             jobs=args.jobs or min(2, os.cpu_count() or 1))
+                             jobs=args.jobs or min(2, os.cpu_count() or 1), force=args.force)
     _print_json({"executed": [str(p) for p in executed]})
     return 0
 
@@ -536,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=COUNT, default=None,
                    help="notebooks side by side, each after those it reuses, the cores split between them "
                         "(default: 2 where there are 2 cores or more; 1 = one after another)")
+    p.add_argument("--force", action="store_true",
+                   help="run every notebook again, also those an earlier (perhaps interrupted) run finished")
     p.set_defaults(func=cmd_reproduce)
     return parser
 
