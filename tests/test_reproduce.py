@@ -194,3 +194,24 @@ def test_side_by_side_a_killed_reproduce_takes_its_runners_with_it_and_resumes(t
     run_notebooks("tiny", "smollm2-135m", run, figures_dir=None, folder=folder, jobs=2)
     assert _ran(run) == ["07", "08"]
     assert sorted(p.name for p in executed.iterdir()) == ["07_step.ipynb", "08_step.ipynb"]
+
+
+def test_a_failed_notebook_keeps_its_copy_apart_and_the_last_good_one_in_place(tmp_path):
+    """What sits at <name>.ipynb is always a whole successful run; the failure's copy (its error shown) beside it."""
+    import papermill
+
+    from shortened_llm.reproduce import finished, run_notebook
+
+    path, out_dir, params = tmp_path / "01_step.ipynb", tmp_path / "out", {"run_dir": str(tmp_path)}
+    _notebook(path, "import os\nif os.path.exists(os.path.join(run_dir, 'break')):\n    raise RuntimeError('boom')")
+    good = run_notebook(path, out_dir, params).read_bytes()
+    (tmp_path / "break").touch()
+    with pytest.raises(papermill.PapermillExecutionError, match="boom"):
+        run_notebook(path, out_dir, params)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["01_step.failed.ipynb", "01_step.ipynb"]
+    assert (out_dir / "01_step.ipynb").read_bytes() == good and finished(path, out_dir / "01_step.ipynb", params)
+    assert "boom" in (out_dir / "01_step.failed.ipynb").read_text()
+    assert not finished(path, out_dir / "01_step.failed.ipynb", params)
+    assert not finished(path, out_dir / "01_step.ipynb", {"run_dir": "elsewhere"})  # other parameters: run again
+    _notebook(path, "print('edited')")
+    assert not finished(path, out_dir / "01_step.ipynb", params)  # the notebook changed since: run again
