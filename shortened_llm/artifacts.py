@@ -15,7 +15,10 @@ their check-compute-write: the second waits, then finds the first one's artifact
 Test hook: ``SHORTENED_LLM_FAULT=<point>:<n>`` makes the process SIGKILL itself the ``n``-th time
 (1-based) it reaches ``fault_point(<point>)``: ``compute`` (scores computed, nothing written),
 ``write`` (an artifact fully written to its temp, not yet renamed), ``swap`` (between the two
-renames of ``atomic_dir``). ``tests/test_kill.py`` kills the CLI there and checks the rerun.
+renames of ``atomic_dir``); in training (``trainer.py``) ``checkpoint`` (one saved) and ``step``
+(mid-step); in ``reproduce`` ``executed`` (a notebook's copy whole in its temp) and ``notebook``
+(its copy in place, the next not started). ``tests/test_kill.py`` and ``tests/test_reproduce.py``
+kill runs there and check the rerun. The variable is inherited: a child process counts its own visits.
 """
 from __future__ import annotations
 

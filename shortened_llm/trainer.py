@@ -9,7 +9,8 @@ train and on which rows; this module owns what they all share, so each rule live
 - **one run** (``run_trainer``): gradient accumulation from the global batch and the number of
   processes, so the same preset gives the same optimizer steps on 1 CPU or under ``torchrun``;
   fp32 master weights for half-precision models; validation loss before the first and after
-  the last step; resumable checkpoints in ``<out>.checkpoints/``;
+  the last step; resumable checkpoints in ``<out>.checkpoints/`` (a rerun after a kill -9 resumes
+  from the last one saved to the end, ``last_complete_checkpoint``, and ends as the run would have);
 - **the base fingerprint** (``fingerprint``, ``check_fingerprint``): shapes, depth and removed
   blocks, written beside checkpoints and adapters so neither is ever applied to another model;
 - **atomic outputs** (``prepare_out``, ``publish``): the finished dir appears in one rename with
