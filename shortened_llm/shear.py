@@ -192,6 +192,9 @@ def check_target(config, target: dict) -> dict[str, int]:
             f"target num_attention_heads={heads} and num_key_value_heads={kv}: KV groups do not fit, each of the "
             f"kept groups keeps its {per_group} query heads (grouped-query attention), so heads must be "
             f"{per_group} x num_key_value_heads")
+    if full["hidden_size"] % heads:
+        raise ValueError(f"target hidden_size={full['hidden_size']} is not a multiple of num_attention_heads={heads}: "
+                         "transformers refuses to save such a config; pick a multiple of the heads")
     if full == now:
         raise ValueError(f"the target {full} is the model's own shape: nothing to prune")
     return full
@@ -219,29 +222,36 @@ def shape_for_ratio(config, ratio: float) -> dict[str, int]:
 
     A ratio fixes one number and a shape needs five, so the rule is: layers and heads stay, and
     ``hidden_size`` and ``intermediate_size`` shrink by one common factor, the hidden size being the
-    largest whose count is at most the target (bisection; one hidden dimension is ~0.2 % of the
-    embedded model). Give a shape instead to prune layers or heads too, as the paper's targets do.
+    largest *multiple of the head count* whose count is at most the target (transformers refuses to
+    save a config whose hidden size the heads do not divide), then ``intermediate_size`` the largest
+    that still fits, to close the gap one step of hidden sizes leaves (bisections). Give a shape
+    instead to prune layers or heads too, as the paper's targets do.
     """
     if not 0 < ratio < 1:
         raise ValueError(f"ratio={ratio} must be in (0, 1): the share of the parameters to remove")
     now = shape_of(config)
     goal = (1 - ratio) * shape_params(config, now)
+    step = now["num_attention_heads"]
 
-    def at(hidden: int) -> dict:
-        inter = max(1, round(now["intermediate_size"] * hidden / now["hidden_size"]))
+    def at(hidden: int, inter: int | None = None) -> dict:
+        inter = max(1, round(now["intermediate_size"] * hidden / now["hidden_size"])) if inter is None else inter
         return {**now, "hidden_size": hidden, "intermediate_size": inter}
 
-    lo, hi = 1, now["hidden_size"]
-    if shape_params(config, at(lo)) > goal:
-        raise ValueError(f"ratio={ratio} leaves fewer parameters than hidden_size=1 does: use a smaller ratio "
-                         "or a target shape that removes layers")
-    while lo < hi:  # largest hidden with params <= goal
-        mid = (lo + hi + 1) // 2
-        if shape_params(config, at(mid)) <= goal:
-            lo = mid
-        else:
-            hi = mid - 1
-    return at(lo)
+    def largest(lo: int, hi: int, shape_of_k) -> int:  # largest k in [lo, hi] with params <= goal (lo fits)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if shape_params(config, shape_of_k(mid)) <= goal:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    if shape_params(config, at(step)) > goal:
+        raise ValueError(f"ratio={ratio} leaves fewer parameters than hidden_size={step} (one dimension per head) "
+                         "does: use a smaller ratio or a target shape that removes layers")
+    hidden = step * largest(1, now["hidden_size"] // step, lambda k: at(k * step))
+    inter = largest(at(hidden)["intermediate_size"], now["intermediate_size"], lambda i: at(hidden, i))
+    return at(hidden, inter)
 
 
 # ---- hard-concrete masks --------------------------------------------------------------------------

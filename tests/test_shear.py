@@ -94,6 +94,7 @@ def test_a_zero_layer_gate_is_the_block_removed():
     ({"hidden": 16}, "unknown target key"),
     ({"hidden_size": 0}, "must be an integer >= 1"),
     ({"hidden_size": 32}, "nothing to prune"),
+    ({"hidden_size": 30}, "not a multiple of num_attention_heads=4"),
     (1.5, r"ratio=1.5 must be in \(0, 1\)"),
 ])
 def test_bad_targets_fail_before_any_data_is_read(target, match):
@@ -134,10 +135,11 @@ def test_training_reaches_the_target_and_the_multipliers_ascend(tmp_path):
 
 def test_shape_for_ratio_lands_within_two_percent_of_the_target_count():
     config = make_tiny_llama(num_layers=4, intermediate_size=128, hidden_size=64).config
-    dense = shape_params(config, check_target(config, {"hidden_size": 63}) | {"hidden_size": 64})
+    dense = shape_params(config, check_target(config, {"hidden_size": 60}) | {"hidden_size": 64})
     shape = shape_for_ratio(config, 0.2)
     assert shape["num_hidden_layers"] == 4 and shape["num_key_value_heads"] == 2
     assert 0.78 * dense <= shape_params(config, shape) <= 0.8 * dense
+    assert shape["hidden_size"] % config.num_attention_heads == 0  # or transformers refuses to save the config
 
 
 def test_a_domain_above_its_reference_gains_weight():
@@ -198,15 +200,13 @@ def test_cli_shear_writes_a_plain_smaller_model_and_prints_the_summary(tmp_path,
 
 
 def test_the_tiny_presets_defaults_reach_a_20_percent_target_without_flags():
-    """The CLI's shear defaults come from the preset: at tiny they must reach the target (the paper's 1.0 for the
-    multipliers, over 3200 steps, stops short in 10), so a run without flags cuts instead of raising."""
+    """The CLI's shear defaults come from the preset (steps, batches, learning rates): at tiny they must reach the
+    target, so a run without flags cuts instead of raising (on the embedded model the paper's multiplier lr, meant
+    for 3200 steps, left the hidden masks 7 % above target after 40: results/shear/)."""
     tok = make_char_tokenizer()
     model = make_tiny_llama(vocab_size=len(tok))
     result = shear_model(model, tok, 0.2, preset="tiny", data=TEXTS)
     assert result.record.steps == 10 and count_params(result.model) < 0.81 * result.record.params_before
-    with pytest.raises(ValueError, match="did not reach the target"):
-        shear_model(make_tiny_llama(vocab_size=len(tok)), tok, 0.2, preset="tiny", data=TEXTS,
-                    settings=ShearSettings())  # the paper's settings, in tiny's 10 steps
 
 
 def test_depth_width_and_shear_are_pruning_methods_removing_the_same_parameters():
