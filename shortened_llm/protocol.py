@@ -141,7 +141,8 @@ OFFICIAL: tuple[Setting, ...] = (
             lambda p, c, x: f"{p.lora_epochs:g} epochs" if p.lora_steps is None else f"{p.lora_steps} steps",
             f"{_CPU}: a fixed number of steps"),
     Setting(0, "LoRA lr / global batch / micro-batch / cutoff", _const((1e-4, 64, 4, 256)),
-            lambda p, c, x: (p.lora_lr, p.lora_batch, p.lora_micro_batch, p.lora_cutoff), f"{_CPU}: smaller batches"),
+            lambda p, c, x: (p.lora_lr, p.lora_batch, p.lora_micro_batch, p.lora_cutoff),
+            f"{_CPU}: smaller batches, and a 30x larger lr so that a few steps can move"),
     Setting(0, "LoRA warm-up steps", _const(100), lambda p, c, x: p.lora_warmup_steps, "another warm-up"),
     # 1. block counts
     Setting(1, "blocks removed", _official_blocks, lambda p, c, x: removal_counts(p, c),
