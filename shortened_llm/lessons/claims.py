@@ -258,7 +258,7 @@ def _cpt_beats_lora(ppl, zs, eff):
 
 def _depth_faster(ppl, zs, eff):
     if eff is None or eff.empty or not {"model", "batch_size", "latency_s"} <= set(eff.columns):
-        return MISSING, "needs run_dir/efficiency/*.csv with batch-1 latency of depth- and width-pruned models (notebook 05)"
+        return MISSING, "needs run_dir/efficiency/*.csv with batch-1 latency of depth- and width-pruned models (notebook 07)"
     rows = eff[(eff.batch_size == 1) & (eff.get("status", "ok") == "ok")]
     lat = rows.groupby("model").latency_s.median()
     depth = lat[[m for m in lat.index if str(m).startswith("depth")]]
