@@ -9,7 +9,8 @@ to ``run_dir/figures/`` and then to ``figures/`` for the README. Before the firs
 With ``jobs > 1`` notebooks run side by side, each as soon as the notebooks whose artifacts it
 reuses have finished (``NEEDS``), and each kernel gets its share of the cores
 (``OMP_NUM_THREADS``): on two cores two one-thread kernels beat one two-thread kernel, whose
-threads spend much of their time waiting on each other. A notebook starts only after the ones it
+threads spend much of their time waiting on each other. A notebook nothing can run beside (``01``,
+whose scores all the others reuse: ``runs_alone``) gets every core. A notebook starts only after the ones it
 reuses, so it finds their artifacts and computes nothing twice: the results are those of the
 sequential run.
 
@@ -209,6 +210,25 @@ def schedule(paths: list[Path], jobs: int, run_one, needs: dict = NEEDS) -> list
     return [results[p] for p in paths]
 
 
+def runs_alone(paths: list[Path], needs: dict = NEEDS) -> set[str]:
+    """The notebooks that no other of ``paths`` can run beside: each other one either comes before it
+    (it needs that one, perhaps through others) or after it (that one needs it). ``01``, whose scores
+    every notebook reuses, is one; such a notebook gets every core instead of its share."""
+    numbers = [_number(p) for p in paths]
+
+    def before(n: str) -> set[str]:
+        seen, todo = set(), list(needs.get(n, ()))
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(needs.get(m, ()))
+        return seen
+
+    ancestors = {n: before(n) for n in numbers}
+    return {n for n in numbers if all(m == n or m in ancestors[n] or n in ancestors[m] for m in numbers)}
+
+
 def _run_in_child(path: Path, out_dir: Path, parameters: dict, threads: int) -> Path:
     """``run_notebook`` in a child process whose kernel gets ``threads`` torch threads (the environment
     is the child's own, so kernels started side by side never see each other's settings).
@@ -249,7 +269,8 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
 
     paths = notebook_paths(folder, only)
     parameters = {"model": model, "preset": preset, "run_dir": str(run_dir)}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    cores = os.cpu_count() or 1
+    alone = runs_alone(paths)
     start = time.perf_counter()
 
     def run_one(path: Path) -> Path:
@@ -257,6 +278,7 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
         if not force and finished(path, run_dir / "notebooks" / path.name, parameters):
             print(f"[reproduce] {path.name}: finished in an earlier run, kept (--force runs it again)", flush=True)
             return run_dir / "notebooks" / path.name
+        threads = cores if _number(path) in alone else max(1, cores // jobs)
         side = f", {threads} thread(s), side by side" if jobs > 1 else ""
         print(f"[reproduce] {path.name} (preset={preset}{side}) ...", flush=True)
         if jobs > 1:

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from shortened_llm.reproduce import NEEDS, notebook_paths, run_notebooks, schedule
+from shortened_llm.reproduce import NEEDS, notebook_paths, run_notebooks, runs_alone, schedule
 
 
 def test_schedule_waits_for_needs_and_never_runs_more_than_jobs():
@@ -77,20 +77,29 @@ def _notebook(path: Path, source: str) -> None:
 
 
 def test_side_by_side_kernels_get_their_share_of_the_cores_and_wait_for_their_needs(tmp_path, monkeypatch):
-    """Two real notebooks through papermill in child processes: 02 sees 01's artifact; each kernel has its thread count."""
+    """Three real notebooks through papermill in child processes: 02 and 03 see 01's artifact and share the
+    cores; 01, which nothing can run beside, has them all."""
     folder = tmp_path / "notebooks"
     folder.mkdir()
     record = ("import json, os, time\nfrom pathlib import Path\n"
               "info = {'threads': os.environ.get('OMP_NUM_THREADS'), 'saw_01': (Path(run_dir) / '01.json').exists()}\n")
-    _notebook(folder / "01_first.ipynb", record + "(Path(run_dir) / '01.json').write_text(json.dumps(info))")
-    _notebook(folder / "02_second.ipynb", record + "(Path(run_dir) / '02.json').write_text(json.dumps(info))")
+    for name in ("01_first", "02_second", "03_third"):
+        _notebook(folder / f"{name}.ipynb", record + f"(Path(run_dir) / '{name[:2]}.json').write_text(json.dumps(info))")
     monkeypatch.setattr("shortened_llm.reproduce.os.cpu_count", lambda: 4)
     executed = run_notebooks("tiny", "smollm2-135m", tmp_path / "run", figures_dir=None, folder=folder, jobs=2)
-    assert [p.name for p in executed] == ["01_first.ipynb", "02_second.ipynb"]
-    first, second = (json.loads((tmp_path / "run" / f"{n}.json").read_text()) for n in ("01", "02"))
-    assert first["threads"] == second["threads"] == "2"  # 4 cores, 2 jobs
-    assert second["saw_01"]  # NEEDS["02"] = ("01",): it started after 01 finished
+    assert [p.name for p in executed] == ["01_first.ipynb", "02_second.ipynb", "03_third.ipynb"]
+    first, second, third = (json.loads((tmp_path / "run" / f"{n}.json").read_text()) for n in ("01", "02", "03"))
+    assert first["threads"] == "4"  # every other notebook waits for it
+    assert second["threads"] == third["threads"] == "2"  # 4 cores, 2 jobs
+    assert second["saw_01"] and third["saw_01"]  # NEEDS["02"] = NEEDS["03"] = ("01",): they started after 01
     assert (tmp_path / "run" / "protocol.json").exists()
+
+
+def test_only_a_notebook_every_other_one_waits_for_or_follows_runs_alone():
+    paths = [Path(f"{n}_x.ipynb") for n in NEEDS]
+    assert runs_alone(paths) == {"01"}
+    assert runs_alone([Path("05_x.ipynb"), Path("06_x.ipynb")]) == {"05", "06"}  # 06 needs 05: never side by side
+    assert runs_alone([Path("07_x.ipynb"), Path("08_x.ipynb")]) == set()
 
 
 # ---- killed, then run again ---------------------------------------------------------------------
