@@ -187,7 +187,7 @@ class Preset:
         "help": "dynamic batch loading while shearing: steps between weight updates; Sheared-LLaMA: 50"})
     # the lessons' demos: what the notebooks would otherwise decide by the preset's name
     retrain_criterion: str = field(default="ppl", metadata={"help": "criterion of the 20% pruned model notebooks 04 "
-                                                                    "and 05 retrain (04: when notebook 02 saved none); "
+                                                                    "and 05 retrain (04: when notebook 03 saved none); "
                                                                     "tiny: the data-free magnitude+, seconds"})
     answer_tokens: int = field(default=48, metadata={"help": "tokens of each answer in notebook 04's before/after-LoRA demo"})
     continuation_tokens: int = field(default=24, metadata={"help": "tokens of each greedy continuation in notebook 06's "
