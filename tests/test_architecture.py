@@ -1,4 +1,4 @@
-"""The package's floors hold: no import cycle among its modules, and the ground floor imports nothing above it.
+"""The package's floors hold: no import cycle among its modules, and none imports from a floor above its own.
 
 Read from the source with ``ast``, not by importing: every ``from .x import y`` / ``from . import x``
 (and absolute ``shortened_llm.x``) anywhere in a module counts, the ones inside functions too,
@@ -142,3 +142,44 @@ def test_the_core_never_imports_a_lesson():
     leaning = {m: sorted(t for t in to if t.startswith("lessons")) for m, to in edges.items() if not m.startswith("lessons")}
     leaning = {m: t for m, t in leaning.items() if t}
     assert not leaning, f"core modules import lessons: {leaning}"
+
+
+# ---- the floors table of CONTRIBUTING.md ---------------------------------------------------------
+
+CONTRIBUTING = PACKAGE_DIR.parent / "CONTRIBUTING.md"
+# subpackages of data, not code: what they hold is read by the module that owns them
+DATA_PACKAGES = ("configs", "tasks", "reference.")
+
+
+def floors_table(text: str) -> dict[str, int]:
+    """Module -> floor, read from the rows ``| N. name | `a`, `b` | ... |`` of the floors table; the
+    ``lessons`` row is one floor above the top one."""
+    import re
+
+    floors: dict[str, int] = {}
+    rows = [(int(m[1]), m[2]) for m in re.finditer(r"^\| (\d+)\. [^|]+\| ([^|]+)\|", text, re.M)]
+    top = max(n for n, _ in rows) if rows else 0
+    lessons = re.search(r"^\| lessons \| `lessons/`: ([^|]+)\|", text, re.M)
+    rows += [(top + 1, lessons[1].replace("`", "`lessons.").replace("`lessons.,", "`,"))] if lessons else []
+    for floor, cell in rows:
+        for module in re.findall(r"`([a-z_.]+)`", cell):
+            assert module not in floors, f"{module} is on two floors of CONTRIBUTING.md"
+            floors[module] = floor
+    return floors
+
+
+def test_the_floors_table_reads_its_rows():
+    text = ("| 0. ground | `errors`, `dtypes` | x |\n| 1. data | `models` | y (`not_a_module` in the prose) |\n"
+            "| lessons | `lessons/`: `plots`, `claims` | z |\n")
+    assert floors_table(text) == {"errors": 0, "dtypes": 0, "models": 1, "lessons.plots": 2, "lessons.claims": 2}
+
+
+def test_every_module_is_on_one_floor_and_imports_nothing_above_it():
+    floors = floors_table(CONTRIBUTING.read_text(encoding="utf-8"))
+    edges = package_imports()
+    modules = {m for m in edges if m not in ("__main__", "lessons") and not m.startswith(DATA_PACKAGES)}
+    assert not modules - set(floors), f"not on the floors table of CONTRIBUTING.md: {sorted(modules - set(floors))}"
+    assert not set(floors) - set(edges), f"on the table but not in the package: {sorted(set(floors) - set(edges))}"
+    above = {m: sorted(f"{t} ({floors[t]})" for t in edges[m] if floors.get(t, -1) > floors[m]) for m in modules}
+    above = {f"{m} ({floors[m]})": t for m, t in above.items() if t}
+    assert not above, f"modules importing from a floor above their own: {above}"
