@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,10 +157,30 @@ def quantize_in_child(src: str | os.PathLike, dst: str | os.PathLike, ftype: str
     llama.cpp's log (its per-tensor choices) is printed when ``verbose``; its last line is in the error otherwise.
     """
     extra = () if imatrix is None else (str(imatrix),)
-    proc = _run_child(f"quantising {Path(src).name} to {ftype}", "quantize", str(src), str(dst), ftype, str(nthread),
-                      *extra)
+    try:
+        proc = _run_child(f"quantising {Path(src).name} to {ftype}", "quantize", str(src), str(dst), ftype,
+                          str(nthread), *extra)
+    except RuntimeError as err:
+        _name_a_full_disk(src, dst, err)
+        raise
     if verbose:
         print(proc.stdout + proc.stderr, end="")
+
+
+def _name_a_full_disk(src: str | os.PathLike, dst: str | os.PathLike, err: RuntimeError) -> None:
+    """Raise ``DiskFullError`` when llama.cpp failed with less room beside ``dst`` than ``src`` takes.
+
+    llama.cpp reports a full disk as a C++ stream error ("basic_ios::clear: iostream error"), which
+    says nothing of the disk; a quantised file is never larger than its f16/f32 source, so with less
+    free space than that, the disk is the likely cause and the message should say so.
+    """
+    from .errors import DiskFullError  # here, not at the top: the child runs this file as a plain script
+
+    free, size = shutil.disk_usage(Path(dst).parent).free, Path(src).stat().st_size
+    if free < size:
+        raise DiskFullError(dst, f"llama.cpp could not write it ({err}) with {free / 2**20:.0f} MiB free beside it, "
+                                 f"less than its {size / 2**20:.0f} MiB source", f"free space on the disk of "
+                                 f"{str(Path(dst).parent)!r} (or write elsewhere) and run again") from None
 
 
 def _probe(path: str, n_threads: str) -> None:

@@ -9,6 +9,7 @@ writes exactly what an uninterrupted run writes; no temp file or dir is left bes
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -126,6 +127,27 @@ def test_a_full_disk_is_one_line_and_the_previous_artifact_stays(capsys, monkeyp
     assert last.startswith(f"shortened-llm: error: {str(out)!r}: the disk filled while writing it (No space left")
     assert "nothing was replaced" in last and "Fix: free space" in last
     assert snapshot(out) == old and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_llama_cpp_failing_on_a_full_disk_is_named_as_such(monkeypatch, tmp_path):
+    """llama.cpp says "basic_ios::clear: iostream error" when its output fills the disk (seen in a smoke run):
+    with less room than the source takes, that is named DiskFullError; with room, the error stays llama.cpp's."""
+    from shortened_llm import llamacpp_guard
+    from shortened_llm.errors import DiskFullError
+
+    src, dst = tmp_path / "model-f16.gguf", tmp_path / "model-bf16.gguf"
+    src.write_bytes(b"\0" * 4096)
+    stream_error = RuntimeError("llama.cpp failed while quantising model-f16.gguf to LLAMA_FTYPE_MOSTLY_BF16 (exit code 1): "
+                                "llama_model_quantize: failed to quantize: basic_ios::clear: iostream error")
+    monkeypatch.setattr(llamacpp_guard, "_run_child", lambda *a: (_ for _ in ()).throw(stream_error))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(llamacpp_guard.shutil, "disk_usage", lambda p: usage._replace(free=1024))
+    with pytest.raises(DiskFullError, match=r"MiB free beside it, less than its 0 MiB source.*Fix: free space"):
+        llamacpp_guard.quantize_in_child(src, dst, "LLAMA_FTYPE_MOSTLY_BF16", 1)
+    monkeypatch.setattr(llamacpp_guard.shutil, "disk_usage", lambda p: usage._replace(free=2**30))
+    with pytest.raises(RuntimeError, match="iostream error") as err:
+        llamacpp_guard.quantize_in_child(src, dst, "LLAMA_FTYPE_MOSTLY_BF16", 1)
+    assert not isinstance(err.value, DiskFullError)
 
 
 # ---- two writers of one artifact -----------------------------------------------------------------
