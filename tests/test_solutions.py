@@ -62,7 +62,7 @@ def test_solution_answers_every_exercise_and_is_clean(path):
 
 # Solutions whose exercises train or quantise several models: 100-350 s each at preset tiny on
 # one core, beyond the suite's budget; `make test-all` runs them (measured 2026-11-30).
-HEAVY = {"04_lora_retraining", "05_continued_pretraining", "08_export_gguf", "09_beyond_the_paper"}
+HEAVY = {"04_lora_retraining", "05_continued_pretraining", "08_export_gguf", "09_beyond_the_paper", "10_sheared_vs_depth"}
 RUNS = [pytest.param(p, marks=pytest.mark.heavy) if p.stem in HEAVY else p for p in SOLUTION_PATHS]
 
 
