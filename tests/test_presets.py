@@ -6,12 +6,14 @@ import pytest
 from shortened_llm.presets import PRESETS, get_preset
 
 # What a preset buys: more of each makes a run slower and its numbers steadier.
-BUDGETS = ("calib_samples", "eval_segments", "zero_shot_limit", "lora_steps", "cpt_steps", "shear_steps")
+BUDGETS = ("calib_samples", "eval_segments", "zero_shot_limit", "lora_steps", "cpt_steps", "shear_steps", "quant_types")
 
 
 def _budget(p, name):
     v = getattr(p, name)
-    return float("inf") if v is None else v  # None = the whole test set / the paper's epochs
+    if v is None:
+        return float("inf")  # None = the whole test set / the paper's epochs / every GGUF type
+    return len(v) if isinstance(v, tuple) else v  # a tuple of GGUF types: how many are measured
 
 
 @pytest.mark.parametrize("cheap, dear", [("tiny", "smoke"), ("smoke", "cpu"), ("cpu", "paper")])
@@ -26,6 +28,8 @@ def test_smoke_is_cpu_with_smaller_budgets_only():
     differ = {f.name for f in fields(smoke) if getattr(smoke, f.name) != getattr(cpu, f.name)}
     assert differ == {"name", "ratios", *BUDGETS}
     assert set(smoke.ratios) <= set(cpu.ratios)
+    from shortened_llm.quant_table import DEFAULT_TYPES
+    assert set(smoke.quant_types) <= set(DEFAULT_TYPES)  # a few of the types cpu measures, none of its own
     # notebook 07's committed CPU sweep (results/efficiency) was run at smoke: same generation budgets
     assert (smoke.batch_sizes, smoke.new_tokens, smoke.prompt_len, smoke.repeats) == \
            (cpu.batch_sizes, cpu.new_tokens, cpu.prompt_len, cpu.repeats)
@@ -50,8 +54,8 @@ def test_overrides_and_unknown_names():
 def test_the_notebooks_demo_fields_are_cheap_only_at_tiny():
     """The fields notebooks 04-08 and their solutions read instead of branching on the preset's
     name: tiny is the only preset that cuts them (seconds per notebook); the others run the same demo."""
-    demo = ("retrain_criterion", "answer_tokens", "continuation_tokens", "quant_types", "imatrix_samples", "quant_gen_tokens",
-            "crossover_ratios", "two_process_check", "explorer_ratios", "quant_ladder")
+    demo = ("retrain_criterion", "answer_tokens", "continuation_tokens", "imatrix_samples", "quant_gen_tokens",
+            "crossover_ratios", "two_process_check", "explorer_ratios", "quant_ladder")  # quant_types is a budget
     tiny, others = PRESETS["tiny"], [PRESETS[n] for n in ("smoke", "cpu", "paper")]
     assert all(getattr(p, f) == getattr(others[0], f) for p in others for f in demo)
     assert (tiny.retrain_criterion, tiny.answer_tokens, tiny.continuation_tokens) == ("magnitude+", 8, 8)
