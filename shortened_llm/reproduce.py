@@ -10,7 +10,8 @@ With ``jobs > 1`` notebooks run side by side, each as soon as the notebooks whos
 reuses have finished (``NEEDS``), and each kernel gets its share of the cores
 (``OMP_NUM_THREADS``): on two cores two one-thread kernels beat one two-thread kernel, whose
 threads spend much of their time waiting on each other. A notebook nothing can run beside (``01``,
-whose scores all the others reuse: ``runs_alone``) gets every core. A notebook starts only after the ones it
+whose scores all the others reuse: ``runs_alone``) gets every core. Every kernel evaluates through
+the run dir's evaluation cache (``eval_cache``), so no notebook measures a model another one measured. A notebook starts only after the ones it
 reuses, so it finds their artifacts and computes nothing twice: the results are those of the
 sequential run.
 
@@ -166,6 +167,7 @@ def run_notebooks(preset: str = "smoke", model: str = "smollm2-135m", run_dir: s
     ``allow_substitute_data`` lets a paper-protocol preset run on the offline pack's stand-ins (it
     sets ``$SHORTENED_LLM_ALLOW_SUBSTITUTE`` for the kernels, which see the preset by name only).
     """
+    from . import eval_cache
     from .data import ALLOW_SUBSTITUTE_ENV
     from .protocol import model_config, write_protocol
 
@@ -173,7 +175,9 @@ def run_notebooks(preset: str = "smoke", model: str = "smollm2-135m", run_dir: s
         raise ValueError(f"jobs={jobs!r} must be a whole number >= 1 (notebooks run side by side)")
     run_dir = Path(run_dir or REPO / "runs" / preset).resolve()
     allow = {ALLOW_SUBSTITUTE_ENV: "1"} if allow_substitute_data else {}
-    with mock.patch.dict(os.environ, allow):
+    # every kernel of the run shares one evaluation cache (a number one notebook measured, another reads)
+    cache = {} if os.environ.get(eval_cache.ENV_VAR) else {eval_cache.ENV_VAR: str(run_dir / eval_cache.CACHE_DIR)}
+    with mock.patch.dict(os.environ, {**allow, **cache}):
         write_protocol(run_dir, preset, model_config(model))  # refuses paper on stand-in data before hours of work
         return _run_all(preset, model, run_dir, only, figures_dir, folder, jobs, force)
 

@@ -82,7 +82,8 @@ def test_side_by_side_kernels_get_their_share_of_the_cores_and_wait_for_their_ne
     folder = tmp_path / "notebooks"
     folder.mkdir()
     record = ("import json, os, time\nfrom pathlib import Path\n"
-              "info = {'threads': os.environ.get('OMP_NUM_THREADS'), 'saw_01': (Path(run_dir) / '01.json').exists()}\n")
+              "info = {'threads': os.environ.get('OMP_NUM_THREADS'), 'saw_01': (Path(run_dir) / '01.json').exists(), "
+              "'cache': os.environ.get('SHORTENED_LLM_EVAL_CACHE')}\n")
     for name in ("01_first", "02_second", "03_third"):
         _notebook(folder / f"{name}.ipynb", record + f"(Path(run_dir) / '{name[:2]}.json').write_text(json.dumps(info))")
     monkeypatch.setattr("shortened_llm.reproduce.os.cpu_count", lambda: 4)
@@ -92,6 +93,7 @@ def test_side_by_side_kernels_get_their_share_of_the_cores_and_wait_for_their_ne
     assert first["threads"] == "4"  # every other notebook waits for it
     assert second["threads"] == third["threads"] == "2"  # 4 cores, 2 jobs
     assert second["saw_01"] and third["saw_01"]  # NEEDS["02"] = NEEDS["03"] = ("01",): they started after 01
+    assert first["cache"] == third["cache"] == str((tmp_path / "run" / "eval_cache").resolve())  # one cache for all
     assert (tmp_path / "run" / "protocol.json").exists()
 
 
