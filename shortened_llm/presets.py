@@ -297,7 +297,7 @@ PRESETS: dict[str, Preset] = {
         shear_domain_interval=1,
     ),
     "smoke": replace(_CPU, name="smoke", calib_samples=4, eval_segments=40, ratios=(0.2, 0.35), zero_shot_limit=20,
-                     lora_steps=20, cpt_steps=15, shear_steps=25,
+                     lora_steps=15, cpt_steps=15, shear_steps=25,
                      # one type of each family in notebook 08's table (cpu measures all 23: about 40 min of llama.cpp
                      # on one thread, most of that notebook at smoke)
                      quant_types=("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_xs", "q3_k_m", "q2_k")),
