@@ -19,11 +19,10 @@ register theirs, and a lookup imports them by name (``PROVIDERS``).
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import unknown_name
+from .registry import Registry
 
 __all__ = ["PruningMethod", "PRUNING_METHODS", "PROVIDERS", "register_pruning_method", "get_pruning_method",
            "pruning_methods"]
@@ -58,33 +57,19 @@ class PruningMethod:
 
 
 PRUNING_METHODS: dict[str, PruningMethod] = {}
+_REGISTRY = Registry("pruning method", PRUNING_METHODS, __package__, PROVIDERS)
 
 
 def register_pruning_method(method: PruningMethod) -> PruningMethod:
     """Add ``method`` to the registry; a second method under the same name is refused, not shadowed."""
-    if method.name in PRUNING_METHODS and PRUNING_METHODS[method.name] != method:
-        raise ValueError(f"pruning method {method.name!r} is registered already: pick another name")
-    PRUNING_METHODS[method.name] = method
-    return method
-
-
-def _load_providers() -> None:
-    for module in PROVIDERS:
-        importlib.import_module(f"{__package__}.{module}")
+    return _REGISTRY.register(method)
 
 
 def get_pruning_method(name: str) -> PruningMethod:
     """The registered method ``name``; an unknown one gets the package's one "did you mean" error."""
-    _load_providers()
-    if name not in PRUNING_METHODS:
-        raise unknown_name("pruning method", name, pruning_methods())
-    return PRUNING_METHODS[name]
+    return _REGISTRY.get(name)
 
 
 def pruning_methods() -> tuple[str, ...]:
     """Registered names, in ``PROVIDERS`` order (each module's in its own)."""
-    _load_providers()
-    position = {m: i for i, m in enumerate(PROVIDERS)}
-    ordered = sorted(PRUNING_METHODS.values(), key=lambda m: position.get(m.run.__module__.rsplit(".", 1)[-1],
-                                                                           len(PROVIDERS)))
-    return tuple(m.name for m in ordered)
+    return tuple(m.name for m in _REGISTRY.listed())

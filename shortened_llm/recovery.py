@@ -19,12 +19,11 @@ finds its providers by name, as lm-eval's finds its task files.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import unknown_name
+from .registry import Registry
 
 __all__ = ["RecoveryMethod", "RECOVERY_METHODS", "PROVIDERS", "TRAINING_OPTIONS", "register_recovery", "get_recovery",
            "recovery_methods"]
@@ -100,45 +99,29 @@ class RecoveryMethod:
         return result
 
 
+def _runs_or_chains(method: RecoveryMethod) -> None:
+    if (method.run is None) == (not method.chain):
+        raise ValueError(f"recovery method {method.name!r}: give it either run= or chain=, not both or neither")
+
+
 RECOVERY_METHODS: dict[str, RecoveryMethod] = {}
+_REGISTRY = Registry("recovery method", RECOVERY_METHODS, __package__, PROVIDERS, check=_runs_or_chains)
 
 
 def register_recovery(method: RecoveryMethod) -> RecoveryMethod:
     """Add ``method`` to the registry; a second method under the same name is refused, not shadowed."""
-    if method.name in RECOVERY_METHODS and RECOVERY_METHODS[method.name] != method:
-        raise ValueError(f"recovery method {method.name!r} is registered already: pick another name")
-    if (method.run is None) == (not method.chain):
-        raise ValueError(f"recovery method {method.name!r}: give it either run= or chain=, not both or neither")
-    RECOVERY_METHODS[method.name] = method
-    return method
-
-
-def _load_providers() -> None:
-    """Import every module of ``PROVIDERS`` (a no-op once they are loaded): each registers its methods."""
-    for module in PROVIDERS:
-        importlib.import_module(f"{__package__}.{module}")
+    return _REGISTRY.register(method)
 
 
 def get_recovery(name: str) -> RecoveryMethod:
     """The registered method ``name``; an unknown one gets the package's one "did you mean" error."""
-    _load_providers()
-    if name not in RECOVERY_METHODS:
-        raise unknown_name("recovery method", name, recovery_methods())
-    return RECOVERY_METHODS[name]
-
-
-def _listing_position(method: RecoveryMethod) -> int:
-    if method.chain:
-        return len(PROVIDERS)  # composites after every single method
-    module = method.run.__module__.rsplit(".", 1)[-1]
-    return PROVIDERS.index(module) if module in PROVIDERS else len(PROVIDERS)
+    return _REGISTRY.get(name)
 
 
 def recovery_methods(cli: bool = False) -> tuple[str, ...]:
-    """Registered names, grouped by ``PROVIDERS`` (each module's in its own order); ``cli=True``: the CLI's choices."""
-    _load_providers()
-    ordered = sorted(RECOVERY_METHODS.values(), key=_listing_position)  # stable: keeps each module's order
-    return tuple(m.name for m in ordered if m.on_cli or not cli)
+    """Registered names, grouped by ``PROVIDERS`` (each module's in its own order, composites last);
+    ``cli=True``: the CLI's choices."""
+    return tuple(m.name for m in _REGISTRY.listed() if m.on_cli or not cli)
 
 
 # ---- composites: chains of registered methods, declared as data --------------------------------

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = "shortened_llm"
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 # The modules every step builds on; they may import one another and nothing else of the package.
-GROUND_FLOOR = ("errors", "dtypes", "record", "gguf_layout", "presets", "families")
+GROUND_FLOOR = ("errors", "registry", "dtypes", "record", "gguf_layout", "presets", "families")
 
 
 def module_name(path: Path, package_dir: Path = PACKAGE_DIR) -> str:
