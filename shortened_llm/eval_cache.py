@@ -111,6 +111,12 @@ def file_digest(path: str | os.PathLike) -> str:
     return _digest(update)
 
 
+def _canonical(key: dict) -> dict:
+    """``key`` as it reads back from its JSON entry (tuples as lists, odd values as strings), so a
+    stored key and a fresh one compare equal, and name the same file."""
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
 class EvalCache:
     """Finished evaluation numbers under ``root``, one JSON file per key: ``{"key": ..., "value": ...}``."""
 
@@ -122,7 +128,7 @@ class EvalCache:
 
     def path(self, key: dict) -> Path:
         """The entry file of ``key``: its kind, then the SHA-256 of the key's canonical JSON."""
-        text = json.dumps(key, sort_keys=True, default=str)
+        text = json.dumps(_canonical(key), sort_keys=True)
         return self.root / f"{key.get('kind', 'eval')}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
     def get(self, key: dict):
@@ -137,12 +143,12 @@ class EvalCache:
         except (ValueError, KeyError, TypeError):
             raise CorruptFileError(path, "is not an evaluation-cache entry (JSON with 'key' and 'value')",
                                    "delete it: the number is measured again on the next run") from None
-        same = json.loads(json.dumps(key, sort_keys=True, default=str)) == stored
+        same = _canonical(key) == stored
         return value if same else None
 
     def put(self, key: dict, value, seconds: float | None = None) -> Path:
         path = self.path(key)
-        entry = {"key": json.loads(json.dumps(key, sort_keys=True, default=str)), "value": value,
+        entry = {"key": _canonical(key), "value": value,
                  "seconds": None if seconds is None else round(seconds, 3), "written": time.strftime("%Y-%m-%d %H:%M:%S")}
         return atomic_write_text(path, json.dumps(entry, indent=1, default=str) + "\n")
 
