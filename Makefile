@@ -23,7 +23,7 @@ LLAMA_CPP_PIP := CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=ON" CFLA
 	CXXFLAGS="$(LLAMA_CPP_NO_AMX)" $(BIN)/pip install -q --no-cache-dir --no-binary llama-cpp-python \
 	"llama-cpp-python==$(LLAMA_CPP_VERSION)"
 
-.PHONY: install llamacpp reproduce test test-all lab demo site clean
+.PHONY: install llamacpp reproduce test test-all screenshots lab demo site clean
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,14 @@ test: install
 test-all: install
 	bash .ci/setup-browser.sh
 	$(PYTEST)
+
+# The README's three app pictures, taken by the browser tests on runs/$(PRESET) (run `make reproduce` first)
+screenshots: install
+	bash .ci/setup-browser.sh
+	SHORTENED_LLM_BROWSER_RUN=$(PRESET):runs/$(PRESET) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_browser.py
+	cp runs/browser/jupyterlab.png figures/app_jupyterlab_explorer.png
+	cp runs/browser/voila.png figures/app_voila_explorer.png
+	cp runs/browser/site.png figures/app_course_site.png
 
 # JupyterLab on notebooks/ (kernel `shortened-llm`), on a free port with a random token
 lab: install

@@ -272,7 +272,8 @@ _CPU = Preset(
     # loses, 1e-3 6.7 %, 3e-3 22.7 % (results/dtype/lora_budget_smoke_smollm2-135m.csv); a few
     # steps cannot move far at the paper's rate
     lora_lr=3e-3,
-    batch_sizes=(1, 4, 16), new_tokens=(32,), repeats=3,
+    # five timed calls per point: the course's timing figures show a spread, and three calls hardly have one
+    batch_sizes=(1, 4, 16), new_tokens=(32,), repeats=5,
     # dynamic batch loading: a 30-step CPT updates its weights 6 times
     cpt_domain_interval=5,
     # shearing in minutes on the embedded model (benchmarks/bench_shear.py: 25 steps reach the target); why

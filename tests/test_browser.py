@@ -3,7 +3,8 @@
 Papermill runs prove the notebooks execute; these tests prove the widgets answer in a
 browser. Each server is started by ``shortened_llm.serve`` on a free port with a random
 token and stopped by the fixture, also when the test fails. Screenshots go to
-``runs/browser/``. Browser: Debian's ``chromium`` (``bash .ci/setup-browser.sh``) driven by
+``runs/browser/``; ``make screenshots`` runs them on a finished run
+(``SHORTENED_LLM_BROWSER_RUN=<preset>:<run dir>``) and copies three into ``figures/`` for the README. Browser: Debian's ``chromium`` (``bash .ci/setup-browser.sh``) driven by
 Playwright with ``executable_path`` (Playwright's own browser download does not work
 offline). Without Chromium the tests skip on a developer's machine and fail in CI.
 """
@@ -33,6 +34,9 @@ EXPLORER_PREFIX = "02_"
 # Text the notebook's explorer prints: "... blocks ... [3, 7, 9]" and "PPL ... 41.2"
 BLOCKS_RE = re.compile(r"block[s]?\b[^\[\n]*\[([\d,\s]+)\]", re.I)
 PPL_RE = re.compile(r"\bPPL\b(?:[^\n:=]*[:=])?\s*(\d+(?:\.\d+)?)", re.I)
+# "smoke:runs/smoke" (`make screenshots`): the browser runs the notebooks on that finished run, so the
+# pictures show its numbers; unset, a tiny run in a fresh dir
+SHOWN_RUN = os.environ.get("SHORTENED_LLM_BROWSER_RUN")
 # draw every cell, not only those on screen, so the explorer is in the page wherever it sits
 ALL_CELLS_IN_DOM = {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"}}
 # notebooks a test executed, for the next test to reuse (the site test renders the Lab-saved copy)
@@ -84,14 +88,35 @@ def _explorer_notebook() -> Path:
     return found[0]
 
 
+def _shown_run() -> tuple[str, Path] | None:
+    """The (preset, run dir) of ``SHORTENED_LLM_BROWSER_RUN``, checked; None when unset."""
+    if not SHOWN_RUN:
+        return None
+    preset, _, run_dir = SHOWN_RUN.partition(":")
+    run = Path(run_dir or f"runs/{preset}").resolve()
+    if not (run / "notebooks").is_dir():
+        pytest.fail(f"SHORTENED_LLM_BROWSER_RUN={SHOWN_RUN!r}: {run} holds no executed notebooks; "
+                    f"run `make reproduce PRESET={preset}` first")
+    return preset, run
+
+
+def _app_params(app_dir: Path, fresh_run: Path) -> dict:
+    """The notebook's parameters: preset tiny in ``fresh_run``, or the shown run given relative to
+    ``app_dir``, so that no machine's path appears in a picture."""
+    shown = _shown_run()
+    if shown is None:
+        return {"preset": "tiny", "run_dir": str(fresh_run)}
+    preset, run = shown
+    return {"preset": preset, "run_dir": os.path.relpath(run, app_dir.resolve())}
+
+
 @pytest.fixture
 def prepared(tmp_path):
-    """The explorer notebook as papermill --prepare-only -p preset tiny writes it (nothing executed)."""
+    """The explorer notebook as papermill --prepare-only writes it (nothing executed): preset tiny in a
+    fresh run dir, or the shown run's preset and dir (then in ``build/screenshots/``, inside the repo)."""
     src = _explorer_notebook()
-    app_dir = tmp_path / "app"
-    run_dir = tmp_path / "run"
-    params = {"preset": "tiny", "run_dir": str(run_dir)}
-    [nb] = serve.prepare_notebooks([src.name], app_dir, params, folder=src.parent)
+    app_dir = ROOT / "build" / "screenshots" if SHOWN_RUN else tmp_path / "app"
+    [nb] = serve.prepare_notebooks([src.name], app_dir, _app_params(app_dir, tmp_path / "run"), folder=src.parent)
     return nb
 
 
@@ -330,15 +355,19 @@ def executed_explorer(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("executed")
     from shortened_llm.reproduce import run_notebook
 
-    return run_notebook(src, out_dir, {"preset": "tiny", "run_dir": str(out_dir / "run")})
+    return run_notebook(src, out_dir, _app_params(out_dir, out_dir / "run"))
 
 
 def test_site_links_and_figures(page, executed_explorer, tmp_path):
     from shortened_llm.site import build_site
 
     t0 = time.perf_counter()
-    result = build_site(tmp_path / "run", tmp_path / "site", notebooks_dir=executed_explorer.parent,
-                        docs_dir=tmp_path / "docs")
+    shown = _shown_run()
+    if shown is None:  # one executed notebook, the explorer
+        result = build_site(tmp_path / "run", tmp_path / "site", notebooks_dir=executed_explorer.parent,
+                            docs_dir=tmp_path / "docs")
+    else:  # the whole course as that run executed it
+        result = build_site(shown[1], tmp_path / "site", docs_dir=tmp_path / "docs")
     broken, checked = _broken_local_links(result.site_dir)
     assert checked > 0 and not broken, f"{len(broken)} broken links of {checked}: {broken[:10]}"
     with _shot_on_failure(page, "site"):

@@ -235,6 +235,45 @@ def test_explorer_widget_answers_a_seen_choice_without_redrawing(tmp_path, rando
     assert len(drawn) == 2, f"redrew a view already seen: {drawn}"
 
 
+def test_explorer_widgets_stamp_their_figures_with_the_run(tmp_path, random_ids, monkeypatch):
+    """A view of the explorer travels as a PNG like a saved figure: it names its preset and model."""
+    import IPython.display
+    import matplotlib.pyplot as plt
+
+    import shortened_llm.lessons.plots as plots
+    from shortened_llm.lessons.explore import PruneExplorer, explorer_widget, scores_widget
+
+    model = make_tiny_llama(num_layers=6)
+    scores = {"ppl": block_importance(model, random_ids, "ppl", progress=False)}
+    stamped = []
+    real = plots.stamp
+    monkeypatch.setattr(plots, "stamp", lambda fig, preset, name: stamped.append((preset, name)) or real(fig, preset, name))
+    monkeypatch.setattr(IPython.display, "display", lambda obj: None)
+    monkeypatch.setattr(plt, "show", lambda: None)
+    explorer_widget(PruneExplorer(model, scores, random_ids, run_dir=tmp_path), n=1, preset="smoke", model="m")
+    scores_widget(scores, 2, preset="smoke", model="m")
+    assert stamped == [("smoke", "m"), ("smoke", "m")]
+    explorer_widget(PruneExplorer(model, scores, random_ids, run_dir=tmp_path), n=2)  # no run named: no stamp
+    assert len(stamped) == 2
+
+
+def test_ppl_bars_draw_each_datasets_dense_line_in_its_colour():
+    import pandas as pd
+
+    from shortened_llm.lessons import plots
+
+    table = pd.DataFrame({"model": ["dense", "dense", "pruned", "pruned"], "dataset": ["wikitext2", "ptb"] * 2,
+                          "ppl": [60.5, 95.2, 133.8, 220.1]})
+    ax = plots.plot_ppl_bars(table, log=False, dense={"wikitext2": 60.5, "ptb": 95.2}).axes[0]
+    bars = dict(zip(*reversed(ax.get_legend_handles_labels())))
+    lines = {line.get_label(): line for line in ax.lines if line.get_label().startswith("dense,")}
+    assert sorted(lines) == ["dense, ptb (95.2)", "dense, wikitext2 (60.5)"]
+    for dataset, value in (("wikitext2", 60.5), ("ptb", 95.2)):
+        line = lines[f"dense, {dataset} ({value})"]
+        assert line.get_ydata()[0] == value
+        assert line.get_color() == bars[dataset].get_facecolor()
+
+
 def test_explorer_caches_and_matches_a_really_pruned_model(tmp_path, random_ids):
     from shortened_llm.lessons.explore import PruneExplorer, max_removable, rank_correlation, scores_for
 

@@ -153,17 +153,19 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None, n: int | None = None):
+def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None, n: int | None = None, *,
+                    preset: str | None = None, model: str | None = None):
     """Dropdown (criterion) x slider (blocks removed, bounded by what the criterion allows).
 
     Shows the score bars with the removed blocks in red and the resulting perplexity; the
     first view (``n`` blocks, default 1) is drawn at once, so pick an ``n`` already swept to
     keep a headless run quick. Callbacks only run on user input: papermill never waits.
+    ``preset`` and ``model`` stamp every view (``plots.stamp``), as the saved figures are.
     """
     import ipywidgets as widgets
     from IPython.display import Image, display
 
-    from .plots import plot_block_scores
+    from .plots import plot_block_scores, stamp
 
     criteria = criteria or sorted(explorer.scores) + [f"{c}+" for c in ("ppl", "taylor", "magnitude") if c in explorer.scores]
     L = explorer.n_blocks
@@ -191,6 +193,8 @@ def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None, 
                 base, _ = split_criterion(pick.value)
                 fig = plot_block_scores(explorer.scores[base], pick.value, removed=result["removed"])
                 fig.axes[0].set_title(f"{pick.value}: remove {result['removed']} -> {explorer.dataset} PPL {result['ppl']:.2f}")
+                if preset is not None and model is not None:
+                    stamp(fig, preset, model)
                 drawn[key] = _png(fig)
             display(Image(drawn[key]))
 
@@ -208,12 +212,15 @@ def explorer_widget(explorer: PruneExplorer, criteria: list[str] | None = None, 
     return widgets.VBox([widgets.HBox([pick, count]), out])
 
 
-def scores_widget(scores: dict[str, torch.Tensor], n: int):
-    """Dropdown (criterion, '+' variants included) -> its score bars and the ``n`` blocks it drops."""
+def scores_widget(scores: dict[str, torch.Tensor], n: int, *, preset: str | None = None, model: str | None = None):
+    """Dropdown (criterion, '+' variants included) -> its score bars and the ``n`` blocks it drops.
+
+    ``preset`` and ``model`` stamp the figure (``plots.stamp``), as the saved figures are.
+    """
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    from .plots import plot_block_scores
+    from .plots import plot_block_scores, stamp
 
     names = sorted(scores) + [f"{c}+" for c in ("ppl", "taylor", "magnitude") if c in scores]
     pick = widgets.Dropdown(options=names, value=names[0], description="criterion")
@@ -225,7 +232,9 @@ def scores_widget(scores: dict[str, torch.Tensor], n: int):
         with out:
             out.clear_output(wait=True)
             print(f"{pick.value} drops blocks {drop}")
-            plot_block_scores(scores[base], pick.value, removed=drop)
+            fig = plot_block_scores(scores[base], pick.value, removed=drop)
+            if preset is not None and model is not None:
+                stamp(fig, preset, model)
             plt.show()
 
     pick.observe(show, names="value")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -75,11 +75,13 @@ def plot_reference_curve(ours: Sequence[float], reference: pd.DataFrame, label: 
 
 
 def plot_ppl_bars(table: pd.DataFrame, x: str = "model", y: str = "ppl", hue: str | None = "dataset", ax=None, log: bool = True,
-                  *, dense: float | None = None, dense_label: str = "dense", ylabel: str | None = None, title: str | None = None):
+                  *, dense: "float | Mapping[str, float] | None" = None, dense_label: str = "dense", ylabel: str | None = None, title: str | None = None):
     """Grouped bars of perplexities (one bar per model x dataset), value on top.
 
     ``dense``: the dense model's value, drawn as a dashed line across the bars, so a reader sees how
-    much of the gap to it a method closed (its legend entry reads ``dense_label`` and the value).
+    much of the gap to it a method closed (its legend entry reads ``dense_label`` and the value). A
+    mapping from ``hue`` values to numbers draws one line per hue in that hue's colour: the dense
+    model's PPL differs per dataset, and one line for all would mislead.
     ``ylabel`` replaces the column name on the y axis; a log axis says so in the label.
     """
     if ax is None:
@@ -89,8 +91,14 @@ def plot_ppl_bars(table: pd.DataFrame, x: str = "model", y: str = "ppl", hue: st
         ax.bar_label(container, fmt="%.1f", fontsize=8)
     if log:
         ax.set_yscale("log")
-    if dense is not None:
+    if isinstance(dense, Mapping):
+        for handle, level in zip(*ax.get_legend_handles_labels()):  # seaborn's legend: one patch per hue value
+            if level in dense:
+                ax.axhline(float(dense[level]), color=handle.get_facecolor(), ls="--", lw=1.2, zorder=3,
+                           label=f"{dense_label}, {level} ({float(dense[level]):.1f})")
+    elif dense is not None:
         ax.axhline(float(dense), color="black", ls="--", lw=1.2, zorder=3, label=f"{dense_label} ({float(dense):.1f})")
+    if dense is not None:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no bar hidden behind it
     if ylabel is not None:
         ax.set_ylabel(f"{ylabel} (log scale)" if log else ylabel)
