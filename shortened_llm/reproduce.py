@@ -31,6 +31,7 @@ import warnings
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -100,19 +101,56 @@ def _source_record(path: Path, parameters: dict) -> dict:
     return {"source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "parameters": parameters}
 
 
+def _read_record(out: Path) -> dict:
+    import nbformat
+
+    try:
+        record = nbformat.read(out, as_version=4).metadata.get(RECORD)
+    except (OSError, ValueError):  # missing, or not a notebook
+        return {}
+    return dict(record) if isinstance(record, dict) else {}
+
+
 def finished(path: Path, out: Path, parameters: dict) -> bool:
     """True when ``out`` is a complete executed copy of notebook ``path`` (unchanged since) run with ``parameters``.
 
     ``run_notebook`` stamps the record on a copy only after its last cell ran; a copy from another
     version of the notebook, other parameters, or from before the record existed is run again.
     """
-    import nbformat
+    record = _read_record(out)  # its "seconds" (how long it took) is not part of what must match
+    return bool(record) and {k: record.get(k) for k in ("source_sha256", "parameters")} == _source_record(path, parameters)
 
-    try:
-        record = nbformat.read(out, as_version=4).metadata.get(RECORD)
-    except (OSError, ValueError):  # missing, or not a notebook: run it
-        return False
-    return record == _source_record(path, parameters)
+
+# What each notebook took in `make reproduce` on a fresh clone (AMD EPYC with AVX512-BF16, no AMX, 2 cores,
+# --jobs 2, dtype auto = bf16; 2026-12-01, README "How long"). They are the first run's estimate only: once
+# a run dir holds executed copies, their own recorded times replace them. Other CPUs differ (with AMX, bf16
+# runs about twice as fast again).
+MEASURED_SECONDS = {
+    "smoke": {},
+}
+
+
+def estimated_seconds(path: Path, run_dir: Path, preset: str) -> float | None:
+    """How long notebook ``path`` should take: what its executed copy in ``run_dir`` took last time
+    (any version of it), else ``MEASURED_SECONDS`` for ``preset``; None when neither knows."""
+    seconds = _read_record(Path(run_dir) / "notebooks" / path.name).get("seconds")
+    if isinstance(seconds, (int, float)) and seconds >= 0:
+        return float(seconds)
+    return MEASURED_SECONDS.get(preset, {}).get(_number(path))
+
+
+def time_left(estimates: dict[str, float | None], done: set[str], running: dict[str, float], jobs: int) -> float | None:
+    """Seconds until every notebook is done, roughly: the work not yet done (the running ones less what
+    they have already run, ``running`` = name -> seconds so far) shared by ``jobs`` runners; None when a
+    notebook still to finish has no estimate."""
+    left = 0.0
+    for name, seconds in estimates.items():
+        if name in done:
+            continue
+        if seconds is None:
+            return None
+        left += max(0.0, seconds - running.get(name, 0.0))
+    return left / max(1, min(jobs, len(estimates) - len(done)))
 
 
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str | None = None) -> Path:
@@ -128,6 +166,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str |
 
     from .artifacts import atomic_file, fault_point
 
+    t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
     with atomic_file(out) as tmp, mock.patch.dict(os.environ, QUIET_PROGRESS):  # the kernel inherits it
@@ -145,7 +184,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str |
                 os.replace(tmp, failed)
             raise
         nb = nbformat.read(tmp, as_version=4)
-        nb.metadata[RECORD] = _source_record(path, parameters)
+        nb.metadata[RECORD] = {**_source_record(path, parameters), "seconds": round(time.perf_counter() - t0, 1)}
         nbformat.write(nb, tmp)
         fault_point("executed")  # a test hook (artifacts.FAULT_ENV): killed with the copy whole in its temp
         failed.unlink(missing_ok=True)  # this run succeeded: an older failure's copy is stale
@@ -276,12 +315,32 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
     cores = os.cpu_count() or 1
     alone = runs_alone(paths)
     start = time.perf_counter()
+    # one progress display for the whole run: each line says what ran, for how long, and what is left
+    estimates = {p.name: estimated_seconds(p, run_dir, preset) for p in paths}
+    done: set[str] = set()
+    started: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def left() -> str:
+        with lock:
+            now = time.perf_counter()
+            seconds = time_left(estimates, done, {n: now - t for n, t in started.items()}, jobs)
+        return "" if seconds is None else f"; about {seconds / 60:.0f} min left"
+
+    if all(v is not None for v in estimates.values()):
+        total = time_left(estimates, set(), {}, jobs)
+        print(f"[reproduce] {len(paths)} notebook(s) at preset {preset}, {jobs} at a time: about {total / 60:.0f} min "
+              "(estimated from this run dir's last times, else from the README's measured run)", flush=True)
 
     def run_one(path: Path) -> Path:
         t0 = time.perf_counter()
         if not force and finished(path, run_dir / "notebooks" / path.name, parameters):
+            with lock:
+                done.add(path.name)
             print(f"[reproduce] {path.name}: finished in an earlier run, kept (--force runs it again)", flush=True)
             return run_dir / "notebooks" / path.name
+        with lock:
+            started[path.name] = t0
         threads = cores if _number(path) in alone else max(1, cores // jobs)
         side = f", {threads} thread(s), side by side" if jobs > 1 else ""
         print(f"[reproduce] {path.name} (preset={preset}{side}) ...", flush=True)
@@ -290,8 +349,11 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
         else:
             out = run_notebook(path, run_dir / "notebooks", parameters)
         fault_point("notebook")  # a test hook (artifacts.FAULT_ENV): killed with this notebook's copy in place
+        with lock:
+            done.add(path.name)
+            started.pop(path.name, None)
         print(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s "
-              f"({time.perf_counter() - start:.0f} s since the start)", flush=True)
+              f"({time.perf_counter() - start:.0f} s since the start{left()})", flush=True)
         return out
 
     executed = schedule(paths, jobs, run_one)

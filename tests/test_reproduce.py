@@ -226,3 +226,46 @@ def test_a_failed_notebook_keeps_its_copy_apart_and_the_last_good_one_in_place(t
     assert not finished(path, out_dir / "01_step.ipynb", {"run_dir": "elsewhere"})  # other parameters: run again
     _notebook(path, "print('edited')")
     assert not finished(path, out_dir / "01_step.ipynb", params)  # the notebook changed since: run again
+
+
+# ---- the estimate: how long the run has left ---------------------------------------------------
+
+def test_time_left_is_the_work_not_done_shared_by_the_runners():
+    from shortened_llm.reproduce import time_left
+
+    estimates = {"01": 100.0, "02": 60.0, "03": 40.0}
+    assert time_left(estimates, set(), {}, jobs=2) == 100.0  # (100 + 60 + 40) / 2
+    assert time_left(estimates, {"01"}, {"02": 20.0}, jobs=2) == 40.0  # (60 - 20 + 40) / 2
+    assert time_left(estimates, {"01", "02"}, {"03": 50.0}, jobs=2) == 0.0  # one left, over its estimate
+    assert time_left({**estimates, "04": None}, {"01"}, {}, jobs=2) is None  # one unknown: no estimate at all
+    assert time_left({**estimates, "04": None}, {"04"}, {}, jobs=1) == 200.0  # the unknown one is done
+
+
+def test_a_copy_records_how_long_it_took_and_the_next_run_estimates_from_it(tmp_path, monkeypatch, capsys):
+    """The executed copy's record carries its seconds; a rerun's display starts with an estimate from
+    them (not from MEASURED_SECONDS), and a record written before seconds existed still counts as finished."""
+    from shortened_llm import reproduce
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(folder / "01_one.ipynb", "import time\ntime.sleep(0.5)")
+    run = tmp_path / "run"
+    monkeypatch.setitem(reproduce.MEASURED_SECONDS, "tiny", {"01": 5400.0})
+    run_notebooks("tiny", "smollm2-135m", run, figures_dir=None, folder=folder)
+    first = capsys.readouterr().out
+    assert "about 90 min (estimated" in first  # nothing recorded yet: the measured table
+    out = run / "notebooks" / "01_one.ipynb"
+    record = nbformat.read(out, as_version=4).metadata[reproduce.RECORD]
+    assert 0.5 <= record["seconds"] < 120
+    assert reproduce.estimated_seconds(folder / "01_one.ipynb", run, "tiny") == record["seconds"]
+    run_notebooks("tiny", "smollm2-135m", run, figures_dir=None, folder=folder, force=True)
+    second = capsys.readouterr().out
+    assert "about 0 min (estimated" in second and "about 0 min left" in second
+    # a run dir from before the record had seconds: still finished, estimated from the table
+    nb = nbformat.read(out, as_version=4)
+    del nb.metadata[reproduce.RECORD]["seconds"]
+    nbformat.write(nb, out)
+    params = {"model": "smollm2-135m", "preset": "tiny", "run_dir": str(run)}
+    assert reproduce.finished(folder / "01_one.ipynb", out, params)
+    assert reproduce.estimated_seconds(folder / "01_one.ipynb", run, "tiny") == 5400.0
+    assert not reproduce.finished(folder / "01_one.ipynb", out, {**params, "preset": "smoke"})
