@@ -331,3 +331,31 @@ def test_the_figure_labels_every_file_once_and_never_on_top_of_another(table_run
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     with pytest.raises(ValueError, match="reference='nope' has no f16 row"):
         plot_quant_table(table, reference="nope")
+
+
+def test_crowded_labels_cover_neither_each_other_nor_another_point():
+    """Eight types of two models bunched at 75-100 MB, as at smoke: a label that fits nowhere is left out,
+    none sits on another label or on a point it does not name."""
+    import pandas as pd
+
+    from shortened_llm.lessons.plots import _marker_box, plot_quant_table
+
+    types = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_xs", "q3_k_m", "q2_k"]
+    rows = [{"model": m, "type": t, "imatrix": imx, "size_mb": 270 - 30 * k if t == "f16" else 80 + 2.5 * k + (0.8 if imx else 0),
+             "ppl": base * (1 + 0.05 * k + (0 if imx else 0.02)), "same_file_as": None}
+            for m, base in (("pruned", 130.0), ("dense", 60.0)) for imx in (False, True)
+            for k, t in enumerate(types) if not (imx and t == "f16")]
+    table = pd.DataFrame(rows)
+    fig = plot_quant_table(table, reference="dense")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text() in set(types)]
+    assert len(labels) >= len(table) // 2  # most points still named
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    ref = float(table[(table.model == "dense") & (table.type == "f16")].ppl.iloc[0])
+    for text, box in zip(labels, boxes):
+        others = [_marker_box(ax, r.size_mb, r.ppl / ref, size=36) for r in table.itertuples()
+                  if (r.size_mb, r.ppl / ref) != tuple(text.xy)]
+        assert not any(box.overlaps(m) for m in others), f"{text.get_text()} covers another point"
+    assert ax.get_ylabel().endswith("(log scale)") == (ax.get_yscale() == "log")

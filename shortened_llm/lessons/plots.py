@@ -255,29 +255,41 @@ def plot_quant_table(table: pd.DataFrame, reference: str | None = None, note: st
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("GGUF file size (MB)")
-    ax.set_ylabel(f"WikiText-2 PPL / PPL of {reference} f16")
+    ax.set_ylabel(f"WikiText-2 PPL / PPL of {reference} f16" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_title("Quantisation types: perplexity against file size (lower left is better)")
     ax.legend(fontsize=8, loc="upper right")
     if note:
         ax.text(0.01, 0.99, note, transform=ax.transAxes, fontsize=8, color="grey", va="top")
     low, high = ax.get_ylim()
     ax.set_ylim(top=high + 0.08 * (high - low))  # room for the top labels
-    # labels: the first of a few offsets that overlaps no label placed before (small types first)
+    # labels: the first of a few offsets whose text, with a little margin, covers no label placed before
+    # and no other point's marker (small types first); a label with nowhere free is left out
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
+    rows = list(df.sort_values("size_mb").itertuples())
+    markers = [_marker_box(ax, r.size_mb, r.rel, size=36) for r in rows]
     placed = []
-    for r in df.sort_values("size_mb").itertuples():
-        for dx, dy in ((4, 4), (4, -10), (-4, 4), (-4, -10), (4, 14), (4, -20), (-4, 14), (-4, -20)):
+    offsets = [(dx, dy) for dy in (3, -10, 12, -19, 21, -28) for dx in (5, -5)]
+    for i, r in enumerate(rows):
+        obstacles = placed + markers[:i] + markers[i + 1:]
+        for dx, dy in offsets:
             text = ax.annotate(r.type, (r.size_mb, r.rel), xytext=(dx, dy), textcoords="offset points", fontsize=7,
                                ha="left" if dx > 0 else "right", color=colours[r.model])
-            box = text.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in placed):
+            box = text.get_window_extent(renderer).padded(1.5)
+            if not any(box.overlaps(b) for b in obstacles):
                 placed.append(box)
                 break
             text.remove()
-        else:  # nowhere free: no label rather than one on top of another
-            continue
     return fig
+
+
+def _marker_box(ax, x: float, y: float, size: float):
+    """The display-space box a scatter marker of area ``size`` (points^2) covers at data point (x, y)."""
+    from matplotlib.transforms import Bbox
+
+    cx, cy = ax.transData.transform((x, y))
+    r = (size ** 0.5) / 2 * ax.figure.dpi / 72 + 1
+    return Bbox.from_extents(cx - r, cy - r, cx + r, cy + r)
 
 
 def plot_replaceme_residuals(fits, ax=None):
