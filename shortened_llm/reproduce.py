@@ -37,7 +37,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from unittest import mock
 
-__all__ = ["NOTEBOOKS_DIR", "NEEDS", "finished", "notebook_paths", "run_notebook", "run_notebooks", "schedule"]
+__all__ = ["NOTEBOOKS_DIR", "NEEDS", "MEASURED_SECONDS", "chain_seconds", "estimated_seconds", "finished", "notebook_paths",
+           "run_notebook", "run_notebooks", "schedule", "time_left"]
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO / "notebooks"
@@ -225,16 +226,39 @@ def _number(path: Path) -> str:
     return path.name[:2]
 
 
-def schedule(paths: list[Path], jobs: int, run_one, needs: dict = NEEDS) -> list:
+def chain_seconds(estimates: dict[str, float], needs: dict = NEEDS) -> dict[str, float]:
+    """Per notebook number, the estimated seconds from its start to the end of the longest chain of
+    notebooks that wait on it (itself included): how much of the run still hangs on starting it."""
+    chain: dict[str, float] = {}
+
+    def length(n: str) -> float:
+        if n not in chain:
+            after = [m for m in estimates if n in needs.get(m, ())]
+            chain[n] = estimates[n] + max((length(m) for m in after), default=0.0)
+        return chain[n]
+
+    return {n: length(n) for n in estimates}
+
+
+def schedule(paths: list[Path], jobs: int, run_one, needs: dict = NEEDS,
+             estimates: dict[str, float | None] | None = None) -> list:
     """Run ``run_one(path)`` for every path, at most ``jobs`` at a time, each after the ones it ``needs``
-    (among ``paths``; a need that is not being run is taken as there), the lowest-numbered ready one
-    first. Results in the order of ``paths``. The first failure stops new starts; the running ones
-    finish, then it is raised."""
+    (among ``paths``; a need that is not being run is taken as there). Results in the order of ``paths``.
+    The first failure stops new starts; the running ones finish, then it is raised.
+
+    Which ready notebook starts first: with an estimate for every one (``estimates``, number ->
+    seconds), the one with the longest chain of work hanging on it (``chain_seconds``), so the
+    longest notebook does not start last and run alone on one core; else the lowest-numbered. The
+    order changes nothing in the results: each notebook still starts after everything it reuses.
+    """
     numbers = {_number(p) for p in paths}
+    known = estimates is not None and all(estimates.get(n) is not None for n in numbers)
+    chain = chain_seconds({n: float(estimates[n]) for n in numbers}, needs) if known else {}
     pending, running, done, results, failure = list(paths), {}, set(), {}, None
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while running or (pending and failure is None):
             ready = [p for p in pending if all(n in done or n not in numbers for n in needs.get(_number(p), ()))]
+            ready.sort(key=lambda p: (-chain.get(_number(p), 0.0), _number(p)))
             for path in ready[: jobs - len(running)] if failure is None else []:
                 pending.remove(path)
                 running[pool.submit(run_one, path)] = path
@@ -356,7 +380,7 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
               f"({time.perf_counter() - start:.0f} s since the start{left()})", flush=True)
         return out
 
-    executed = schedule(paths, jobs, run_one)
+    executed = schedule(paths, jobs, run_one, estimates={_number(p): estimates[p.name] for p in paths})
     if figures_dir is not None and (run_dir / "figures").is_dir():
         target = Path(figures_dir)
         target = target if target.is_absolute() else REPO / target

@@ -269,3 +269,24 @@ def test_a_copy_records_how_long_it_took_and_the_next_run_estimates_from_it(tmp_
     assert reproduce.finished(folder / "01_one.ipynb", out, params)
     assert reproduce.estimated_seconds(folder / "01_one.ipynb", run, "tiny") == 5400.0
     assert not reproduce.finished(folder / "01_one.ipynb", out, {**params, "preset": "smoke"})
+
+
+def test_with_estimates_the_longest_chain_starts_first_and_the_needs_still_hold():
+    """After 01, 09 (long) must not wait behind the short 04 -> 05 chain and then run alone on one core."""
+    from shortened_llm.reproduce import chain_seconds
+
+    paths = [Path(f"{n}_x.ipynb") for n in ("01", "04", "05", "08", "09")]
+    needs = {"04": ("01",), "05": ("04",), "08": ("01",), "09": ("01",)}
+    estimates = {"01": 1.0, "04": 2.0, "05": 3.0, "08": 1.0, "09": 10.0}
+    assert chain_seconds(estimates, needs) == {"01": 11.0, "04": 5.0, "05": 3.0, "08": 1.0, "09": 10.0}
+
+    def starts(given):  # one job: the start order is the choice order
+        order = []
+        schedule(paths, 1, lambda p: order.append(p.name[:2]), needs, estimates=given)
+        at = {n: i for i, n in enumerate(order)}
+        assert all(at[d] < at[n] for n, deps in needs.items() for d in deps), order
+        return order
+
+    assert starts(estimates) == ["01", "09", "04", "05", "08"]
+    assert starts(None) == ["01", "04", "05", "08", "09"]  # no estimates: the lowest-numbered ready one
+    assert starts({**estimates, "08": None}) == ["01", "04", "05", "08", "09"]  # one unknown: the same
