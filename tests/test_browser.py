@@ -93,7 +93,7 @@ def _shown_run() -> tuple[str, Path] | None:
     if not SHOWN_RUN:
         return None
     preset, _, run_dir = SHOWN_RUN.partition(":")
-    run = Path(run_dir or f"runs/{preset}").resolve()
+    run = Path(run_dir or f"runs/{preset}").absolute()  # a link stays a link: its relative path is the one shown
     if not (run / "notebooks").is_dir():
         pytest.fail(f"SHORTENED_LLM_BROWSER_RUN={SHOWN_RUN!r}: {run} holds no executed notebooks; "
                     f"run `make reproduce PRESET={preset}` first")
@@ -107,7 +107,7 @@ def _app_params(app_dir: Path, fresh_run: Path) -> dict:
     if shown is None:
         return {"preset": "tiny", "run_dir": str(fresh_run)}
     preset, run = shown
-    return {"preset": preset, "run_dir": os.path.relpath(run, app_dir.resolve())}
+    return {"preset": preset, "run_dir": os.path.relpath(run, app_dir.absolute())}
 
 
 @pytest.fixture
