@@ -187,6 +187,9 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str |
             raise
         nb = nbformat.read(tmp, as_version=4)
         nb.metadata[RECORD] = {**_source_record(path, parameters), "seconds": round(time.perf_counter() - t0, 1)}
+        if "papermill" in nb.metadata:  # its paths relative to the copy: no machine's path travels in it
+            nb.metadata.papermill["input_path"] = _relative(path, out_dir)
+            nb.metadata.papermill["output_path"] = out.name
         nbformat.write(nb, tmp)
         fault_point("executed")  # a test hook (artifacts.FAULT_ENV): killed with the copy whole in its temp
         failed.unlink(missing_ok=True)  # this run succeeded: an older failure's copy is stale
@@ -331,12 +334,25 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _relative(path: Path, start: Path) -> str:
+    """``path`` relative to ``start``, the absolute path where none exists (another drive on Windows).
+
+    The run dir is passed to the notebooks relative to their folder (their working directory), and
+    papermill's paths are stored relative to the copy: an executed copy, and the course site built
+    from it, then shows ``../runs/smoke``, not a path of the machine that ran it."""
+    try:
+        return os.path.relpath(Path(path).absolute(), Path(start).absolute())
+    except ValueError:
+        return str(path)
+
+
 def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: Path, jobs: int = 1,
              force: bool = False) -> list[Path]:
     from .artifacts import fault_point
 
     paths = notebook_paths(folder, only)
-    parameters = {"model": model, "preset": preset, "run_dir": str(run_dir)}
+    parameters = {"model": model, "preset": preset, "run_dir": _relative(run_dir, folder)}
+    before = {**parameters, "run_dir": str(run_dir)}  # how copies were stamped until 2026-12-01: still finished
     cores = os.cpu_count() or 1
     alone = runs_alone(paths)
     start = time.perf_counter()
@@ -359,7 +375,8 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
 
     def run_one(path: Path) -> Path:
         t0 = time.perf_counter()
-        if not force and finished(path, run_dir / "notebooks" / path.name, parameters):
+        kept = run_dir / "notebooks" / path.name
+        if not force and (finished(path, kept, parameters) or finished(path, kept, before)):
             with lock:
                 done.add(path.name)
             print(f"[reproduce] {path.name}: finished in an earlier run, kept (--force runs it again)", flush=True)

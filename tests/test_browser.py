@@ -123,6 +123,9 @@ def prepared(tmp_path):
 def _shot(page, name: str) -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"
+    # an image loaded but not yet decoded paints as a blank box (JupyterLab's explorer figure did)
+    page.evaluate("() => Promise.all(Array.from(document.images).map(i => i.decode().catch(() => null)))")
+    page.wait_for_timeout(300)
     page.screenshot(path=str(path), full_page=False)
     return path
 

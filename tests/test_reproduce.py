@@ -163,7 +163,7 @@ def test_a_killed_reproduce_resumes_with_what_finished_and_leaves_no_partial_cop
         (run / "kill-02").touch()
     _killed(run, folder, 1, point)
     executed = run / "notebooks"
-    params = {"model": "smollm2-135m", "preset": "tiny", "run_dir": str(run)}
+    params = {"model": "smollm2-135m", "preset": "tiny", "run_dir": "../run"}  # as the notebooks see it
     assert sorted(p.name for p in executed.iterdir() if not p.name.startswith(".")) == left  # no part at a path
     assert all(finished(folder / name, executed / name, params) for name in left)
     assert _ran(run) == ["01"][: len(left) or 1]  # 01 ran once before the kill in every case
@@ -265,10 +265,31 @@ def test_a_copy_records_how_long_it_took_and_the_next_run_estimates_from_it(tmp_
     nb = nbformat.read(out, as_version=4)
     del nb.metadata[reproduce.RECORD]["seconds"]
     nbformat.write(nb, out)
-    params = {"model": "smollm2-135m", "preset": "tiny", "run_dir": str(run)}
+    params = {"model": "smollm2-135m", "preset": "tiny", "run_dir": "../run"}
     assert reproduce.finished(folder / "01_one.ipynb", out, params)
     assert reproduce.estimated_seconds(folder / "01_one.ipynb", run, "tiny") == 5400.0
     assert not reproduce.finished(folder / "01_one.ipynb", out, {**params, "preset": "smoke"})
+
+
+def test_copies_show_the_run_dir_relative_to_the_notebooks_and_old_absolute_ones_still_count(tmp_path, capsys):
+    """No machine's path in an executed copy (the course site shows them); a copy stamped with the
+    absolute run dir, as before 2026-12-01, is still a finished run."""
+    from shortened_llm import reproduce
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(folder / "01_one.ipynb", "print(run_dir)")
+    run = tmp_path / "run"
+    run_notebooks("tiny", "smollm2-135m", run, figures_dir=None, folder=folder)
+    out = run / "notebooks" / "01_one.ipynb"
+    text = out.read_text()
+    assert str(tmp_path) not in text and '"../run"' in text
+    nb = nbformat.read(out, as_version=4)
+    nb.metadata[reproduce.RECORD]["parameters"]["run_dir"] = str(run.resolve())  # the old stamp
+    nbformat.write(nb, out)
+    capsys.readouterr()
+    run_notebooks("tiny", "smollm2-135m", run, figures_dir=None, folder=folder)
+    assert "finished in an earlier run, kept" in capsys.readouterr().out
 
 
 def test_with_estimates_the_longest_chain_starts_first_and_the_needs_still_hold():
