@@ -328,12 +328,13 @@ def test_cpu_presets_keep_the_cheap_timing(monkeypatch):
 
     model = make_tiny_llama(vocab_size=100)
     model.generate = recorder = _Recorder(model)
-    _timed(monkeypatch, [1.0, 2.0, 6.0])
+    _timed(monkeypatch, [1.0, 2.0, 6.0, 3.0, 4.0])
     smoke = get_preset("smoke", batch_sizes=(1,))
+    assert smoke.repeats == 5  # five timed calls: enough for the figures' spread
     row = sweep_generation({"m": model}, progress=False, **generation_protocol(smoke)).iloc[0]
-    assert len(recorder.calls) == 1 + 3 + 3 and recorder.calls[0]["config"].do_sample is False
+    assert len(recorder.calls) == 1 + 5 + 5 and recorder.calls[0]["config"].do_sample is False  # warm-up, timed, prefill
     assert len(recorder.calls[0]["input_ids"][0]) == smoke.prompt_len  # random ids, no tokenizer needed
-    assert row.latency_s == 2.0 and row.statistic == "median"
+    assert row.latency_s == 3.0 and row.statistic == "median"
 
 
 # ---- 7. substitute data --------------------------------------------------------------------------
