@@ -338,7 +338,7 @@ def test_crowded_labels_cover_neither_each_other_nor_another_point():
     none sits on another label or on a point it does not name."""
     import pandas as pd
 
-    from shortened_llm.lessons.plots import _marker_box, plot_quant_table
+    from shortened_llm.lessons.plots import QUANT_MARKER_SIZE, _marker_box, plot_quant_table
 
     types = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_xs", "q3_k_m", "q2_k"]
     rows = [{"model": m, "type": t, "imatrix": imx, "size_mb": 270 - 30 * k if t == "f16" else 80 + 2.5 * k + (0.8 if imx else 0),
@@ -355,7 +355,7 @@ def test_crowded_labels_cover_neither_each_other_nor_another_point():
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     ref = float(table[(table.model == "dense") & (table.type == "f16")].ppl.iloc[0])
     for text, box in zip(labels, boxes):
-        others = [_marker_box(ax, r.size_mb, r.ppl / ref, size=36) for r in table.itertuples()
+        others = [_marker_box(ax, r.size_mb, r.ppl / ref, size=QUANT_MARKER_SIZE) for r in table.itertuples()
                   if (r.size_mb, r.ppl / ref) != tuple(text.xy)]
         assert not any(box.overlaps(m) for m in others), f"{text.get_text()} covers another point"
     assert ax.get_ylabel().endswith("(log scale)") == (ax.get_yscale() == "log")

@@ -226,6 +226,9 @@ def plot_ppl_vs_ratio(table: pd.DataFrame, dataset: str = "WikiText-2", ax=None)
 
 # ---- GGUF quantisation (notebook 08) ------------------------------------------------------------
 
+QUANT_MARKER_SIZE = 36  # points^2: the markers, and the room the labels leave them
+
+
 def plot_quant_table(table: pd.DataFrame, reference: str | None = None, note: str = "", ax=None):
     """Perplexity (relative to ``reference``'s f16 file) against file size, one point per GGUF type, labelled.
 
@@ -244,7 +247,7 @@ def plot_quant_table(table: pd.DataFrame, reference: str | None = None, note: st
         _, ax = plt.subplots(figsize=(11, 6))
     colours = dict(zip(models, sns.color_palette(n_colors=len(models))))
     for (model, imatrix), g in df.groupby(["model", "imatrix"], sort=False):
-        ax.scatter(g.size_mb, g.rel, s=36, marker="o", edgecolors=colours[model], linewidths=1.4,
+        ax.scatter(g.size_mb, g.rel, s=QUANT_MARKER_SIZE, marker="o", edgecolors=colours[model], linewidths=1.4,
                    facecolors=colours[model] if imatrix else "none",
                    label=f"{model}, {'with' if imatrix else 'without'} imatrix", zorder=3)
     ax.axhline(1, color="grey", lw=1, ls="--", zorder=1)
@@ -267,7 +270,7 @@ def plot_quant_table(table: pd.DataFrame, reference: str | None = None, note: st
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     rows = list(df.sort_values("size_mb").itertuples())
-    markers = [_marker_box(ax, r.size_mb, r.rel, size=36) for r in rows]
+    markers = [_marker_box(ax, r.size_mb, r.rel, size=QUANT_MARKER_SIZE) for r in rows]
     placed = []
     offsets = [(dx, dy) for dy in (3, -10, 12, -19, 21, -28) for dx in (5, -5)]
     for i, r in enumerate(rows):
