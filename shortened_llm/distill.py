@@ -167,10 +167,13 @@ def _kd_trainer_class():
             h_s, h_t = out.hidden_states[-1], t_out.hidden_states[-1]  # (B, T, d), after the final norm
             head_s, head_t = student.get_output_embeddings(), teacher.get_output_embeddings()
             config = student.config
-            loss = (1 - kd.alpha) * kd_loss(h_s, h_t, head_s, head_t, valid, config, kd.temperature, kd.chunk)
+            # the heads run here, outside the model's forward: under the run's autocast too (a no-op in fp32),
+            # or the student's vocabulary projection, the largest product of a small model, stays fp32
+            with self.accelerator.autocast():
+                loss = (1 - kd.alpha) * kd_loss(h_s, h_t, head_s, head_t, valid, config, kd.temperature, kd.chunk)
+                ce = _lm_ce(h_s[valid], head_s, labels[:, 1:][valid[:, :-1]], config, kd.chunk) if kd.alpha else None
             parts = {"kd": loss.detach()}
             if kd.alpha:
-                ce = _lm_ce(h_s[valid], head_s, labels[:, 1:][valid[:, :-1]], config, kd.chunk)
                 loss = loss + kd.alpha * ce
                 parts["lm"] = ce.detach()
             if kd.hidden_weight:

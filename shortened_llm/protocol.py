@@ -44,6 +44,7 @@ class RunContext:
 
     cuda: bool  # fp16 AMP needs it
     standins: dict  # data.standins_in_use(): {name: what the pack substitutes}
+    dtype: str = "float32"  # what models load in (precision.choose_dtype): a bf16 one trains under bf16 autocast
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,10 @@ def _split(preset, config, ctx):
 
 
 def _mixed_precision(preset, config, ctx):
-    return "fp16" if preset.lora_mixed_precision == "fp16" and ctx.cuda else "fp32"
+    """As ``trainer.master_weights`` decides: the preset's fp16 AMP on CUDA, else bf16 autocast on a bf16 model."""
+    if preset.lora_mixed_precision == "fp16" and ctx.cuda:
+        return "fp16"
+    return "bf16 autocast" if ctx.dtype == "bfloat16" else "fp32"
 
 
 def _hub_id(name: str) -> str:
@@ -162,7 +166,8 @@ OFFICIAL: tuple[Setting, ...] = (
             f"{_CPU}: a seeded shuffle, fewer records held out"),
     Setting(4, "LoRA padding side", _const("left"), lambda p, c, x: p.lora_padding_side, f"{_CPU}: right padding"),
     Setting(4, "LoRA precision", _const("fp16"), _mixed_precision,
-            "fp16 mixed precision runs on CUDA only (none here) or the preset trains in fp32", controlled=False),
+            "fp16 mixed precision runs on CUDA only (none here) or the preset trains without it: in fp32, or "
+            "under bf16 autocast over fp32 master weights where models load in bf16", controlled=False),
     # 5. CPT
     Setting(5, "CPT corpus", _const("cerebras/SlimPajama-627B"), lambda p, c, x: _hub_id(p.cpt_data),
             f"{_CPU}: the pack's 1000 C4 rows"),
@@ -222,18 +227,25 @@ def _architecture(config) -> str | None:
     return None
 
 
-def protocol_card(preset: str | Preset, config, *, cuda: bool | None = None, standins: dict | None = None) -> dict:
+def protocol_card(preset: str | Preset, config, *, cuda: bool | None = None, standins: dict | None = None,
+                  dtype: str | None = None) -> dict:
     """The card of ``preset`` on a model of ``config``: one row per ``OFFICIAL`` setting.
 
-    ``cuda`` (default: whether this machine has it) and ``standins`` (default:
-    ``data.standins_in_use()``) describe where the run happens. A row's ``status`` is "same",
+    ``cuda`` (default: whether this machine has it), ``standins`` (default:
+    ``data.standins_in_use()``) and ``dtype`` (default: what ``precision.choose_dtype`` picks for
+    the preset here) describe where the run happens. A row's ``status`` is "same",
     "differs: why" or "n/a: why" (the official code has no value for this model).
     """
     import torch
 
+    from .precision import choose_dtype
+
     preset = get_preset(preset)
-    ctx = RunContext(cuda=torch.cuda.is_available() if cuda is None else cuda,
-                     standins=standins_in_use() if standins is None else dict(standins))
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if dtype is None:  # a card for CUDA written on a machine without one: the GPU's dtype is unknown, fp32 assumed
+        dtype = (choose_dtype(preset=preset, device="cuda" if cuda else "cpu", announce=False).name
+                 if cuda == torch.cuda.is_available() else "float32")
+    ctx = RunContext(cuda=cuda, standins=standins_in_use() if standins is None else dict(standins), dtype=dtype)
     rows = []
     for s in OFFICIAL:
         official, ours = s.official(config), s.ours(preset, config, ctx)

@@ -8,9 +8,10 @@ train and on which rows; this module owns what they all share, so each rule live
   the padding masked out of attention and loss (``padding_collator``);
 - **one run** (``run_trainer``): gradient accumulation from the global batch and the number of
   processes, so the same preset gives the same optimizer steps on 1 CPU or under ``torchrun``;
-  fp32 master weights for half-precision models; validation loss before the first and after
-  the last step; resumable checkpoints in ``<out>.checkpoints/`` (a rerun after a kill -9 resumes
-  from the last one saved to the end, ``last_complete_checkpoint``, and ends as the run would have);
+  fp32 master weights for half-precision models (a bf16 one under bf16 autocast); validation
+  loss before the first and after the last step; resumable checkpoints in ``<out>.checkpoints/``
+  (a rerun after a kill -9 resumes from the last one saved to the end, ``last_complete_checkpoint``,
+  and ends as the run would have);
 - **the base fingerprint** (``fingerprint``, ``check_fingerprint``): shapes, depth and removed
   blocks, written beside checkpoints and adapters so neither is ever applied to another model;
 - **atomic outputs** (``prepare_out``, ``publish``): the finished dir appears in one rename with
@@ -262,13 +263,14 @@ def training_arguments(work: Path, *, lr: float, batch: int, micro: int, max_ste
                        warmup: int, scheduler: str, seed: int, save_steps: int, accum: int, steps_planned: int,
                        evaluate: bool, progress: bool, eval_steps: int | None = None, best_checkpoint: bool = False,
                        mixed_precision: str = "none", weight_decay: float = 0.0, adam_beta2: float = 0.999,
-                       cuda: bool | None = None, resumed: bool = False):
+                       cuda: bool | None = None, resumed: bool = False, bf16_autocast: bool = False):
     """The ``TrainingArguments`` of one run (``run_trainer``'s), built apart so a test can read them.
 
     ``eval_steps=None`` evaluates before the first and after the last step only; a number evaluates
     every that many steps too (official LoRA: 100). ``best_checkpoint`` keeps the checkpoint of the
     lowest validation loss (official: ``load_best_model_at_end``). ``mixed_precision="fp16"`` is
     fp16 autocast with loss scaling over fp32 master weights, on CUDA only: on a CPU it is fp32.
+    ``bf16_autocast``: the forward runs under bf16 autocast (``master_weights`` said the model is bf16).
     ``resumed``: the run goes on from a checkpoint, whose log already holds the validation loss
     before the first step, so it is not measured again (the loss log then equals an uninterrupted run's).
     """
@@ -283,17 +285,50 @@ def training_arguments(work: Path, *, lr: float, batch: int, micro: int, max_ste
         output_dir=str(work), per_device_train_batch_size=micro, per_device_eval_batch_size=micro,
         gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type=scheduler, warmup_steps=warmup,
         max_steps=max_steps if max_steps is not None else -1, num_train_epochs=epochs, weight_decay=weight_decay,
-        adam_beta2=adam_beta2, optim="adamw_torch", logging_steps=1, logging_first_step=True, save_strategy="steps",
+        adam_beta2=adam_beta2,
+        # the same AdamW in one kernel over all weights: 0.18 s a step on the embedded model's 135 M fp32 weights
+        # against 0.52 s for the per-tensor loop (one AMD EPYC thread), the optimizer's share of a CPT step
+        optim="adamw_torch_fused", logging_steps=1, logging_first_step=True, save_strategy="steps",
         save_steps=save_steps, save_total_limit=2, seed=seed,
         # validation loss before the first and after the last step; evaluating inside train(), not before it,
         # matters: an evaluate() call before train() leaves the model unwrapped, and DDP would never sync
         eval_strategy="steps" if evaluate else "no", eval_steps=eval_every,
         eval_on_start=evaluate and not resumed, data_seed=seed, report_to="none",
         load_best_model_at_end=best, metric_for_best_model="eval_loss" if best else None, greater_is_better=False if best else None,
-        fp16=cuda and mixed_precision == "fp16",
+        fp16=cuda and mixed_precision == "fp16", bf16=bf16_autocast,
         disable_tqdm=not progress, use_cpu=not cuda, dataloader_pin_memory=cuda,
         remove_unused_columns=False, ddp_find_unused_parameters=False,
     )
+
+
+def master_weights(model, mixed_precision: str = "none") -> tuple[torch.dtype | None, bool]:
+    """Make the weights that train fp32; return ``(half, bf16_autocast)``: the half dtype ``model``
+    came in (``None``: fp32) and whether its forward is to run under bf16 autocast.
+
+    AdamW on half-precision weights loses the small updates (a bf16 weight has 8 bits of
+    mantissa), so whatever the optimizer updates (LoRA adapters, CPT/KD/partial weights) is fp32.
+    A bf16 model keeps its frozen weights (a LoRA base, partial fine-tuning's frozen blocks) in bf16
+    and trains under bf16 autocast (``training_arguments(bf16_autocast=True)``): the matrix products
+    run in bf16, where the speed is, and the gradients land in fp32. Measured in
+    ``benchmarks/bench_dtype.py`` ("package" rows). An fp16 model, or a run that asks for fp16 mixed
+    precision (the official LoRA on CUDA), trains all in fp32 as before: fp16 frozen weights need
+    fp16 autocast, which only CUDA has. ``run_trainer`` casts the model back to the returned dtype.
+    """
+    half = next((p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
+    bf16_autocast = half == torch.bfloat16 and mixed_precision != "fp16"
+    if bf16_autocast:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    elif half is not None:
+        model.float()
+    return half, bf16_autocast
+
+
+def training_precision(args) -> str:
+    """What a run's arithmetic was, for ``training.json``: the weights the optimizer updated and the autocast."""
+    return ("bf16 autocast, fp32 master weights" if args.bf16 else
+            "fp16 autocast, fp32 master weights" if args.fp16 else "fp32")
 
 
 def _fault_points():
@@ -357,18 +392,14 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     if last is not None:
         check_fingerprint(model, work / BASE_FILE, f"checkpoint dir {str(work)!r}",
                           "Delete it, or pass resume=False (CLI: --no-resume) to start over.")
+    model.config.use_cache = False  # no KV cache while training
+    half, bf16_autocast = master_weights(model, mixed_precision)
     args = training_arguments(
         work, lr=lr, batch=batch, micro=micro, max_steps=max_steps, epochs=epochs, warmup=warmup, scheduler=scheduler,
         seed=seed, save_steps=save_steps, accum=accum, steps_planned=steps_planned, evaluate=bool(eval_rows),
         progress=progress, eval_steps=eval_steps, best_checkpoint=best_checkpoint, mixed_precision=mixed_precision,
-        weight_decay=weight_decay, adam_beta2=adam_beta2, resumed=last is not None)
-    model.config.use_cache = False  # no KV cache while training
-    # fp32 master weights: AdamW on bf16/fp16 weights loses the small updates (a bf16 weight
-    # has 8 bits of mantissa), so a model loaded in half precision trains in fp32 and goes
-    # back to its dtype afterwards. (bf16 autocast over fp32 weights, for speed, is not done yet.)
-    half = next((p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
-    if half is not None:
-        model.float()
+        weight_decay=weight_decay, adam_beta2=adam_beta2, resumed=last is not None,
+        bf16_autocast=bf16_autocast)
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
                       data_collator=padding_collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                                      else tokenizer.eos_token_id, side=padding_side),
@@ -413,6 +444,7 @@ def publish(trainer, work: Path, out_dir: Path, overwrite: bool, info: dict, kee
     if trainer.is_world_process_zero():
         staging = work / "final"
         write_loss_log(staging / "loss_log.csv", trainer.state.log_history)
+        info = {**info, "training_precision": training_precision(trainer.args)}
         atomic_write_text(staging / "training.json", json.dumps(info, indent=2, default=str) + "\n")
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             for item in staging.iterdir():

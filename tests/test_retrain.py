@@ -121,16 +121,56 @@ def test_interrupted_cpt_leaves_no_output_and_resumes_to_the_same_weights(tmp_pa
         continued_pretrain(tiny(tok), tok, out, max_steps=1, **FAST)
 
 
-def test_a_half_precision_model_trains_on_fp32_master_weights(tmp_path, tok):
-    """bf16 weights (dtype="auto" on a bf16 CPU) train in fp32, like the fp32 copy of the same weights, and stay bf16."""
-    half = tiny(tok).to(torch.bfloat16)
-    same = tiny(tok).to(torch.bfloat16).float()  # the same rounded weights, in fp32
+def test_an_fp16_model_trains_all_in_fp32_and_goes_back_to_fp16(tmp_path, tok):
+    """fp16 weights on a CPU (no fp16 autocast there) train in fp32, exactly like the fp32 copy of the same
+    weights, and come back fp16."""
+    half = tiny(tok).to(torch.float16)
+    same = tiny(tok).to(torch.float16).float()  # the same rounded weights, in fp32
     a = continued_pretrain(half, tok, tmp_path / "half", max_steps=2, **FAST)
     b = continued_pretrain(same, tok, tmp_path / "fp32", max_steps=2, **FAST)
     assert [r["loss"] for r in a.log if "loss" in r] == [r["loss"] for r in b.log if "loss" in r]
-    assert a.model.dtype == torch.bfloat16 and b.model.dtype == torch.float32
+    assert a.model.dtype == torch.float16 and b.model.dtype == torch.float32
     w = b.model.model.layers[0].mlp.down_proj.weight
-    torch.testing.assert_close(a.model.model.layers[0].mlp.down_proj.weight, w.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(a.model.model.layers[0].mlp.down_proj.weight, w.to(torch.float16), rtol=0, atol=0)
+
+
+class _SeenInTraining(TrainerCallback):
+    """Records, at each step, the dtypes of the trainable and the frozen weights, and whether a
+    block's forward ran under CPU autocast."""
+
+    def __init__(self):
+        self.trainable, self.frozen, self.autocast = set(), set(), []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            (self.trainable if p.requires_grad else self.frozen).add(p.dtype)
+        if not getattr(self, "_hooked", False):
+            block = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+            block.register_forward_hook(lambda *_: self.autocast.append(torch.is_autocast_enabled("cpu")))
+            self._hooked = True
+
+
+def test_a_bf16_model_trains_fp32_master_weights_under_bf16_autocast(tmp_path, tok):
+    """bf16 weights (dtype="auto" on a bf16 CPU): what the optimizer updates is fp32, the forward runs
+    under bf16 autocast, the loss stays within bf16's error of the fp32 run, and the model comes back bf16."""
+    seen = _SeenInTraining()
+    a = continued_pretrain(tiny(tok).to(torch.bfloat16), tok, tmp_path / "half", max_steps=2, callbacks=[seen], **FAST)
+    b = continued_pretrain(tiny(tok).to(torch.bfloat16).float(), tok, tmp_path / "fp32", max_steps=2, **FAST)
+    assert seen.trainable == {torch.float32} and seen.autocast and all(seen.autocast)
+    loss_a, loss_b = ([r["loss"] for r in run.log if "loss" in r] for run in (a, b))
+    assert loss_a != loss_b  # not the fp32 run in disguise
+    torch.testing.assert_close(torch.tensor(loss_a), torch.tensor(loss_b), rtol=2e-2, atol=0)
+    assert a.model.dtype == torch.bfloat16 and b.model.dtype == torch.float32
+    assert json.loads((tmp_path / "half" / "training.json").read_text())["training_precision"] == \
+        "bf16 autocast, fp32 master weights"
+
+
+def test_lora_on_a_bf16_base_keeps_the_base_bf16_and_the_adapters_fp32(tmp_path, tok):
+    """The frozen base is not copied to fp32 (half the memory, and bf16 products), the adapters train in fp32."""
+    seen = _SeenInTraining()
+    out = lora_retrain(tiny(tok).to(torch.bfloat16), tok, tmp_path / "lora", max_steps=1, callbacks=[seen], **FAST)
+    assert seen.trainable == {torch.float32} and seen.frozen == {torch.bfloat16} and all(seen.autocast)
+    assert out.model.dtype == torch.bfloat16
 
 
 def test_trainer_primitives_on_tiny_known_answers(tmp_path, tok):
