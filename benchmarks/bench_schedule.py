@@ -6,9 +6,10 @@
 Each notebook is replaced by a sleep of its measured seconds (the executed copies' records in
 ``--run-dir``, else ``reproduce.MEASURED_SECONDS``) divided by ``--speed``, and the real
 ``schedule`` runs them under the real ``NEEDS``: once lowest-numbered first (no estimates), once
-longest chain first. It prints both walls in the notebooks' seconds and their ratio. This is a
-replay of measured durations, not a new measurement: a notebook given fewer threads or more
-neighbours runs at another speed, which the replay does not model.
+longest chain first. It prints both walls in the notebooks' seconds and their ratio, and the
+estimate ``reproduce``'s progress display opens with (``time_left``), which should equal the
+second. This is a replay of measured durations, not a new measurement: a notebook given fewer
+threads or more neighbours runs at another speed, which the replay does not model.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import argparse
 import time
 from pathlib import Path
 
-from shortened_llm.reproduce import NOTEBOOKS_DIR, chain_seconds, estimated_seconds, notebook_paths, schedule
+from shortened_llm.reproduce import (NOTEBOOKS_DIR, chain_seconds, estimated_seconds, notebook_paths, schedule,
+                                     time_left)
 
 
 def replay(paths, jobs: int, seconds: dict[str, float], speed: float, ordered: bool) -> float:
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     bound = max(max(chain_seconds(seconds).values()), sum(seconds.values()) / args.jobs)
     print(f"{args.jobs} jobs: lowest-numbered first {plain / 60:.1f} min, longest chain first {chained / 60:.1f} min "
           f"({plain / chained:.2f}x); no order beats {bound / 60:.1f} min (the longest chain, or all the work / jobs)")
+    print(f"the progress display's first estimate (time_left, the plan without sleeping): "
+          f"{time_left(seconds, set(), {}, args.jobs) / 60:.1f} min")
     return 0
 
 

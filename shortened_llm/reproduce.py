@@ -123,12 +123,12 @@ def finished(path: Path, out: Path, parameters: dict) -> bool:
 
 
 # What each notebook took in `make reproduce` on a fresh clone (AMD EPYC with AVX512-BF16, no AMX, 2 cores,
-# --jobs 2, dtype auto = bf16; 2026-12-01, README "How long"). They are the first run's estimate only: once
+# --jobs 2, dtype auto = bf16, training under bf16 autocast; 2026-12-02, README "How long"). They are the first run's estimate only: once
 # a run dir holds executed copies, their own recorded times replace them. Other CPUs differ (with AMX, bf16
 # runs about twice as fast again).
 MEASURED_SECONDS = {
-    "smoke": {"01": 289, "02": 78, "03": 66, "04": 199, "05": 847, "06": 651, "07": 181, "08": 1119, "09": 2929,
-              "10": 1358},
+    "smoke": {"01": 303, "02": 73, "03": 62, "04": 166, "05": 629, "06": 474, "07": 219, "08": 1164, "09": 2811,
+              "10": 1156},
 }
 
 
@@ -141,18 +141,32 @@ def estimated_seconds(path: Path, run_dir: Path, preset: str) -> float | None:
     return MEASURED_SECONDS.get(preset, {}).get(_number(path))
 
 
-def time_left(estimates: dict[str, float | None], done: set[str], running: dict[str, float], jobs: int) -> float | None:
-    """Seconds until every notebook is done, roughly: the work not yet done (the running ones less what
-    they have already run, ``running`` = name -> seconds so far) shared by ``jobs`` runners; None when a
-    notebook still to finish has no estimate."""
-    left = 0.0
-    for name, seconds in estimates.items():
-        if name in done:
-            continue
-        if seconds is None:
-            return None
-        left += max(0.0, seconds - running.get(name, 0.0))
-    return left / max(1, min(jobs, len(estimates) - len(done)))
+def time_left(estimates: dict[str, float | None], done: set[str], running: dict[str, float], jobs: int,
+              needs: dict = None) -> float | None:
+    """Seconds until every notebook is done if each takes its estimate: ``schedule``'s own plan played
+    forward (the same needs, the same start order, ``jobs`` at a time), from now. ``estimates`` and
+    ``needs`` are keyed by notebook number; ``running`` = number -> seconds it has run so far (one
+    over its estimate is taken to end now). None when a notebook still to finish has no estimate.
+    """
+    needs = NEEDS if needs is None else needs
+    left = {n: s for n, s in estimates.items() if n not in done}
+    if any(s is None for s in left.values()):
+        return None
+    order = _start_order(chain_seconds({n: float(s) for n, s in estimates.items() if s is not None}, needs))
+    ends = {n: max(0.0, left[n] - ran) for n, ran in running.items() if n in left}  # number -> when it ends
+    pending, over, now = [n for n in left if n not in ends], set(done), 0.0
+    while pending or ends:
+        ready = sorted((n for n in pending if all(m in over or m not in estimates for m in needs.get(n, ()))),
+                       key=order)
+        for n in ready[: max(0, jobs - len(ends))]:
+            pending.remove(n)
+            ends[n] = now + left[n]
+        if not ends:
+            raise RuntimeError(f"notebooks {pending} wait on each other: check NEEDS")
+        first = min(ends, key=ends.get)
+        now = ends.pop(first)
+        over.add(first)
+    return now
 
 
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str | None = None) -> Path:
@@ -244,6 +258,12 @@ def chain_seconds(estimates: dict[str, float], needs: dict = NEEDS) -> dict[str,
     return {n: length(n) for n in estimates}
 
 
+def _start_order(chain: dict[str, float]):
+    """``schedule``'s rule for which ready notebook starts first, as a sort key on its number: the
+    longest chain of work hanging on it (``chain``), ties and unknowns lowest-numbered first."""
+    return lambda n: (-chain.get(n, 0.0), n)
+
+
 def schedule(paths: list[Path], jobs: int, run_one, needs: dict = NEEDS,
              estimates: dict[str, float | None] | None = None) -> list:
     """Run ``run_one(path)`` for every path, at most ``jobs`` at a time, each after the ones it ``needs``
@@ -257,12 +277,12 @@ def schedule(paths: list[Path], jobs: int, run_one, needs: dict = NEEDS,
     """
     numbers = {_number(p) for p in paths}
     known = estimates is not None and all(estimates.get(n) is not None for n in numbers)
-    chain = chain_seconds({n: float(estimates[n]) for n in numbers}, needs) if known else {}
+    order = _start_order(chain_seconds({n: float(estimates[n]) for n in numbers}, needs) if known else {})
     pending, running, done, results, failure = list(paths), {}, set(), {}, None
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while running or (pending and failure is None):
             ready = [p for p in pending if all(n in done or n not in numbers for n in needs.get(_number(p), ()))]
-            ready.sort(key=lambda p: (-chain.get(_number(p), 0.0), _number(p)))
+            ready.sort(key=lambda p: order(_number(p)))
             for path in ready[: jobs - len(running)] if failure is None else []:
                 pending.remove(path)
                 running[pool.submit(run_one, path)] = path
@@ -357,7 +377,7 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
     alone = runs_alone(paths)
     start = time.perf_counter()
     # one progress display for the whole run: each line says what ran, for how long, and what is left
-    estimates = {p.name: estimated_seconds(p, run_dir, preset) for p in paths}
+    estimates = {_number(p): estimated_seconds(p, run_dir, preset) for p in paths}
     done: set[str] = set()
     started: dict[str, float] = {}
     lock = threading.Lock()
@@ -378,11 +398,11 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
         kept = run_dir / "notebooks" / path.name
         if not force and (finished(path, kept, parameters) or finished(path, kept, before)):
             with lock:
-                done.add(path.name)
+                done.add(_number(path))
             print(f"[reproduce] {path.name}: finished in an earlier run, kept (--force runs it again)", flush=True)
             return run_dir / "notebooks" / path.name
         with lock:
-            started[path.name] = t0
+            started[_number(path)] = t0
         threads = cores if _number(path) in alone else max(1, cores // jobs)
         side = f", {threads} thread(s), side by side" if jobs > 1 else ""
         print(f"[reproduce] {path.name} (preset={preset}{side}) ...", flush=True)
@@ -392,13 +412,13 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
             out = run_notebook(path, run_dir / "notebooks", parameters)
         fault_point("notebook")  # a test hook (artifacts.FAULT_ENV): killed with this notebook's copy in place
         with lock:
-            done.add(path.name)
-            started.pop(path.name, None)
+            done.add(_number(path))
+            started.pop(_number(path), None)
         print(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s "
               f"({time.perf_counter() - start:.0f} s since the start{left()})", flush=True)
         return out
 
-    executed = schedule(paths, jobs, run_one, estimates={_number(p): estimates[p.name] for p in paths})
+    executed = schedule(paths, jobs, run_one, estimates=estimates)
     if figures_dir is not None and (run_dir / "figures").is_dir():
         target = Path(figures_dir)
         target = target if target.is_absolute() else REPO / target

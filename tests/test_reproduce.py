@@ -230,15 +230,21 @@ def test_a_failed_notebook_keeps_its_copy_apart_and_the_last_good_one_in_place(t
 
 # ---- the estimate: how long the run has left ---------------------------------------------------
 
-def test_time_left_is_the_work_not_done_shared_by_the_runners():
+def test_time_left_plays_the_schedule_forward():
+    """The estimate is schedule's plan on the estimates: a chain runs end to end, side branches fill the
+    other runner, a running notebook counts only what it has left."""
     from shortened_llm.reproduce import time_left
 
-    estimates = {"01": 100.0, "02": 60.0, "03": 40.0}
-    assert time_left(estimates, set(), {}, jobs=2) == 100.0  # (100 + 60 + 40) / 2
-    assert time_left(estimates, {"01"}, {"02": 20.0}, jobs=2) == 40.0  # (60 - 20 + 40) / 2
-    assert time_left(estimates, {"01", "02"}, {"03": 50.0}, jobs=2) == 0.0  # one left, over its estimate
-    assert time_left({**estimates, "04": None}, {"01"}, {}, jobs=2) is None  # one unknown: no estimate at all
-    assert time_left({**estimates, "04": None}, {"04"}, {}, jobs=1) == 200.0  # the unknown one is done
+    needs = {"01": (), "02": ("01",), "03": ("01",), "04": ("02",)}
+    estimates = {"01": 100.0, "02": 60.0, "03": 40.0, "04": 30.0}
+    assert time_left(estimates, set(), {}, jobs=2, needs=needs) == 190.0  # 01, then 02 -> 04 beside 03
+    assert time_left(estimates, set(), {}, jobs=1, needs=needs) == 230.0  # one runner: all the work in turn
+    assert time_left(estimates, {"01"}, {"02": 20.0}, jobs=2, needs=needs) == 70.0  # 40 more of 02, then 04
+    assert time_left(estimates, {"01", "02", "04"}, {"03": 50.0}, jobs=2, needs=needs) == 0.0  # over its estimate
+    assert time_left({**estimates, "05": None}, {"01"}, {}, jobs=2, needs=needs) is None  # one unknown: no estimate
+    assert time_left({**estimates, "05": None}, {"05"}, {}, jobs=1, needs=needs) == 230.0  # the unknown one is done
+    # the division the display used before: (60 + 40 + 30) / 2 = 65 s after 01, where 02 -> 04 alone takes 90
+    assert time_left(estimates, {"01"}, {}, jobs=2, needs=needs) == 90.0
 
 
 def test_a_copy_records_how_long_it_took_and_the_next_run_estimates_from_it(tmp_path, monkeypatch, capsys):
