@@ -32,7 +32,7 @@ import torch
 from .dtypes import ALIASES, DTYPES, dtype_name, parse_dtype
 
 __all__ = ["DTYPES", "ALIASES", "ENV_VAR", "DtypeChoice", "dtype_name", "parse_dtype", "hardware_dtype",
-           "choose_dtype", "forced_dtype", "precision_record"]
+           "choose_dtype", "forced_dtype", "precision_record", "training_autocast"]
 
 ENV_VAR = "SHORTENED_LLM_DTYPE"
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -178,3 +178,11 @@ def precision_record(model) -> dict:
     if isinstance(chosen, dict) and chosen.get("dtype") == now:
         return dict(chosen)
     return {"dtype": now, "reason": "the model's weights (not loaded by load_model, or cast after loading)"}
+
+
+def training_autocast(model_dtype: torch.dtype, mixed_precision: str = "none", cuda: bool = False) -> torch.dtype | None:
+    """The autocast a run trains under, the one rule ``trainer.master_weights`` and the protocol card read:
+    fp16 where the preset asks for fp16 AMP and it can run (CUDA), else bf16 on a bf16 model, else none (fp32)."""
+    if mixed_precision == "fp16" and cuda:
+        return torch.float16
+    return torch.bfloat16 if model_dtype == torch.bfloat16 else None

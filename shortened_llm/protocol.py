@@ -90,10 +90,13 @@ def _split(preset, config, ctx):
 
 
 def _mixed_precision(preset, config, ctx):
-    """As ``trainer.master_weights`` decides: the preset's fp16 AMP on CUDA, else bf16 autocast on a bf16 model."""
-    if preset.lora_mixed_precision == "fp16" and ctx.cuda:
-        return "fp16"
-    return "bf16 autocast" if ctx.dtype == "bfloat16" else "fp32"
+    """What ``trainer.master_weights`` decides, by the same rule (``precision.training_autocast``)."""
+    import torch
+
+    from .precision import training_autocast
+
+    autocast = training_autocast(getattr(torch, ctx.dtype), preset.lora_mixed_precision, ctx.cuda)
+    return {torch.float16: "fp16", torch.bfloat16: "bf16 autocast", None: "fp32"}[autocast]
 
 
 def _hub_id(name: str) -> str:
@@ -242,7 +245,7 @@ def protocol_card(preset: str | Preset, config, *, cuda: bool | None = None, sta
 
     preset = get_preset(preset)
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if dtype is None:  # a card for CUDA written on a machine without one: the GPU's dtype is unknown, fp32 assumed
+    if dtype is None:  # what this machine would load in; for a CUDA card written without CUDA it is unknown: fp32
         dtype = (choose_dtype(preset=preset, device="cuda" if cuda else "cpu", announce=False).name
                  if cuda == torch.cuda.is_available() else "float32")
     ctx = RunContext(cuda=cuda, standins=standins_in_use() if standins is None else dict(standins), dtype=dtype)

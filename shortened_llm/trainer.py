@@ -301,21 +301,24 @@ def training_arguments(work: Path, *, lr: float, batch: int, micro: int, max_ste
     )
 
 
-def master_weights(model, mixed_precision: str = "none") -> tuple[torch.dtype | None, bool]:
+def master_weights(model, mixed_precision: str = "none", cuda: bool | None = None) -> tuple[torch.dtype | None, bool]:
     """Make the weights that train fp32; return ``(half, bf16_autocast)``: the half dtype ``model``
     came in (``None``: fp32) and whether its forward is to run under bf16 autocast.
 
     AdamW on half-precision weights loses the small updates (a bf16 weight has 8 bits of
     mantissa), so whatever the optimizer updates (LoRA adapters, CPT/KD/partial weights) is fp32.
-    A bf16 model keeps its frozen weights (a LoRA base, partial fine-tuning's frozen blocks) in bf16
-    and trains under bf16 autocast (``training_arguments(bf16_autocast=True)``): the matrix products
-    run in bf16, where the speed is, and the gradients land in fp32. Measured in
-    ``benchmarks/bench_dtype.py`` ("package" rows). An fp16 model, or a run that asks for fp16 mixed
-    precision (the official LoRA on CUDA), trains all in fp32 as before: fp16 frozen weights need
-    fp16 autocast, which only CUDA has. ``run_trainer`` casts the model back to the returned dtype.
+    Under bf16 autocast (``precision.training_autocast``) a bf16 model keeps its frozen weights (a
+    LoRA base, partial fine-tuning's frozen blocks) in bf16: the matrix products run in bf16, where
+    the speed is, and the gradients land in fp32. Measured in ``benchmarks/bench_dtype.py``
+    ("package" rows). An fp16 model, or a run under fp16 AMP (the official LoRA on CUDA), trains all
+    in fp32 as before: fp16 frozen weights need fp16 autocast, which only CUDA has.
+    ``run_trainer`` casts the model back to the returned dtype.
     """
+    from .precision import training_autocast
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     half = next((p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
-    bf16_autocast = half == torch.bfloat16 and mixed_precision != "fp16"
+    bf16_autocast = training_autocast(half, mixed_precision, cuda) == torch.bfloat16
     if bf16_autocast:
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:

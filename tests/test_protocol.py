@@ -454,6 +454,8 @@ def test_card_names_what_the_environment_changes_and_what_cpu_presets_cut():
     assert on_cpu["LoRA precision"]["ours"] == "fp32" and on_cpu["LoRA precision"]["status"].startswith("differs: fp16")
     bf16_cpu = protocol_card("paper", llama, cuda=False, standins={}, dtype="bfloat16")["rows"]
     assert {r["setting"]: r["ours"] for r in bf16_cpu}["LoRA precision"] == "bf16 autocast"  # trainer.master_weights
+    bf16_gpu = protocol_card("paper", llama, cuda=True, standins={}, dtype="bfloat16")["rows"]
+    assert {r["setting"]: r["ours"] for r in bf16_gpu}["LoRA precision"] == "fp16"  # the official AMP wins on CUDA
     packed = protocol_card("paper", llama, cuda=True, standins={"bookcorpus": "novels"})
     assert packed["substitute_data"] and packed["data_note"] == "substitute data"
     assert {r["setting"]: r["status"] for r in packed["rows"]}["calibration data"] == \

@@ -165,6 +165,21 @@ def test_a_bf16_model_trains_fp32_master_weights_under_bf16_autocast(tmp_path, t
         "bf16 autocast, fp32 master weights"
 
 
+@pytest.mark.parametrize("mixed_precision, cuda, autocast", [("none", False, True), ("fp16", False, True),
+                                                             ("fp16", True, False)])
+def test_master_weights_follow_the_one_autocast_rule(tok, mixed_precision, cuda, autocast):
+    """fp16 AMP wins only where it runs (CUDA; then all weights go fp32 under it); on a CPU a preset that
+    asks for it (paper) trains a bf16 model under bf16 autocast, as its protocol card says."""
+    from shortened_llm.trainer import master_weights
+
+    model = tiny(tok).to(torch.bfloat16)
+    model.model.embed_tokens.requires_grad_(False)
+    assert master_weights(model, mixed_precision, cuda=cuda) == (torch.bfloat16, autocast)
+    frozen = model.model.embed_tokens.weight.dtype
+    assert frozen == (torch.bfloat16 if autocast else torch.float32)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
 def test_lora_on_a_bf16_base_keeps_the_base_bf16_and_the_adapters_fp32(tmp_path, tok):
     """The frozen base is not copied to fp32 (half the memory, and bf16 products), the adapters train in fp32."""
     seen = _SeenInTraining()
