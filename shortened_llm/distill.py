@@ -323,8 +323,8 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
 
 register_recovery(RecoveryMethod(
     "kd", "knowledge distillation from the dense teacher (Minitron): KL on packed text, full-weight or LoRA",
-    distill, teacher="the dense model the student was pruned from", data="c4", data_keyword="dataset",
+    distill, teacher="the dense model the student was pruned from", data="c4", data_keyword="dataset", steps_field="cpt_steps",
     cli_options=("preset", "seed", "resume", "max_steps", "temperature", "alpha", "hidden_loss", "lora")))
 register_recovery(RecoveryMethod(
     "partial", "fine-tune only the last K blocks and the LM head on packed text (Lu et al. 2024)",
-    partial_retrain, data="c4", data_keyword="dataset", cli_options=("preset", "seed", "resume", "max_steps", "last_k")))
+    partial_retrain, data="c4", data_keyword="dataset", steps_field="cpt_steps", cli_options=("preset", "seed", "resume", "max_steps", "last_k")))

@@ -16,6 +16,7 @@ Entries are one JSON file per key under ``<run_dir>/eval_cache/`` (``run_dir_cac
 atomically; a key is computed under ``artifacts.artifact_lock``, so two kernels asking for the same
 number at once compute it once and the second reads it. The cache is off unless asked for:
 ``use(run_dir)`` for the process (a notebook's first cell), or ``$SHORTENED_LLM_EVAL_CACHE`` (a dir).
+Whole training runs are keyed in the same store, by the same digests (``train_cache``, kind "training").
 """
 from __future__ import annotations
 

@@ -53,6 +53,7 @@ class RecoveryMethod:
     trains: bool = True  # False: training-free (no preset budget, no steps, no loss log)
     cli_options: tuple[str, ...] = ()  # keywords of ``run`` the CLI fills from its flags (beyond out, overwrite)
     chain: tuple[str, ...] = ()  # a composite: the methods it runs, in order
+    steps_field: str | None = None  # the preset field ``max_steps=None`` means (``train_cache`` spells it out)
 
     @property
     def needs_teacher(self) -> bool:
@@ -83,19 +84,32 @@ class RecoveryMethod:
             options[self.data_keyword] = data
         if not self.trains:
             options = {k: v for k, v in options.items() if k not in TRAINING_OPTIONS}
-        head = (model, teacher, tokenizer) if self.teacher else (model, tokenizer)
-        return self.run(*head, out_dir=out_dir, **options)
+        from .efficiency import track_peak_memory
+        from .train_cache import reuse_or_run
+
+        def run(model, tokenizer, teacher, options):
+            head = (model, teacher, tokenizer) if self.teacher else (model, tokenizer)
+            with track_peak_memory() as memory:
+                result = self.run(*head, out_dir=out_dir, **options)
+            result.memory = memory
+            return result
+
+        return reuse_or_run(self, run, model, tokenizer, out_dir, teacher if self.teacher else None, data, options)
 
     def _run_chain(self, model, tokenizer, out_dir, teacher, data, stage_dirs, options):
         out_dir = Path(out_dir)
-        seconds, result = 0.0, None
+        seconds, result, memories = 0.0, None, []
         for i, name in enumerate(self.chain):
             last = i == len(self.chain) - 1
             stage_out = out_dir if last else Path(stage_dirs.get(name, out_dir.with_name(f"{out_dir.name}.{name}")))
             result = get_recovery(name)(model, tokenizer, stage_out, teacher=teacher, data=data if last else None,
                                         **options)
             model, tokenizer, seconds = str(stage_out), None, seconds + result.seconds
+            memories.append(result.memory)
         result.method, result.seconds = self.name, seconds
+        if all(memories):  # the chain's peak over its stages, its growth over the level before the first
+            peak, before = max(m["peak_mb"] for m in memories), memories[0]["before_mb"]
+            result.memory = {**memories[0], "peak_mb": peak, "growth_mb": peak - before}
         return result
 
 

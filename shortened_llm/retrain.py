@@ -235,9 +235,9 @@ _TRAINING_FLAGS = ("preset", "seed", "resume")  # the budget flags every Trainer
 
 METHODS = tuple(register_recovery(m).name for m in (
     RecoveryMethod("lora", "LoRA on instructions (the paper's recipe): adapter saved, merged model returned",
-                   lora_retrain, data="alpaca", cli_options=(*_TRAINING_FLAGS, "max_steps")),
+                   lora_retrain, data="alpaca", steps_field="lora_steps", cli_options=(*_TRAINING_FLAGS, "max_steps")),
     RecoveryMethod("cpt", "continued pretraining of every weight on packed plain text (rescues severe pruning)",
-                   continued_pretrain, data=None,
+                   continued_pretrain, data=None, steps_field="cpt_steps",
                    cli_options=(*_TRAINING_FLAGS, "max_steps", "cpt_dynamic_batch_loading", "reference_model")),
     # its own function, not a chain: the CPT stage is reused when present and training.json sums both stages
     RecoveryMethod("cpt-lora", "CPT into <out>.cpt, then LoRA from it (the paper's best at severe ratios)",

@@ -81,6 +81,8 @@ class RetrainResult:
     steps: int
     seconds: float
     log: list[dict] = field(default_factory=list)  # Trainer log_history: loss, learning_rate, eval_loss per step
+    memory: dict = field(default_factory=dict)  # efficiency.track_peak_memory of the run (peak_mb, growth_mb, ...)
+    reused_from: str | None = None  # the dir of the earlier run with this recipe it was copied from (train_cache)
 
     def log_frame(self):
         """The loss log as a DataFrame (one row per logged step)."""

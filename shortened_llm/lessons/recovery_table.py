@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 from ..artifacts import atomic_write_text
-from ..efficiency import track_peak_memory
 from ..errors import unknown_name
 from ..families import count_params
 from ..models import load_model
@@ -76,11 +75,10 @@ def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-13
         model, tokenizer = load_model(pruned)
     else:
         runner = get_recovery(method)
-        with track_peak_memory() as memory:
-            result = runner(str(pruned), out_dir=model_dir, teacher=teacher, preset=equal, max_steps=steps,
-                            progress=False, overwrite=True,
-                            **({"stage_dirs": {"replaceme": out_dir / "replaceme"}} if runner.chain else {}))
-        model, tokenizer = result.model, result.tokenizer
+        result = runner(str(pruned), out_dir=model_dir, teacher=teacher, preset=equal, max_steps=steps,
+                        progress=False, overwrite=True,
+                        **({"stage_dirs": {"replaceme": out_dir / "replaceme"}} if runner.chain else {}))
+        model, tokenizer, memory = result.model, result.tokenizer, result.memory  # the training's, if reused
         row.update(steps=result.steps, seconds=round(result.seconds, 2), peak_mb=round(memory["peak_mb"], 1),
                    growth_mb=round(memory["growth_mb"], 1))
         info_path = model_dir / "training.json"
