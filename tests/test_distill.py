@@ -29,20 +29,33 @@ def _pair(tok, n_layers=4, drop=(1,)):
     return student, teacher
 
 
-def test_chunked_kd_loss_equals_full_kl_and_its_gradient():
+@pytest.mark.parametrize("temperature, cap", [(1.0, None), (2.0, None), (1.5, 3.0)])
+@pytest.mark.parametrize("path", ["fused", "checkpointed"])
+def test_chunked_kd_loss_equals_full_kl_and_its_gradients(path, temperature, cap):
+    """Both paths of ``kd_loss`` (a plain linear head: fused; any other: checkpointed) give the
+    full-vocabulary KL and its gradients for the hidden rows and the student's head."""
+    import types
+
     torch.manual_seed(0)
     head_s, head_t = torch.nn.Linear(8, 50, bias=False), torch.nn.Linear(8, 50, bias=False)
+    head_s.weight.data *= 4  # logits large enough for the softcap to bend them
     h_s, h_t = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8)
     valid = torch.ones(2, 5, dtype=torch.bool)
     valid[1, 3:] = False
-    T = 2.0
-    chunked = kd_loss(h_s, h_t, head_s, head_t, valid, temperature=T, chunk=3)
-    (g_chunked,) = torch.autograd.grad(chunked, h_s)
-    s, t = head_s(h_s[valid]) / T, head_t(h_t[valid]) / T
-    full = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean() * T**2
-    (g_full,) = torch.autograd.grad(full, h_s)
+    config = types.SimpleNamespace(final_logit_softcapping=cap)
+    student = head_s if path == "fused" else torch.nn.Sequential(head_s)
+    chunked = kd_loss(h_s, h_t, student, head_t, valid, config, temperature=temperature, chunk=3)
+    g_chunked = torch.autograd.grad(chunked, (h_s, head_s.weight))
+
+    def capped(x):
+        return torch.tanh(x / cap) * cap if cap else x
+
+    s, t = capped(head_s(h_s[valid])) / temperature, capped(head_t(h_t[valid])) / temperature
+    full = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean() * temperature**2
+    g_full = torch.autograd.grad(full, (h_s, head_s.weight))
     assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
-    assert torch.allclose(g_chunked, g_full, atol=1e-6)
+    for a, b in zip(g_chunked, g_full):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert kd_loss(h_t, h_t, head_t, head_t, valid).item() == pytest.approx(0.0, abs=1e-6)  # same model: no loss
 
 
