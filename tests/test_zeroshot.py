@@ -120,6 +120,27 @@ def test_zero_shot_table_on_embedded_model(embedded):
     assert list(table.note) == ["", "pack-substitute", ""]
 
 
+@needs_pack
+def test_a_task_is_scored_without_lm_evals_environment_report(embedded, monkeypatch):
+    """lm-eval's closing report runs pip and git in subprocesses for fields no row reads: skipped,
+    the score unchanged."""
+    import subprocess
+
+    import lm_eval.evaluator
+
+    model, tokenizer = embedded
+    args = dict(tasks=["winogrande"], limit=2, batch_size=4, progress=False, cache=False)
+    before = zero_shot(model, tokenizer, **args)
+    started = []
+    real_popen = subprocess.Popen.__init__
+    monkeypatch.setattr(subprocess.Popen, "__init__", lambda self, *a, **k: started.append(a) or real_popen(self, *a, **k))
+    after = zero_shot(model, tokenizer, **args)
+    assert started == []
+    assert after.value.tolist() == before.value.tolist()
+    lm_eval.evaluator.add_env_info({})  # what is skipped: it does start subprocesses
+    assert started
+
+
 def test_zero_shot_table_refuses_a_cached_csv_lacking_columns(tmp_path):
     """A CSV from another tool or version: the clear error naming the file, before any model loads."""
     from shortened_llm.errors import CorruptFileError
