@@ -8,8 +8,9 @@ by fitting the very maps its ReplaceMe row fitted. Each run costs minutes. Like 
 - the method, and every option it was called with (``max_steps=None`` spelled out as the
   preset's steps, so "the default" and "15" on a 15-step preset are one run);
 - the preset, every field (the training budget, the seed, the data settings);
-- the base model: its weights, config and pruning record, and the tokenizer (``eval_cache``'s
-  digests), so the same blocks pruned by notebook 03 and by notebook 09 share their runs;
+- the base model: its weights, config and pruning record (less the block scores, which the
+  copy takes from its own base), and the tokenizer (``eval_cache``'s digests), so the same
+  blocks pruned by notebook 03 and by notebook 09 share their runs;
 - the teacher's weights (KD, ReplaceMe) and any model given as an option (a reference model);
 - the data: the name or texts given, and the offline pack's files (path, size, time);
 - the number of processes and the versions of torch, transformers and peft.
@@ -59,11 +60,19 @@ def tree_digest(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _model_key(model) -> dict:
+def _record_of(model) -> dict | None:
     record = getattr(model, "pruning", None)
+    return None if record is None else json.loads(record.to_json())
+
+
+def _model_key(model) -> dict:
+    """The weights, config and dtype (``eval_cache.model_key``) and the pruning record less its
+    scores: how the blocks were chosen is not what a run computes from (the same blocks scored
+    on two threads differ in the last digits), and a copy gets its own base's scores back."""
     key = eval_cache.model_key(model)
     key.pop("training")  # a Trainer sets the mode itself
-    return {**key, "pruning": None if record is None else json.loads(record.to_json())}
+    record = _record_of(model)
+    return {**key, "pruning": None if record is None else {k: v for k, v in record.items() if k != "scores"}}
 
 
 def _pack_key() -> str | None:
@@ -121,8 +130,9 @@ def recipe_key(method, model, tokenizer, teacher, data, preset, options: dict) -
                          "peft": peft.__version__}}
 
 
-def _copy_tree(source: Path, target: Path) -> None:
-    """``source``'s files into ``target``, hard-linked where the file system allows, else copied."""
+def _copy_tree(source: Path, target: Path, base_record: dict | None) -> None:
+    """``source``'s files into ``target``, hard-linked where the file system allows, else copied;
+    its ``pruning.json`` with the fields of ``base_record`` (the asking base's) written over it."""
     def link_or_copy(src, dst):
         try:
             os.link(src, dst)
@@ -134,11 +144,15 @@ def _copy_tree(source: Path, target: Path) -> None:
             continue
         if item.is_dir():
             shutil.copytree(item, target / item.name, copy_function=link_or_copy)
+        elif item.name == "pruning.json" and base_record is not None:
+            # what the run adds to its base's record (ReplaceMe's fits) stays; the rest is this base's
+            merged = {**json.loads(item.read_text()), **{k: v for k, v in base_record.items() if k != "recovery"}}
+            (target / item.name).write_text(json.dumps(merged, indent=2) + "\n")
         else:
             link_or_copy(item, target / item.name)
 
 
-def _from_entry(entry: dict, method, out_dir: Path, overwrite: bool):
+def _from_entry(entry: dict, method, out_dir: Path, overwrite: bool, base_record: dict | None):
     """The run ``entry`` names, copied to ``out_dir`` and loaded; None when its dir is gone or changed."""
     from .models import load_model
     from .trainer import RetrainResult
@@ -148,7 +162,7 @@ def _from_entry(entry: dict, method, out_dir: Path, overwrite: bool):
         return None
     if source.resolve() != out_dir.resolve():
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            _copy_tree(source, tmp)
+            _copy_tree(source, tmp, base_record)
     model, tokenizer = load_model(out_dir)
     return RetrainResult(model, tokenizer, out_dir, method.name, entry["steps"], entry["seconds"],
                          entry.get("log", []), memory=entry.get("memory", {}), reused_from=str(source))
@@ -185,7 +199,7 @@ def reuse_or_run(method, run, model, tokenizer, out_dir, teacher, data, options:
         if entry is not None:
             if out_dir.resolve() != Path(entry["out_dir"]).resolve():
                 check_replaceable(out_dir, overwrite)  # refused as the method itself would refuse it
-            found = _from_entry(entry, method, out_dir, overwrite)
+            found = _from_entry(entry, method, out_dir, overwrite, _record_of(model))
             if found is not None:
                 print(f"{method.name}: the same run (recipe and weights) is in {found.reused_from}, trained in "
                       f"{found.seconds:.0f} s; copied to {out_dir}, not trained again")

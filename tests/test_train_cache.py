@@ -7,6 +7,7 @@ preset, about a second each; the method's function is wrapped to count how often
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -97,3 +98,22 @@ def test_without_a_store_every_call_trains_and_nothing_is_written(tmp_path, base
     partial(base[1], tmp_path / "two")
     assert trains == [tmp_path / "one", tmp_path / "two"]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_same_blocks_scored_apart_share_the_run_and_keep_their_own_scores(tmp_path, embedded, trains):
+    """Notebooks 03 and 09 remove the same blocks from the same weights but score them in separate
+    processes: one run, and each copy's pruning.json says its own base's scores."""
+    from shortened_llm.prune import remove_blocks
+
+    dirs = []
+    for name, scores in (("a", [4.0, 1.0, 3.0, 2.0]), ("b", [4.0, 1.0000001, 3.0, 2.0])):
+        model = remove_blocks(make_tiny_llama(num_layers=4, vocab_size=len(embedded[1])), [1], criterion="ppl",
+                              ratio=0.25, scores=scores)
+        dirs.append(save_model(model, embedded[1], tmp_path / name))
+    with eval_cache.use(tmp_path / "run"):
+        partial(dirs[0], tmp_path / "one")
+        second = partial(dirs[1], tmp_path / "two")
+    assert trains == [tmp_path / "one"] and second.reused_from is not None
+    record = json.loads((tmp_path / "two" / "pruning.json").read_text())
+    assert record["scores"] == [4.0, 1.0000001, 3.0, 2.0] and record["removed_blocks"] == [1]
+    assert second.model.pruning.scores == record["scores"]
