@@ -2,8 +2,8 @@
 
 - ``tiny``: tests; seconds per notebook.
 - ``smoke`` (default): the embedded model end to end on a laptop CPU; most notebooks take
-  minutes, all ten 66 min in ``make reproduce`` on a 2-core CPU with bf16 (two at a time; 09
-  alone 47 min), about 2.5 h in fp32 on one thread (the cpu budgets took about 6 h).
+  minutes, all ten 61 min in ``make reproduce`` on a 2-core CPU with bf16 (two at a time; 09
+  alone 39 min), about 2.5 h in fp32 on one thread (the cpu budgets took about 6 h).
   Numbers from it show the method's direction, not settled values (40 PPL segments, 20
   documents per zero-shot task, 15 training steps).
 - ``cpu``: the embedded model with budgets large enough for stable numbers (the paper's

@@ -127,8 +127,8 @@ def finished(path: Path, out: Path, parameters: dict) -> bool:
 # a run dir holds executed copies, their own recorded times replace them. Other CPUs differ (with AMX, bf16
 # runs about twice as fast again).
 MEASURED_SECONDS = {
-    "smoke": {"01": 303, "02": 73, "03": 62, "04": 166, "05": 629, "06": 474, "07": 219, "08": 1164, "09": 2811,
-              "10": 1156},
+    "smoke": {"01": 270, "02": 93, "03": 82, "04": 174, "05": 502, "06": 452, "07": 236, "08": 1192, "09": 2322,
+              "10": 1165},
 }
 
 
