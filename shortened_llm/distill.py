@@ -135,14 +135,14 @@ class _FusedKL(torch.autograd.Function):
             grad_h[i : i + chunk] = (g.to(w_s.dtype) @ w_s).to(h_s.dtype)
             if grad_w is not None:
                 grad_w += (g.t() @ rows.to(g.dtype)).float()
-        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
-        ctx.has_grad_w, ctx.w_dtype = grad_w is not None, w_s.dtype
+        ctx.save_for_backward(grad_h, grad_w)  # grad_w None: the head is frozen (a LoRA student)
+        ctx.w_dtype = w_s.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out, (grad_w * grad_out).to(ctx.w_dtype) if ctx.has_grad_w else None,
+        return (grad_h * grad_out, None if grad_w is None else (grad_w * grad_out).to(ctx.w_dtype),
                 None, None, None, None, None)
 
 

@@ -39,7 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import eval_cache
-from .artifacts import MANIFEST, artifact_lock, atomic_dir, check_replaceable
+from .artifacts import MANIFEST, artifact_lock, atomic_dir
 
 __all__ = ["RUN_CONTROL", "recipe_key", "reuse_or_run", "tree_digest"]
 
@@ -196,9 +196,7 @@ def reuse_or_run(method, run, model, tokenizer, out_dir, teacher, data, options:
     overwrite = bool(options.get("overwrite", False))
     with artifact_lock(store.path(key)):  # a second kernel asking for this run waits, then copies it
         entry = store.get(key)
-        if entry is not None:
-            if out_dir.resolve() != Path(entry["out_dir"]).resolve():
-                check_replaceable(out_dir, overwrite)  # refused as the method itself would refuse it
+        if entry is not None:  # an existing out_dir is refused by atomic_dir, as the method itself refuses it
             found = _from_entry(entry, method, out_dir, overwrite, _record_of(model))
             if found is not None:
                 print(f"{method.name}: the same run (recipe and weights) is in {found.reused_from}, trained in "
