@@ -310,7 +310,7 @@ def distill(student, teacher, tokenizer=None, dataset="c4", out_dir: str | os.Pa
     with track_peak_memory() as memory:
         trainer, seconds, work = run_on_cpt_budget(
             model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, max_steps=max_steps,
-            seed=seed, resume=resume, progress=progress, callbacks=callbacks,
+            seed=seed, resume=resume, progress=progress, callbacks=callbacks, keep_checkpoints=keep_checkpoints,
             trainer_cls=functools.partial(_kd_trainer_class(), kd=kd))
     staging = work / "final"
     if lora:
@@ -364,7 +364,7 @@ def partial_retrain(model, tokenizer=None, dataset="c4", out_dir: str | os.PathL
     with track_peak_memory() as memory:
         trainer, seconds, work = run_on_cpt_budget(
             model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, max_steps=max_steps,
-            seed=seed, resume=resume, progress=progress, callbacks=callbacks)
+            seed=seed, resume=resume, progress=progress, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
     save_trained(trainer, tokenizer, work / "final", record)
     trained = trainer.model
     trained.requires_grad_(True).eval()

@@ -125,7 +125,7 @@ def lora_retrain(model, tokenizer=None, out_dir: str | os.PathLike = "retrained/
         peft_model, tokenizer, train_rows, val_rows, out_dir=out_dir, lr=preset.lora_lr,
         batch=preset.lora_batch, micro=preset.lora_micro_batch, max_steps=steps, epochs=preset.lora_epochs,
         warmup=warmup, scheduler="linear", seed=seed, resume=resume, progress=progress, callbacks=callbacks,
-        name="lora", **lora_procedure(preset))
+        name="lora", keep_checkpoints=keep_checkpoints, **lora_procedure(preset))
     adapter_tmp = work / "adapter.tmp"
     if trainer.is_world_process_zero():  # before merging: merge_and_unload strips the LoRA layers
         save_adapter(peft_model, adapter_tmp, base_print)
@@ -187,7 +187,7 @@ def continued_pretrain(model, tokenizer=None, out_dir: str | os.PathLike = "retr
         p.requires_grad_(True)
     trainer, seconds, work = run_on_cpt_budget(
         model, tokenizer, train_rows, val_rows, preset, out_dir=out_dir, max_steps=max_steps, seed=seed,
-        resume=resume, progress=progress, callbacks=callbacks)
+        resume=resume, progress=progress, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
     save_trained(trainer, tokenizer, work / "final", record)
     if domain_loader is not None and trainer.is_world_process_zero():  # publish moves it into out_dir with the model
         from .domains import WEIGHTS_FILE

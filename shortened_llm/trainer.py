@@ -336,6 +336,26 @@ def training_precision(args) -> str:
             "fp16 autocast, fp32 master weights" if args.fp16 else "fp32")
 
 
+def _no_checkpoint_after_the_last_step():
+    """A callback that drops the checkpoint the Trainer saves after the last step (whatever ``save_steps``).
+
+    ``publish`` writes the final model right after it and then deletes the checkpoints, so that one
+    was written only to be deleted. For a full-weight run (CPT, KD, partial) it holds the weights and
+    AdamW's two moments of what trains, up to three times the weights in fp32: 4.0 s of the 27 s of a
+    tiny-preset CPT run of the embedded model (AMD EPYC, one thread). A kill between the last step and
+    ``publish`` resumes from the checkpoint before and trains those steps again, to the same weights.
+    """
+    from transformers import TrainerCallback
+
+    class NoCheckpointAfterTheLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # after the Trainer's own flow callback set it
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_save = False
+            return control
+
+    return NoCheckpointAfterTheLastStep()
+
+
 def _fault_points():
     """A callback with the training kill points of the test hook (``artifacts.FAULT_ENV``):
     ``checkpoint`` (a checkpoint fully saved, before the next step) and ``step`` (mid-step: the
@@ -377,8 +397,12 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
                 max_steps: int | None, epochs: float, warmup: int | float, scheduler: str, seed: int, save_steps: int,
                 resume: bool, progress: bool, callbacks, name: str, trainer_cls=None, eval_steps: int | None = None,
                 best_checkpoint: bool = False, mixed_precision: str = "none", padding_side: str = "right",
-                weight_decay: float = 0.0, adam_beta2: float = 0.999):
+                weight_decay: float = 0.0, adam_beta2: float = 0.999, keep_checkpoints: bool = False):
     """Run a ``Trainer`` in ``<out>.checkpoints``; return it, the seconds it took and the work dir.
+
+    Checkpoints are saved every ``save_steps`` for a resume after a kill; the one the Trainer adds after
+    the last step is skipped (``_no_checkpoint_after_the_last_step``) unless ``keep_checkpoints`` or
+    ``best_checkpoint`` needs it.
 
     ``batch`` is the global batch (``name`` names its preset fields in errors); a float
     ``warmup`` is a share of the planned steps. ``trainer_cls`` swaps the loss (KD).
@@ -409,6 +433,8 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
                       data_collator=padding_collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                                      else tokenizer.eos_token_id, side=padding_side),
                       callbacks=[NonFiniteLossCallback(), _fault_points(), *(callbacks or [])])  # NaN/inf loss: stops, named
+    if not (keep_checkpoints or args.load_best_model_at_end):
+        trainer.add_callback(_no_checkpoint_after_the_last_step())
     if not progress:  # no bars means no per-step log dicts printed either; the loss log keeps them
         trainer.remove_callback(PrinterCallback)
     if trainer.is_world_process_zero():
@@ -423,13 +449,15 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
 
 
 def run_on_cpt_budget(model, tokenizer, train_rows, eval_rows, preset, *, out_dir: Path, max_steps: int | None,
-                      seed: int, resume: bool, progress: bool, callbacks, trainer_cls=None):
+                      seed: int, resume: bool, progress: bool, callbacks, trainer_cls=None,
+                      keep_checkpoints: bool = False):
     """Full-weight training on ``preset``'s CPT budget (lr, batch, cosine warm-up): CPT, KD and partial share it."""
     return run_trainer(
         model, tokenizer, train_rows, eval_rows, out_dir=out_dir, lr=preset.cpt_lr,
         batch=preset.cpt_batch, micro=preset.cpt_micro_batch, max_steps=max_steps or preset.cpt_steps, epochs=1.0,
         warmup=float(preset.cpt_warmup_ratio), scheduler="cosine", seed=seed, save_steps=preset.retrain_save_steps,
         resume=resume, progress=progress, callbacks=callbacks, name="cpt", trainer_cls=trainer_cls,
+        keep_checkpoints=keep_checkpoints,
         weight_decay=preset.cpt_weight_decay, adam_beta2=preset.cpt_adam_beta2)
 
 

@@ -121,6 +121,28 @@ def test_interrupted_cpt_leaves_no_output_and_resumes_to_the_same_weights(tmp_pa
         continued_pretrain(tiny(tok), tok, out, max_steps=1, **FAST)
 
 
+class SavedAt(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_save(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_no_checkpoint_after_the_last_step_unless_checkpoints_are_kept(tmp_path, tok):
+    """A checkpoint every 2 of 3 steps: step 2's is saved (a resume needs it), the Trainer's extra one
+    after step 3 only with ``keep_checkpoints``; the weights are the same either way."""
+    dropped, kept = SavedAt(), SavedAt()
+    a = continued_pretrain(tiny(tok), tok, tmp_path / "a", max_steps=3, retrain_save_steps=2, callbacks=[dropped], **FAST)
+    b = continued_pretrain(tiny(tok), tok, tmp_path / "b", max_steps=3, retrain_save_steps=2, callbacks=[kept],
+                           keep_checkpoints=True, **FAST)
+    assert dropped.steps == [2] and kept.steps == [2, 3]
+    assert sorted(p.name for p in checkpoints_dir(tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert not checkpoints_dir(tmp_path / "a").exists()
+    for (name, x), y in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(x, y, msg=name)
+
+
 def test_an_fp16_model_trains_all_in_fp32_and_goes_back_to_fp16(tmp_path, tok):
     """fp16 weights on a CPU (no fp16 autocast there) train in fp32, exactly like the fp32 copy of the same
     weights, and come back fp16."""
