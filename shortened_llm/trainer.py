@@ -10,8 +10,9 @@ train and on which rows; this module owns what they all share, so each rule live
   processes, so the same preset gives the same optimizer steps on 1 CPU or under ``torchrun``;
   fp32 master weights for half-precision models (a bf16 one under bf16 autocast); validation
   loss before the first and after the last step; resumable checkpoints in ``<out>.checkpoints/``
-  (a rerun after a kill -9 resumes from the last one saved to the end, ``last_complete_checkpoint``,
-  and ends as the run would have);
+  every ``save_steps`` (a rerun after a kill -9 resumes from the last one saved to the end,
+  ``last_complete_checkpoint``, and ends as the run would have), none after the last step, whose
+  weights ``publish`` saves as the model;
 - **the base fingerprint** (``fingerprint``, ``check_fingerprint``): shapes, depth and removed
   blocks, written beside checkpoints and adapters so neither is ever applied to another model;
 - **atomic outputs** (``prepare_out``, ``publish``): the finished dir appears in one rename with
