@@ -279,11 +279,7 @@ def training_arguments(work: Path, *, lr: float, batch: int, micro: int, max_ste
     """
     from transformers import TrainingArguments
 
-    from .precision import training_autocast
-
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    # the one autocast rule master_weights applied (bf16_autocast is its answer for the model's dtype)
-    autocast = training_autocast(torch.bfloat16 if bf16_autocast else torch.float32, mixed_precision, cuda)
     best = bool(best_checkpoint and evaluate)
     eval_every = min(eval_steps or steps_planned, steps_planned)
     if best and (save_steps % eval_every or save_steps > steps_planned):  # a short run: checkpoint where it evaluates
@@ -302,7 +298,7 @@ def training_arguments(work: Path, *, lr: float, batch: int, micro: int, max_ste
         eval_strategy="steps" if evaluate else "no", eval_steps=eval_every,
         eval_on_start=evaluate and not resumed, data_seed=seed, report_to="none",
         load_best_model_at_end=best, metric_for_best_model="eval_loss" if best else None, greater_is_better=False if best else None,
-        fp16=autocast == torch.float16, bf16=autocast == torch.bfloat16,
+        fp16=cuda and mixed_precision == "fp16", bf16=bf16_autocast,
         disable_tqdm=not progress, use_cpu=not cuda, dataloader_pin_memory=cuda,
         remove_unused_columns=False, ddp_find_unused_parameters=False,
     )
