@@ -8,7 +8,6 @@ puts BOS before every segment (their ppl_bos.csv; what Gemma needs).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal
 
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import eval_cache
-from .data import load_texts
+from .data import encoded_once, load_texts
 from .families import family_of
 
 __all__ = ["PPL_DATASETS", "perplexity", "ppl_segments", "token_nll", "default_bos", "ppl_key"]
@@ -31,7 +30,7 @@ def default_bos(model) -> BosProtocol:
     return "per-segment" if family_of(model).bos_every else "once"
 
 
-@functools.lru_cache(maxsize=8)
+@encoded_once(maxsize=8)
 def _token_stream(tokenizer, dataset: str) -> torch.Tensor:
     text = "\n\n".join(load_texts(dataset))
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)

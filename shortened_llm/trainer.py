@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .artifacts import atomic_dir, atomic_write_text, fault_point
+from .data import encoded_once
 from .errors import MismatchError
 from .finite import NonFiniteLossCallback
 from .models import get_blocks, load_model
@@ -183,12 +184,19 @@ def pack_blocks(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
     """
     if block_size < 2:
         raise ValueError(f"block_size={block_size} must be >= 2 (cpt_block_size in the preset)")
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = [t for ids in tokenizer(list(texts)).input_ids for t in ids + eos]
+    ids = _text_stream(tokenizer, tuple(texts))
     n = len(ids) // block_size
     if n < 1:
         raise ValueError(f"the texts hold {len(ids)} tokens: fewer than one block of {block_size}")
-    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+    return ids[: n * block_size].view(n, block_size).clone()  # the stream is shared (encoded_once)
+
+
+@encoded_once(maxsize=4)
+def _text_stream(tokenizer, texts: tuple[str, ...]) -> torch.Tensor:
+    """Every text + EOS, encoded and concatenated: once per process for a corpus and a tokenizer's content,
+    however many runs (and pruned copies of one model) train on it."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return torch.tensor([t for ids in tokenizer(list(texts)).input_ids for t in ids + eos], dtype=torch.long)
 
 
 def packed_rows(tokenizer, data, block_size: int, val_blocks: int) -> tuple[list[dict], list[dict]]:

@@ -77,3 +77,53 @@ def test_calibration_with_bos_on_every_sample(embedded):
 def test_calibration_rejects_empty_budgets(embedded, kwargs, match):
     with pytest.raises(ValueError, match=match):
         calibration_batches(embedded[1], **kwargs)
+
+
+def test_a_corpus_is_encoded_once_per_tokenizer_content_and_equals_a_fresh_encoding(tmp_path):
+    """Two tokenizer objects loaded from two saved copies (a dense model and one pruned from it) share
+    one encoding; a tokenizer that encodes differently (an added token, BOS first) gets its own."""
+    from transformers import AutoTokenizer
+
+    from conftest import make_char_tokenizer
+    from shortened_llm.data import encoded_once, tokenizer_key
+
+    calls = []
+
+    @encoded_once(maxsize=4)
+    def encode(tokenizer, texts):
+        calls.append(texts)
+        return [tokenizer(t).input_ids for t in texts]
+
+    make_char_tokenizer().save_pretrained(tmp_path / "a")
+    make_char_tokenizer().save_pretrained(tmp_path / "b")
+    a, b = AutoTokenizer.from_pretrained(tmp_path / "a"), AutoTokenizer.from_pretrained(tmp_path / "b")
+    texts = ("ab c", "de")
+    assert encode(a, texts) == encode(b, texts) == [make_char_tokenizer()(t).input_ids for t in texts]
+    assert len(calls) == 1 and tokenizer_key(a) == tokenizer_key(b)
+
+    bos = make_char_tokenizer(bos_first=True)
+    assert encode(bos, texts)[0][0] == bos.bos_token_id and len(calls) == 2
+    a.add_tokens(["ab"])  # the same object, now encoding "ab" as one token
+    assert encode(a, texts)[0] == [len(a) - 1, *make_char_tokenizer()(" c").input_ids] and len(calls) == 3
+    encode(b, ("other",))
+    assert len(calls) == 4
+
+
+def test_packed_blocks_and_ppl_segments_are_shared_encodings_that_callers_cannot_spoil(embedded):
+    from shortened_llm.evaluate import ppl_segments
+    from shortened_llm.trainer import pack_blocks
+
+    tok = embedded[1]
+    texts = ["one two three", "four five six seven"]
+    first = pack_blocks(tok, texts, block_size=3)
+    first.zero_()  # a caller changing its blocks in place
+    again = pack_blocks(tok, texts, block_size=3)
+    eos = tok.eos_token_id
+    flat = [t for text in texts for t in tok(text).input_ids + [eos]]
+    assert again.flatten().tolist() == flat[: len(flat) // 3 * 3]
+    from shortened_llm.data import load_texts
+
+    stream = tok("\n\n".join(load_texts("wikitext2")[:40]), add_special_tokens=False).input_ids
+    for bos in ("once", "per-segment"):
+        ppl_segments(tok, "wikitext2", seq_len=16, bos=bos, max_segments=2).zero_()
+    assert ppl_segments(tok, "wikitext2", seq_len=16, max_segments=2).flatten().tolist() == [tok.bos_token_id, *stream[:31]]
