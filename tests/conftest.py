@@ -47,6 +47,38 @@ def make_char_tokenizer(bos_first: bool = False):
                                    unk_token="<unk>")
 
 
+# The lessons run at preset tiny as two chains, each in order on one pytest worker and in one run dir,
+# as `make reproduce` runs them: 01-07, the paper's path, each reusing what the ones before it saved,
+# then the worked solutions of those notebooks in the same run dir, as a learner opens a solution after
+# its lesson; and 08-10, which need only a pruned model (each computes it when alone), on the other
+# worker. Every other test fills the workers around them.
+LESSON_CHAINS = {"paper": ("01", "02", "03", "04", "05", "06", "07"), "beyond": ("08", "09", "10")}
+
+
+def lesson_chain(path: Path) -> str:
+    """The chain notebook (or solution) ``path`` runs in: ``NN_name.ipynb`` by its number."""
+    return next(chain for chain, numbers in LESSON_CHAINS.items() if path.name[:2] in numbers)
+
+
+def in_lesson_chain(path: Path, *marks):
+    """``path`` as a test parameter on its chain's worker (``xdist_group``), with ``marks`` added."""
+    return pytest.param(path, marks=[pytest.mark.xdist_group(f"lessons-{lesson_chain(path)}"), *marks], id=path.stem)
+
+
+@pytest.fixture(scope="session")
+def lesson_run_dir(tmp_path_factory):
+    """``lesson_run_dir(path)``: the run dir of ``path``'s chain, shared by every test of the chain."""
+    dirs = {}
+
+    def run_dir(path: Path) -> Path:
+        chain = lesson_chain(path)
+        if chain not in dirs:
+            dirs[chain] = tmp_path_factory.mktemp(f"run-{chain}")
+        return dirs[chain]
+
+    return run_dir
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for tests of many tiny forward passes: two spinning threads slow them down."""

@@ -1,7 +1,8 @@
 """Every notebook runs end to end under papermill at preset ``tiny``, into a temp run_dir.
 
-One shared run_dir per session, as in a real reproduction: later notebooks reuse what earlier
-ones saved, and each must also work alone (its train-or-load cells compute what is missing).
+The notebooks run in two chains (``conftest.LESSON_CHAINS``), each in order in one shared run dir,
+as in a real reproduction: later notebooks reuse what earlier ones saved, and each must also work
+alone (its train-or-load cells compute what is missing; 08-10 do, in a chain of their own).
 """
 import json
 import os
@@ -10,30 +11,25 @@ from pathlib import Path
 
 import pytest
 
+from conftest import in_lesson_chain
 from shortened_llm.reproduce import NOTEBOOKS_DIR, notebook_paths, run_notebook
 
 NOTEBOOKS = notebook_paths(NOTEBOOKS_DIR)
 # Notebooks too slow at preset tiny for the suite's budget on a 2-core CPU: run by `make test-all`
 HEAVY: set[str] = set()
-RUNS = [pytest.param(p, marks=pytest.mark.heavy) if p.stem in HEAVY else p for p in NOTEBOOKS]
-# Under `pytest -n N --dist loadgroup` every notebook run lands on the same worker, in order,
-# so they share one run_dir as a real reproduction does; the other tests fill the other workers.
-IN_ORDER = pytest.mark.xdist_group("notebooks")
+# Under `pytest -n N --dist loadgroup` the notebooks of one chain land on the same worker, in order,
+# so they share its run_dir as a real reproduction does; the other tests fill the other workers.
+RUNS = [in_lesson_chain(p, *([pytest.mark.heavy] if p.stem in HEAVY else [])) for p in NOTEBOOKS]
 
 
 def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 3, "the lessons live in notebooks/NN_*.ipynb"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("run")
-
-
 @pytest.mark.notebook
-@IN_ORDER
-@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_at_tiny(path, run_dir):
+@pytest.mark.parametrize("path", RUNS)
+def test_notebook_runs_at_tiny(path, lesson_run_dir):
+    run_dir = lesson_run_dir(path)
     out = run_notebook(path, run_dir / "notebooks", {"model": "smollm2-135m", "preset": "tiny", "run_dir": str(run_dir)})
     nb = json.loads(Path(out).read_text())
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import in_lesson_chain
 from shortened_llm.reproduce import notebook_paths, run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +64,14 @@ def test_solution_answers_every_exercise_and_is_clean(path):
 # Solutions whose exercises train or quantise several models: 100-350 s each at preset tiny on
 # one core, beyond the suite's budget; `make test-all` runs them (measured 2026-11-30).
 HEAVY = {"04_lora_retraining", "05_continued_pretraining", "08_export_gguf", "09_beyond_the_paper", "10_sheared_vs_depth"}
-RUNS = [pytest.param(p, marks=pytest.mark.heavy) if p.stem in HEAVY else p for p in SOLUTION_PATHS]
+# Each runs after its chain's notebooks (test_notebooks.py, collected first), in their run dir, as a
+# learner opens a solution after its lesson; alone (this file only) it computes everything itself.
+RUNS = [in_lesson_chain(p, *([pytest.mark.heavy] if p.stem in HEAVY else [])) for p in SOLUTION_PATHS]
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("path", RUNS, ids=[p.stem for p in SOLUTION_PATHS])
-def test_solution_runs_at_preset_tiny(path, tmp_path):
-    out = run_notebook(path, tmp_path / "executed", {"preset": "tiny", "run_dir": str(tmp_path / "run")})
+@pytest.mark.parametrize("path", RUNS)
+def test_solution_runs_at_preset_tiny(path, tmp_path, lesson_run_dir):
+    out = run_notebook(path, tmp_path / "executed", {"preset": "tiny", "run_dir": str(lesson_run_dir(path))})
     errors = [o for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
