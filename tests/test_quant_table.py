@@ -258,12 +258,17 @@ def make_table(folder, tokenizer, with_dense: bool = True, **args):
     return table, out, pruned, dense
 
 
+# the tests that read ``table_run`` share one worker, so its 40 s of llama.cpp runs once, not once per worker
+ON_THE_TABLE_S_WORKER = pytest.mark.xdist_group("quant-table")
+
+
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory, tokenizer):
     """The table of a tiny pruned model and its dense model, three types."""
     return make_table(tmp_path_factory.mktemp("table"), tokenizer)
 
 
+@ON_THE_TABLE_S_WORKER
 def test_quant_table_rows_and_known_answers(table_run, tokenizer):
     from shortened_llm import load_model
     from shortened_llm.evaluate import perplexity
@@ -296,6 +301,7 @@ def test_quant_table_rows_and_known_answers(table_run, tokenizer):
     assert left == ["tiny-dense-f16.gguf", "tiny-dense-imatrix.gguf", "tiny-pruned-f16.gguf", "tiny-pruned-imatrix.gguf"]
 
 
+@ON_THE_TABLE_S_WORKER
 def test_a_rerun_measures_only_the_missing_rows(table_run, monkeypatch):
     import pandas as pd
 
@@ -315,6 +321,7 @@ def test_a_rerun_measures_only_the_missing_rows(table_run, monkeypatch):
     assert len(pd.read_csv(out)) == len(again) == len(table) + 8
 
 
+@ON_THE_TABLE_S_WORKER
 def test_the_figure_labels_every_file_once_and_never_on_top_of_another(table_run):
     from shortened_llm.lessons.plots import plot_quant_table
 
