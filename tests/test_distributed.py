@@ -26,7 +26,7 @@ def test_two_processes_match_one(tmp_path):
     tok = AutoTokenizer.from_pretrained(_embedded_checkpoint("smollm2-135m"))
     save_model(make_tiny_llama(vocab_size=len(tok)), tok, tmp_path / "base")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # tiny preset: global batch 2 = micro-batch 1 x 2 accumulation (1 process) = 1 x 2 processes
+    # tiny preset: global batch 4 = micro-batch 2 x 2 accumulation (1 process) = 2 x 2 processes
     cli = ["-m", "shortened_llm", "retrain", "cpt", "--model", str(tmp_path / "base"), "--preset", "tiny", "--max-steps", "3"]
     one = subprocess.run([sys.executable, *cli, "--out", str(tmp_path / "p1")], env=env, capture_output=True, text=True,
                          timeout=600)
