@@ -110,20 +110,15 @@ def _app_params(app_dir: Path, fresh_run: Path) -> dict:
     return {"preset": preset, "run_dir": os.path.relpath(run, app_dir.absolute())}
 
 
-@pytest.fixture(scope="module")
-def explorer_run(tmp_path_factory) -> Path:
-    """The run dir of the explorer at preset tiny, one for JupyterLab and Voila: the second app opens
-    the scores the first one computed, as `make demo` after `make lab` would."""
-    return tmp_path_factory.mktemp("explorer-run")
-
-
 @pytest.fixture
-def prepared(tmp_path, explorer_run):
-    """The explorer notebook as papermill --prepare-only writes it (nothing executed): preset tiny in
-    ``explorer_run``, or the shown run's preset and dir (then in ``build/screenshots/``, inside the repo)."""
+def prepared(tmp_path):
+    """The explorer notebook as papermill --prepare-only writes it (nothing executed): preset tiny in a
+    fresh run dir, or the shown run's preset and dir (then in ``build/screenshots/``, inside the repo).
+    (A run dir shared by JupyterLab and Voila was tried on 2026-12-02: Voila once hung in its 20th cell
+    for 300 s in a full suite run, so each app computes its own again.)"""
     src = _explorer_notebook()
     app_dir = ROOT / "build" / "screenshots" if SHOWN_RUN else tmp_path / "app"
-    [nb] = serve.prepare_notebooks([src.name], app_dir, _app_params(app_dir, explorer_run), folder=src.parent)
+    [nb] = serve.prepare_notebooks([src.name], app_dir, _app_params(app_dir, tmp_path / "run"), folder=src.parent)
     return nb
 
 
