@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,8 @@ from shortened_llm.llamacpp_guard import cpu_model
 from shortened_llm.models import load_model
 from shortened_llm.trainer import _text_stream, pack_blocks
 from shortened_llm.data import load_texts
+
+from rounds import alternating
 
 
 def encode_all(tokenizer) -> list[torch.Tensor]:
@@ -44,21 +45,20 @@ def main(argv=None) -> int:
         tokenizer = load_model(args.model)[1]
         for i in range(args.copies):
             tokenizer.save_pretrained(work / f"copy-{i}")
-        seconds, outputs = {"once": [], "per model": []}, {}
-        for r in range(args.rounds):
-            for label in ("once", "per model") if r % 2 == 0 else ("per model", "once"):  # alternate: no order wins
-                _token_stream.cache_clear(), _text_stream.cache_clear()
-                t0 = time.perf_counter()
-                for i in range(args.copies):
-                    if label == "per model":
-                        _token_stream.cache_clear(), _text_stream.cache_clear()
-                    outputs[label] = encode_all(AutoTokenizer.from_pretrained(work / f"copy-{i}"))
-                seconds[label].append(time.perf_counter() - t0)
+        outputs = {}
+
+        def encode_copies(label: str, _round: int) -> None:
+            _token_stream.cache_clear(), _text_stream.cache_clear()
+            for i in range(args.copies):
+                if label == "per model":
+                    _token_stream.cache_clear(), _text_stream.cache_clear()
+                outputs[label] = encode_all(AutoTokenizer.from_pretrained(work / f"copy-{i}"))
+
+        best = alternating(("once", "per model"), args.rounds, encode_copies)
         for a, b in zip(outputs["once"], outputs["per model"]):
             assert torch.equal(a, b), "the cache changed the ids"
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    best = {k: min(v) for k, v in seconds.items()}
     print(f"{args.model}, {args.copies} tokenizer copies x (WikiText-2 + PTB + C4), {torch.get_num_threads()} thread(s), "
           f"{cpu_model()}")
     print(f"encoded once: {best['once']:.1f} s; once per model: {best['per model']:.1f} s (best of {args.rounds}); "

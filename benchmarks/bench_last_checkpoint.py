@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from shortened_llm.models import load_model
 from shortened_llm.retrain import checkpoints_dir, continued_pretrain
+
+from rounds import alternating
 
 
 def main(argv=None) -> int:
@@ -29,29 +30,27 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_last_checkpoint_"))
-    seconds = {"with": [], "without": []}
-    first = None
+    first, size = None, None
     try:
-        for r in range(args.rounds):
-            for label in ("with", "without") if r % 2 == 0 else ("without", "with"):  # alternate: no order wins
-                model, tok = load_model(args.model)
-                out = work / f"{label}-{r}"
-                t0 = time.perf_counter()
-                result = continued_pretrain(model, tok, out, preset=args.preset, max_steps=args.steps, progress=False,
-                                            keep_checkpoints=label == "with")
-                seconds[label].append(time.perf_counter() - t0)
-                if label == "with":
-                    last = checkpoints_dir(out) / f"checkpoint-{args.steps}"
-                    size = sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) / 2**20
-                weights = {n: w.detach().clone() for n, w in result.model.named_parameters()}
-                first = first or weights  # every run trains the same weights as the first one
-                for n, w in weights.items():
-                    torch.testing.assert_close(w, first[n], msg=n)
+        def train(label: str, r: int) -> None:
+            nonlocal first, size
+            model, tok = load_model(args.model)
+            out = work / f"{label}-{r}"
+            result = continued_pretrain(model, tok, out, preset=args.preset, max_steps=args.steps, progress=False,
+                                        keep_checkpoints=label == "with")
+            if label == "with":
+                last = checkpoints_dir(out) / f"checkpoint-{args.steps}"
+                size = sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) / 2**20
+            weights = {n: w.detach().clone() for n, w in result.model.named_parameters()}
+            first = first or weights  # every run trains the same weights as the first one
+            for n, w in weights.items():
+                torch.testing.assert_close(w, first[n], msg=n)
+
+        best = alternating(("with", "without"), args.rounds, train)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from shortened_llm.llamacpp_guard import cpu_model
 
-    best = {k: min(v) for k, v in seconds.items()}
     print(f"{args.model}, CPT at preset {args.preset}, {args.steps} steps, {torch.get_num_threads()} thread(s), {cpu_model()}")
     print(f"with the last checkpoint ({size:.0f} MiB): {best['with']:.1f} s; without: {best['without']:.1f} s "
           f"(best of {args.rounds}); {best['with'] / best['without']:.2f}x; same weights: yes")

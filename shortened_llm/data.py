@@ -259,12 +259,13 @@ def tokenizer_key(tokenizer):
     if backend is None:
         return ("object", tokenizer)
     size = len(tokenizer)  # a token added since the digest was taken changes the length
-    known = _DIGESTS.get(tokenizer) if _weakrefable(tokenizer) else None
+    remembered = _weakrefable(tokenizer)
+    known = _DIGESTS.get(tokenizer) if remembered else None
     if known is None or known[0] != size:
         options = {k: getattr(tokenizer, k, None) for k in ("add_bos_token", "add_eos_token", "split_special_tokens")}
         text = f"{type(tokenizer).__name__}|{sorted(options.items())}|{backend.to_str()}"
         known = (size, hashlib.sha256(text.encode()).hexdigest())
-        if _weakrefable(tokenizer):
+        if remembered:
             _DIGESTS[tokenizer] = known
     return ("content", known[1])
 
