@@ -84,11 +84,15 @@ def test_the_grid_retrains_only_what_it_names():
     smoke = GRIDS["smoke"]
     assert smoke.methods_for("bi", 0.2, 0) == ["none"]  # pruned by a criterion the grid does not retrain
     assert smoke.methods_for("reverse", 0.2, 1) == ["none"]  # only seed 0 is retrained
-    assert smoke.methods_for("reverse", 0.2, 0) == ["none", "lora", "partial", "kd", "replaceme"]  # no combos
+    assert smoke.methods_for("reverse", 0.2, 0) == ["none", "lora", "partial", "replaceme"]  # not every_method
     assert smoke.methods_for("ppl", 0.2, 0) == ["none", "lora", "partial", "kd", "replaceme", "replaceme+kd"]
     assert [job for job in smoke.pruning_jobs() if job[0] == "random"] == [("random", 0.2, s) for s in (0, 1, 2)]
+    assert GRIDS["cpu"].methods_for("reverse", 0.2, 0) == ["none", "lora", "partial", "kd", "replaceme", "replaceme+lora",
+                                                           "replaceme+kd"]  # every_method: all criteria
     with pytest.raises(ValueError, match="must be among criteria"):
         RecoveryGrid(criteria=("ppl",), retrain=("reverse",), combos=())
+    with pytest.raises(ValueError, match="few_methods"):
+        RecoveryGrid(methods=("none", "lora"), few_methods=("none", "kd"))
 
 
 def test_paper_states_sheared_llamas_pruning_stage():

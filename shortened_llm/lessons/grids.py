@@ -50,6 +50,12 @@ class RecoveryGrid:
                                                                          "on each retrained model"})
     combos: tuple[str, ...] = field(default=ALL_CRITERIA, metadata={"help": "criteria that also get ReplaceMe then "
                                                                             "training (a full training run more each)"})
+    every_method: tuple[str, ...] = field(default=ALL_CRITERIA, metadata={
+        "help": "retrained criteria that get every method in `methods`; the other retrained criteria get only "
+                "`few_methods` (smoke: KD, the dearest run, only on ppl)"})
+    few_methods: tuple[str, ...] = field(default=("none", "lora", "partial", "replaceme"), metadata={
+        "help": "the methods of a retrained criterion outside `every_method`: enough for Lu et al.'s reverse-vs-ppl "
+                "claim after LoRA, after partial fine-tuning (their recipe) and after ReplaceMe"})
     replaceme_samples: int = field(default=128, metadata={"help": "calibration samples (x 128 tokens) of the ReplaceMe "
                                                                   "section's fits"})
     # the exercises' answers (solutions/09_beyond_the_paper.ipynb)
@@ -66,6 +72,9 @@ class RecoveryGrid:
             raise ValueError(f"methods {sorted(unknown)} are not recovery methods; available: {', '.join(RECOVERY)}")
         if not set(self.retrain) <= set(self.criteria) or not set(self.combos) <= set(self.criteria):
             raise ValueError(f"retrain={self.retrain} and combos={self.combos} must be among criteria={self.criteria}")
+        if not set(self.every_method) <= set(ALL_CRITERIA) or not set(self.few_methods) <= set(self.methods):
+            raise ValueError(f"every_method={self.every_method} must be among {ALL_CRITERIA} and "
+                             f"few_methods={self.few_methods} among methods={self.methods}")
         if not set(self.retrain_ratios) <= set(self.ratios):
             raise ValueError(f"retrain_ratios={self.retrain_ratios} must be among ratios={self.ratios}")
 
@@ -76,10 +85,12 @@ class RecoveryGrid:
     def methods_for(self, criterion: str, ratio: float, seed: int) -> list[str]:
         """The recovery methods one pruned model gets: all of them for a retrained model (seed 0,
         a retrained criterion and ratio), "none" (measured as pruned) for the others; ReplaceMe
-        then training only for the criteria in ``combos``."""
+        then training only for the criteria in ``combos``; a criterion outside ``every_method`` only
+        ``few_methods``."""
         retrained = criterion in self.retrain and seed == 0 and ratio in self.retrain_ratios
+        allowed = self.methods if criterion in self.every_method else self.few_methods
         return [m for m in self.methods
-                if m == "none" or (retrained and ("+" not in m or criterion in self.combos))]
+                if m == "none" or (retrained and m in allowed and ("+" not in m or criterion in self.combos))]
 
     def measured(self, preset: Preset) -> Preset:
         """``preset`` with this grid's evaluation budget: every row of the table is measured the same way."""
@@ -91,7 +102,8 @@ GRIDS: dict[str, RecoveryGrid] = {
                          steps=1, contexts=(16, 64), new_tokens=2, combos=(), replaceme_samples=8,
                          count_contexts=(16, 64), count_new_tokens=2, cosine_steps=50, fit_sample_counts=(8, 32)),
     "smoke": RecoveryGrid(ratios=(0.2,), retrain=("ppl", "reverse"), retrain_ratios=(0.2,), contexts=(128, 1024),
-                          new_tokens=16, methods=tuple(m for m in RECOVERY if m != "replaceme+lora"), combos=("ppl",)),
+                          new_tokens=16, methods=tuple(m for m in RECOVERY if m != "replaceme+lora"), combos=("ppl",),
+                          every_method=("ppl",)),
     "cpu": RecoveryGrid(retrain=("ppl", "reverse"), retrain_ratios=(0.2,), new_tokens=16, eval_segments=50,
                         zero_shot_limit=20, combos=("ppl", "reverse")),
     "paper": RecoveryGrid(),
