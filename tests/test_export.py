@@ -2,6 +2,8 @@
 per-token NLL in llama.cpp as in transformers, quantisation, tokenizer agreement, generation."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -210,7 +212,7 @@ def test_a_crash_in_llama_cpp_is_one_clear_error_and_the_process_lives(pruned_di
 
     f16 = export_gguf(pruned_dir, tmp_path / "m-f16.gguf", "f16", progress=False)
     monkeypatch.setattr(llamacpp_guard, "_child_command", _die_with_sigill)
-    cpu = llamacpp_guard.cpu_model()
+    cpu = re.escape(llamacpp_guard.cpu_model())  # an Intel name has regex characters: "Intel(R) Xeon(R)"
     with pytest.raises(llamacpp_guard.LlamaCppCrash, match=rf"SIGILL while evaluating m-f16.gguf, on {cpu}.*make llamacpp"):
         load_gguf(f16, n_ctx=64)
     with pytest.raises(llamacpp_guard.LlamaCppCrash, match="SIGILL while quantising m-f16.gguf to LLAMA_FTYPE_MOSTLY_Q8_0"):
