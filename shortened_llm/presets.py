@@ -2,8 +2,10 @@
 
 - ``tiny``: tests; seconds per notebook.
 - ``smoke`` (default): the embedded model end to end on a laptop CPU; most notebooks take
-  minutes, all ten 61 min in ``make reproduce`` on a 2-core CPU with bf16 (two at a time; 09
-  alone 39 min), about 2.5 h in fp32 on one thread (the cpu budgets took about 6 h).
+  minutes, all ten 61 min in ``make reproduce`` on a 2-core CPU with bf16, an AMD EPYC with
+  AVX512-BF16 and an Intel Xeon with AMX alike (two at a time; 09 alone 37-39 min, 08 20-31 min:
+  llama.cpp was slower on the Xeon), before 08's table went from 8 types to 5 and 09's ``reverse``
+  model lost its KD row; about 2.5 h in fp32 on one thread (the cpu budgets took about 6 h).
   Numbers from it show the method's direction, not settled values (40 PPL segments, 20
   documents per zero-shot task, 15 training steps).
 - ``cpu``: the embedded model with budgets large enough for stable numbers (the paper's
@@ -302,9 +304,11 @@ PRESETS: dict[str, Preset] = {
     ),
     "smoke": replace(_CPU, name="smoke", calib_samples=4, eval_segments=40, ratios=(0.2, 0.35), zero_shot_limit=20,
                      lora_steps=15, cpt_steps=15, shear_steps=25,
-                     # one type of each family in notebook 08's table (cpu measures all 23: about 40 min of llama.cpp
-                     # on one thread, most of that notebook at smoke)
-                     quant_types=("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "iq4_xs", "q3_k_m", "q2_k")),
+                     # notebook 08's table: 8 bits (near-lossless), the usual 4-bit K-quant, one step below it (its
+                     # exercise), an i-quant and 2 bits, where quality breaks: 10 rows a model. The 8 types it had
+                     # until 2026-12-02 (Q6_K, Q5_K_M, Q4_0 too: 16 rows) took 25 of that notebook's 40 min on one
+                     # core of an Intel Xeon; cpu measures all 23
+                     quant_types=("q8_0", "q4_k_m", "q3_k_m", "iq4_xs", "q2_k")),
     "cpu": _CPU,
     "paper": Preset(
         name="paper", cpt_steps=None, block_counts=PAPER_BLOCK_COUNTS, cpt_data="slimpajama",

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -132,15 +133,43 @@ def _shot(page, name: str) -> Path:
     return path
 
 
+def _kernels_that_dump_stacks(tmp_path: Path) -> dict:
+    """Environment for a server whose IPython kernels print every thread's Python stack on SIGUSR1,
+    into ``tmp_path/kernel-stacks.txt``: a kernel stuck in a cell (Voila once waited 300 s in its
+    20th, with nothing in its log) then says where it is."""
+    startup = tmp_path / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True, exist_ok=True)
+    (startup / "00-stacks-on-sigusr1.py").write_text(
+        "import faulthandler, signal\n"
+        f"faulthandler.register(signal.SIGUSR1, file=open({str(tmp_path / 'kernel-stacks.txt')!r}, 'a'), all_threads=True)\n")
+    return {"IPYTHONDIR": str(tmp_path / "ipython")}
+
+
+def _kernel_stacks(server: serve.Server, tmp_path: Path) -> str:
+    """Every thread's stack of each kernel ``server`` runs (see ``_kernels_that_dump_stacks``)."""
+    import psutil
+
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("ipykernel" in part for part in child.cmdline()):
+                child.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    path = tmp_path / "kernel-stacks.txt"
+    return path.read_text(errors="replace") if path.exists() else "(no kernel wrote its stacks)"
+
+
 @contextlib.contextmanager
-def _shot_on_failure(page, name: str, server: serve.Server | None = None):
+def _shot_on_failure(page, name: str, server: serve.Server | None = None, tmp_path: Path | None = None):
     """A failing test leaves a picture of what the browser showed (runs/browser/<name>-failure.png)
-    and prints the end of the server's log, where a dead kernel or a traceback shows up."""
+    and prints the end of the server's log, where a dead kernel or a traceback shows up, and, with
+    ``tmp_path`` (a server started with ``_kernels_that_dump_stacks``), where each kernel is."""
     try:
         yield
     except BaseException:
         if server is not None:
             print(f"---- last lines of {server.log_path} ----\n" + "\n".join(server.log().splitlines()[-60:]))
+            if tmp_path is not None:
+                print(f"---- the kernels' stacks ----\n{_kernel_stacks(server, tmp_path)}")
         try:
             _shot(page, f"{name}-failure")
         finally:
@@ -276,8 +305,9 @@ def _wait_all_executed(page, n_code: int, timeout: float = 300.0):
 def test_jupyterlab_explorer_by_keyboard(page, prepared, tmp_path):
     t0 = time.perf_counter()
     n_code = sum(c["cell_type"] == "code" for c in json.loads(prepared.read_text())["cells"])
-    with serve.start_lab(prepared.parent, log_dir=tmp_path / "logs", settings=ALL_CELLS_IN_DOM) as server:
-        with _shot_on_failure(page, "jupyterlab", server):
+    with serve.start_lab(prepared.parent, log_dir=tmp_path / "logs", settings=ALL_CELLS_IN_DOM,
+                         env=_kernels_that_dump_stacks(tmp_path)) as server:
+        with _shot_on_failure(page, "jupyterlab", server, tmp_path):
             page.goto(server.url(f"/lab/tree/{prepared.name}"))
             page.locator(".jp-Notebook .jp-Cell").first.wait_for(state="visible")
             page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"\|\s*Idle")).first.wait_for(state="visible")
@@ -301,8 +331,8 @@ def test_jupyterlab_explorer_by_keyboard(page, prepared, tmp_path):
 
 def test_voila_explorer_by_keyboard(page, prepared, tmp_path):
     t0 = time.perf_counter()
-    with serve.start_voila(prepared.parent, log_dir=tmp_path / "logs") as server:
-        with _shot_on_failure(page, "voila", server):
+    with serve.start_voila(prepared.parent, log_dir=tmp_path / "logs", env=_kernels_that_dump_stacks(tmp_path)) as server:
+        with _shot_on_failure(page, "voila", server, tmp_path):
             page.goto(server.url("/"))  # the app list `make demo` shows
             page.get_by_text(prepared.name).first.wait_for(state="visible")
             page.goto(server.url(f"/voila/render/{prepared.name}"))
