@@ -201,6 +201,10 @@ class Preset:
                                                                          "matrix; None = quant_table.IMATRIX_SAMPLES"})
     quant_gen_tokens: int = field(default=32, metadata={"help": "tokens generated per speed run of notebook 08's "
                                                                 "quantisation table"})
+    quant_segments: int | None = field(default=None, metadata={
+        "help": "WikiText-2 segments each row of notebook 08's quantisation table is scored on (the first of the "
+                "preset's segments); None = eval_segments. Every row's PPL is a ratio to the f16 row on the same "
+                "tokens, so fewer segments move the ratios less than they move a PPL"})
     # the solutions' sweeps (solutions/NN_*.ipynb)
     crossover_ratios: tuple[float, ...] = field(default=(0.2, 0.35, 0.5), metadata={
         "help": "ratios solution 05 retrains with LoRA and with CPT, to find where CPT starts to win"})
@@ -231,6 +235,8 @@ class Preset:
         for name in ("answer_tokens", "continuation_tokens", "quant_gen_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1: it counts generated tokens")
+        if self.quant_segments is not None and self.quant_segments < 1:
+            raise ValueError(f"quant_segments={self.quant_segments} must be >= 1 or None")
         if self.imatrix_samples is not None and self.imatrix_samples < 1:
             raise ValueError(f"imatrix_samples={self.imatrix_samples} must be >= 1 or None")
         for name in ("lora_cutoff", "cpt_block_size", "cpt_val_blocks", "lora_batch", "lora_micro_batch", "cpt_batch",
@@ -308,7 +314,10 @@ PRESETS: dict[str, Preset] = {
                      # exercise), an i-quant and 2 bits, where quality breaks: 10 rows a model. The 8 types it had
                      # until 2026-12-02 (Q6_K, Q5_K_M, Q4_0 too: 16 rows) took 25 of that notebook's 40 min on one
                      # core of an Intel Xeon; cpu measures all 23
-                     quant_types=("q8_0", "q4_k_m", "q3_k_m", "iq4_xs", "q2_k")),
+                     quant_types=("q8_0", "q4_k_m", "q3_k_m", "iq4_xs", "q2_k"),
+                     # 40 segments took 40 of a row's 55 s in llama.cpp on that Xeon's core; 20 (quant_table's
+                     # default) halve it
+                     quant_segments=20),
     "cpu": _CPU,
     "paper": Preset(
         name="paper", cpt_steps=None, block_counts=PAPER_BLOCK_COUNTS, cpt_data="slimpajama",

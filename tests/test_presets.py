@@ -6,11 +6,14 @@ import pytest
 from shortened_llm.presets import PRESETS, get_preset
 
 # What a preset buys: more of each makes a run slower and its numbers steadier.
-BUDGETS = ("calib_samples", "eval_segments", "zero_shot_limit", "lora_steps", "cpt_steps", "shear_steps", "quant_types")
+BUDGETS = ("calib_samples", "eval_segments", "zero_shot_limit", "lora_steps", "cpt_steps", "shear_steps", "quant_types",
+           "quant_segments")
 
 
 def _budget(p, name):
     v = getattr(p, name)
+    if name == "quant_segments" and v is None:
+        v = p.eval_segments  # None = the preset's own segments
     if v is None:
         return float("inf")  # None = the whole test set / the paper's epochs / every GGUF type
     return len(v) if isinstance(v, tuple) else v  # a tuple of GGUF types: how many are measured
@@ -62,6 +65,14 @@ def test_the_notebooks_demo_fields_are_cheap_only_at_tiny():
     assert tiny.quant_types == ("q8_0", "q4_0") and tiny.imatrix_samples == tiny.calib_samples
     with pytest.raises(ValueError, match="answer_tokens=0 must be >= 1"):
         get_preset("tiny", answer_tokens=0)
+
+
+def test_the_quantisation_table_scores_fewer_segments_only_where_asked():
+    """quant_segments=None keeps the preset's eval_segments; smoke's table scores the first 20 of its 40."""
+    assert PRESETS["cpu"].quant_segments is None and PRESETS["paper"].quant_segments is None
+    assert (PRESETS["smoke"].quant_segments, PRESETS["smoke"].eval_segments) == (20, 40)
+    with pytest.raises(ValueError, match="quant_segments=0 must be >= 1 or None"):
+        get_preset("smoke", quant_segments=0)
 
 
 def test_every_preset_has_a_recovery_grid_and_a_custom_one_runs_the_papers():
