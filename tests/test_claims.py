@@ -42,6 +42,20 @@ def test_claims_follow_the_numbers():
     assert "limit 25" in table.numbers["taylor_best_zero_shot"]
 
 
+def test_depth_vs_width_is_judged_on_the_fastest_runs_where_the_table_has_them():
+    """A neighbour's work only adds time: the fastest of each model's runs decides, the medians are shown."""
+    from shortened_llm.lessons.claims import claims_table
+
+    eff = pd.DataFrame({"model": ["dense", "depth-0.20", "width-0.20"], "batch_size": [1, 1, 1],
+                        "latency_s": [4.88, 4.19, 4.02], "latency_min_s": [4.69, 3.23, 3.47]})
+    row = claims_table(efficiency=eff).set_index("claim").loc["depth_faster_batch1"]
+    assert row.held == "yes" and row.numbers == ("batch-1 latency (fastest run) depth: 3230 ms, width: 3470 ms, "
+                                                 "dense: 4690 ms; medians 4190 ms, 4020 ms")
+    old_table = eff.drop(columns="latency_min_s")  # a run dir from before latency_min_s: the medians
+    row = claims_table(efficiency=old_table).set_index("claim").loc["depth_faster_batch1"]
+    assert row.held == "no" and row.numbers.startswith("batch-1 latency (median) depth: 4190 ms, width: 4020 ms")
+
+
 def test_cpt_vs_lora_is_judged_at_the_most_severe_shared_ratio():
     from shortened_llm.lessons.claims import claims_table
 
