@@ -215,6 +215,12 @@ class Preset:
     quant_ladder: tuple[str, ...] = field(default=("f16", "q8_0", "q6_k", "q4_k_m", "q2_k"), metadata={
         "help": "formats solution 08 compares, from most to fewest bits"})
 
+    @property
+    def quant_table_segments(self) -> int | None:
+        """Segments each row of notebook 08's quantisation table is scored on: ``quant_segments``, else
+        ``eval_segments`` (None: all of WikiText-2's test set)."""
+        return self.eval_segments if self.quant_segments is None else self.quant_segments
+
     def __post_init__(self):
         from .dtypes import parse_dtype
 
@@ -226,19 +232,14 @@ class Preset:
                 raise ValueError(f"ratio {r} must be in (0, 1): it is the share of blocks to remove")
         if self.keep_first < 0 or self.keep_last < 0:
             raise ValueError("keep_first and keep_last must be >= 0")
-        if self.eval_segments is not None and self.eval_segments < 1:
-            raise ValueError(f"eval_segments={self.eval_segments} must be >= 1 or None")
-        if self.zero_shot_limit is not None and self.zero_shot_limit < 1:
-            raise ValueError(f"zero_shot_limit={self.zero_shot_limit} must be >= 1 or None")
+        for name in ("eval_segments", "zero_shot_limit", "quant_segments", "imatrix_samples", "lora_eval_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: all of it / the default
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 or None")
         if min(self.batch_sizes) < 1 or min(self.new_tokens) < 1 or self.prompt_len < 1 or self.repeats < 1:
             raise ValueError("batch_sizes, new_tokens, prompt_len and repeats must all be >= 1")
         for name in ("answer_tokens", "continuation_tokens", "quant_gen_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1: it counts generated tokens")
-        if self.quant_segments is not None and self.quant_segments < 1:
-            raise ValueError(f"quant_segments={self.quant_segments} must be >= 1 or None")
-        if self.imatrix_samples is not None and self.imatrix_samples < 1:
-            raise ValueError(f"imatrix_samples={self.imatrix_samples} must be >= 1 or None")
         for name in ("lora_cutoff", "cpt_block_size", "cpt_val_blocks", "lora_batch", "lora_micro_batch", "cpt_batch",
                      "cpt_micro_batch", "lora_rank", "cpt_domain_interval", "shear_steps", "shear_batch",
                      "shear_block_size", "shear_domain_interval"):
@@ -257,8 +258,6 @@ class Preset:
         if self.cpt_weight_decay < 0 or not 0 < self.cpt_adam_beta2 < 1:
             raise ValueError(f"cpt_weight_decay={self.cpt_weight_decay} must be >= 0 and cpt_adam_beta2="
                              f"{self.cpt_adam_beta2} in (0, 1)")
-        if self.lora_eval_steps is not None and self.lora_eval_steps < 1:
-            raise ValueError(f"lora_eval_steps={self.lora_eval_steps} must be >= 1 or None")
         if self.lora_best_checkpoint and (self.lora_eval_steps is None or self.retrain_save_steps % self.lora_eval_steps):
             raise ValueError(f"lora_best_checkpoint needs lora_eval_steps dividing retrain_save_steps="
                              f"{self.retrain_save_steps} (a checkpoint is kept only where it was evaluated); "

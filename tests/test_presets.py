@@ -11,9 +11,7 @@ BUDGETS = ("calib_samples", "eval_segments", "zero_shot_limit", "lora_steps", "c
 
 
 def _budget(p, name):
-    v = getattr(p, name)
-    if name == "quant_segments" and v is None:
-        v = p.eval_segments  # None = the preset's own segments
+    v = p.quant_table_segments if name == "quant_segments" else getattr(p, name)  # None there: eval_segments
     if v is None:
         return float("inf")  # None = the whole test set / the paper's epochs / every GGUF type
     return len(v) if isinstance(v, tuple) else v  # a tuple of GGUF types: how many are measured
@@ -70,7 +68,8 @@ def test_the_notebooks_demo_fields_are_cheap_only_at_tiny():
 def test_the_quantisation_table_scores_fewer_segments_only_where_asked():
     """quant_segments=None keeps the preset's eval_segments; smoke's table scores the first 20 of its 40."""
     assert PRESETS["cpu"].quant_segments is None and PRESETS["paper"].quant_segments is None
-    assert (PRESETS["smoke"].quant_segments, PRESETS["smoke"].eval_segments) == (20, 40)
+    assert (PRESETS["smoke"].quant_table_segments, PRESETS["smoke"].eval_segments) == (20, 40)
+    assert PRESETS["cpu"].quant_table_segments == PRESETS["cpu"].eval_segments == 100
     with pytest.raises(ValueError, match="quant_segments=0 must be >= 1 or None"):
         get_preset("smoke", quant_segments=0)
 

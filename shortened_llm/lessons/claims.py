@@ -263,7 +263,7 @@ def _depth_faster(ppl, zs, eff):
     ``make reproduce`` on a 2-core Xeon, notebook 07 timed beside notebook 10's training
     measured the dense model's batch-1 median (4.88 s) above its batch-4 one (4.13 s), and
     width's batch-1 median under depth's (4.02 vs 4.19 s), while their fastest runs were
-    3.47 and 3.23 s. The fastest run is the least disturbed (Python's ``timeit`` advice); the
+    3.47 and 3.23 s: depth ahead. The fastest run is the least disturbed (Python's ``timeit`` advice); the
     line gives both.
     """
     if eff is None or eff.empty or not {"model", "batch_size", "latency_s"} <= set(eff.columns):
@@ -271,7 +271,8 @@ def _depth_faster(ppl, zs, eff):
     rows = eff[(eff.batch_size == 1) & (eff.get("status", "ok") == "ok")]
     by_model = rows.groupby("model")
     median = by_model.latency_s.median()
-    fastest = by_model.latency_min_s.min() if "latency_min_s" in rows else median
+    has_fastest = "latency_min_s" in rows  # run dirs of before the column: medians only
+    fastest = by_model.latency_min_s.min() if has_fastest else median
     depth = [m for m in median.index if str(m).startswith("depth")]
     width = [m for m in median.index if str(m).startswith("width")]
     if not depth or not width:
@@ -280,11 +281,11 @@ def _depth_faster(ppl, zs, eff):
     def ms(lat, models):
         return f"{lat[models].min() * 1000:.0f} ms"
 
-    statistic = "fastest run" if "latency_min_s" in rows else "median"
+    statistic = "fastest run" if has_fastest else "median"
     line = f"batch-1 latency ({statistic}) depth: {ms(fastest, depth)}, width: {ms(fastest, width)}"
     if "dense" in median.index:
         line += f", dense: {ms(fastest, ['dense'])}"
-    if "latency_min_s" in rows:
+    if has_fastest:
         line += f"; medians {ms(median, depth)}, {ms(median, width)}"
     return _held(fastest[depth].min() < fastest[width].min()), line
 
