@@ -68,20 +68,26 @@ def notebook_paths(folder: Path = NOTEBOOKS_DIR, only: list[str] | None = None) 
 
 
 def _ipc_kernel_manager():
-    """A kernel manager whose kernel talks over Unix sockets, not TCP ports.
+    """A kernel manager whose kernel talks over Unix sockets, not TCP ports, to a client that
+    cannot miss a shell reply.
 
     jupyter_client picks a TCP port by binding and releasing it; a second kernel starting at
     that moment (the other pytest worker, a JupyterLab the browser tests run) can take it, and
     the first kernel dies at birth. Socket files in Jupyter's runtime dir cannot collide.
+    The client is ``kernel_client.WakefulKernelClient``: with nbclient's own, a cell that
+    prints into an ``Output`` widget can leave the run waiting forever (see that module).
     """
     import uuid
 
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.paths import jupyter_runtime_dir
 
+    from .kernel_client import CLIENT_CLASS
+
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             os.makedirs(jupyter_runtime_dir(), exist_ok=True)
+            kwargs.setdefault("client_class", CLIENT_CLASS)
             kwargs.setdefault("transport", "ipc")
             kwargs.setdefault("ip", os.path.join(jupyter_runtime_dir(), f"papermill-{uuid.uuid4().hex[:12]}-ipc"))
             super().__init__(**kwargs)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .kernel_client import CLIENT_CLASS
+
 __all__ = [
     "DEMO_NOTEBOOKS",
     "Server",
@@ -208,8 +210,10 @@ def _start(name: str, cmd_for_port, port: int | None, token: str | None, log_dir
 
 # Kernels talk to their server over Unix sockets, not TCP ports: jupyter_client picks a TCP port by
 # binding and releasing it, and another kernel starting at that moment (papermill, a second server)
-# can take it first; the kernel then dies at birth and the page waits for it forever.
-KERNELS_OVER_IPC = ["--KernelManager.transport=ipc"]
+# can take it first; the kernel then dies at birth and the page waits for it forever. Voila runs
+# the notebook with nbclient, whose waits for a shell reply can miss it after an Output widget
+# printed (kernel_client.py): its kernels get the client that cannot.
+KERNELS_OVER_IPC = ["--KernelManager.transport=ipc", f"--AsyncKernelManager.client_class={CLIENT_CLASS}"]
 
 # JupyterLab user settings every server starts with: no "fetch the news?" pop-up over the page
 LAB_SETTINGS: dict[str, dict] = {"@jupyterlab/apputils-extension/notification": {"fetchNews": "false"}}
