@@ -101,25 +101,32 @@ def _shown_run() -> tuple[str, Path] | None:
     return preset, run
 
 
-def _app_params(app_dir: Path, fresh_run: Path) -> dict:
-    """The notebook's parameters: preset tiny in ``fresh_run``, or the shown run given relative to
+def _app_params(app_dir: Path, tiny_run: Path) -> dict:
+    """The notebook's parameters: preset tiny in ``tiny_run``, or the shown run given relative to
     ``app_dir``, so that no machine's path appears in a picture."""
     shown = _shown_run()
     if shown is None:
-        return {"preset": "tiny", "run_dir": str(fresh_run)}
+        return {"preset": "tiny", "run_dir": str(tiny_run)}
     preset, run = shown
     return {"preset": preset, "run_dir": os.path.relpath(run, app_dir.absolute())}
 
 
+@pytest.fixture(scope="module")
+def explorer_run(tmp_path_factory) -> Path:
+    """One tiny run dir for every app of this module: the first app to run the explorer notebook scores
+    the blocks and measures its perplexities, and the next one loads them, as a user's second app would.
+    (Voila once hung in its 20th cell with a shared dir, on 2026-12-02, and each app computed its own
+    for a while: that hang was nbclient's missed shell reply, now caught by ``kernel_client``.)"""
+    return tmp_path_factory.mktemp("explorer-run")
+
+
 @pytest.fixture
-def prepared(tmp_path):
-    """The explorer notebook as papermill --prepare-only writes it (nothing executed): preset tiny in a
-    fresh run dir, or the shown run's preset and dir (then in ``build/screenshots/``, inside the repo).
-    (A run dir shared by JupyterLab and Voila was tried on 2026-12-02: Voila once hung in its 20th cell
-    for 300 s in a full suite run, so each app computes its own again.)"""
+def prepared(tmp_path, explorer_run):
+    """The explorer notebook as papermill --prepare-only writes it (nothing executed): preset tiny in the
+    module's run dir, or the shown run's preset and dir (then in ``build/screenshots/``, inside the repo)."""
     src = _explorer_notebook()
     app_dir = ROOT / "build" / "screenshots" if SHOWN_RUN else tmp_path / "app"
-    [nb] = serve.prepare_notebooks([src.name], app_dir, _app_params(app_dir, tmp_path / "run"), folder=src.parent)
+    [nb] = serve.prepare_notebooks([src.name], app_dir, _app_params(app_dir, explorer_run), folder=src.parent)
     return nb
 
 
