@@ -4,10 +4,10 @@ nbclient (under papermill and Voila) waits for a cell's ``execute_reply`` on the
 while, in another task, its stand-in for an ``Output`` widget sends ``comm_msg`` updates on
 that same socket (nbclient#312, open since 2024). A send can consume the socket's
 edge-triggered wake-up: the reply then sits in the socket, readable, while the waiting poll
-never hears of it. Client and kernel both wait forever, idle. A cell that prints into an
-``Output`` widget (the explorers of notebooks 02 and 07) hit it about once every 10-20 such
-cells here: notebook 02 hung in CI until the test's 900 s limit, and Voila's page once
-stopped at notebook 02's ``explorer_widget`` cell.
+never hears of it. Client and kernel both wait forever, idle. Cells that print into an
+``Output`` widget hit it about once every 10-20 here; notebook 02's explorer draws its first
+view into one, and so notebook 02 hung in CI until the test's 900 s limit, and Voila's page
+once stopped at its ``explorer_widget`` cell.
 
 The fix waits in slices: each ``get_msg`` polls for at most ``POLL_SLICE_S`` and then polls
 again, and a fresh poll looks at the socket's state itself, so a stranded reply is read within
