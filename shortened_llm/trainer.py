@@ -34,7 +34,7 @@ from torch import nn
 from .artifacts import atomic_dir, atomic_write_text, fault_point
 from .data import encoded_once
 from .errors import MismatchError
-from .finite import NonFiniteLossCallback
+from .finite import check_finite_logs
 from .models import get_blocks, load_model
 from .presets import Preset, get_preset
 
@@ -58,6 +58,7 @@ __all__ = [
     "write_loss_log",
     "write_record",
     "training_arguments",
+    "non_finite_loss_stop",
     "run_trainer",
     "last_complete_checkpoint",
     "run_on_cpt_budget",
@@ -345,6 +346,19 @@ def training_precision(args) -> str:
             "fp16 autocast, fp32 master weights" if args.fp16 else "fp32")
 
 
+def non_finite_loss_stop():
+    """A callback that stops the run at the first logged loss, validation loss or gradient norm
+    that is NaN or inf, naming the step (``finite.check_finite_logs``)."""
+    from transformers import TrainerCallback
+
+    class NonFiniteLossStop(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            check_finite_logs(logs, state.global_step)
+            return control
+
+    return NonFiniteLossStop()
+
+
 def _no_checkpoint_after_the_last_step():
     """A callback that drops the checkpoint the Trainer saves after the last step (whatever ``save_steps``).
 
@@ -441,7 +455,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     trainer = (trainer_cls or Trainer)(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
                       data_collator=padding_collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                                      else tokenizer.eos_token_id, side=padding_side),
-                      callbacks=[NonFiniteLossCallback(), _fault_points(), *(callbacks or [])])  # NaN/inf loss: stops, named
+                      callbacks=[non_finite_loss_stop(), _fault_points(), *(callbacks or [])])  # NaN/inf loss: stops, named
     if not (keep_checkpoints or args.load_best_model_at_end):
         trainer.add_callback(_no_checkpoint_after_the_last_step())
     if not progress:  # no bars means no per-step log dicts printed either; the loss log keeps them

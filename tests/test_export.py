@@ -52,6 +52,13 @@ def test_f16_metadata_records_the_pruning(pruned_dir, tmp_path, tokenizer):
     assert {f"blk.{i}.attn_q.weight" for i in range(4)} <= names and "blk.4.attn_q.weight" not in names
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
     assert out.stat().st_mode & 0o044  # readable by others, like any file the user writes
+    # the fast header walk that read_gguf_metadata uses reads every value as gguf's own reader does
+    from shortened_llm.llamacpp import read_gguf_header
+
+    keys = [k for k in reader.fields if not k.startswith("GGUF.")]
+    values, types = read_gguf_header(out, keys)
+    assert values == {k: reader.fields[k].contents() for k in keys}
+    assert types == [t.tensor_type.name for t in reader.tensors]
 
 
 def test_unknown_quant_lists_the_supported_ones(pruned_dir, tmp_path):

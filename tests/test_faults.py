@@ -503,9 +503,9 @@ def test_a_nan_loss_stops_training_at_its_step(loss):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from shortened_llm.errors import NonFiniteError
-    from shortened_llm.finite import NonFiniteLossCallback
+    from shortened_llm.trainer import non_finite_loss_stop
 
-    callback, state = NonFiniteLossCallback(), TrainerState(global_step=7)
+    callback, state = non_finite_loss_stop(), TrainerState(global_step=7)
     args = TrainingArguments(output_dir="unused", report_to=[])
     assert callback.on_log(args, state, TrainerControl(), logs={"loss": 2.5, "grad_norm": 1.0}) is not None
     with pytest.raises(NonFiniteError, match=rf"training loss is {loss} at step 7.*float32"):

@@ -39,6 +39,14 @@ def test_importing_the_package_does_no_work():
     assert out.stdout.strip() == "False"
 
 
+def test_importing_the_package_leaves_the_training_stack_unloaded():
+    """peft (through transformers' trainer_utils) takes about 4 s to import: a notebook or kernel that
+    only scores, prunes or evaluates must not pay for it (the first cell of 02, 03, 07, 08 went ~10 s -> ~6 s)."""
+    code = "import sys, shortened_llm; print(sorted(m for m in ('peft', 'transformers.trainer_utils') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_reference_tables_ship_with_the_package_and_match_the_shared_pack():
     """Notebooks compare with the paper from any checkout: the numbers travel inside the package."""
     from shortened_llm import reference_table
