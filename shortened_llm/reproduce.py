@@ -441,10 +441,14 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
             seconds = time_left(estimates, done, {n: now - t for n, t in started.items()}, jobs)
         return "" if seconds is None else f"; about {seconds / 60:.0f} min left"
 
+    def say(line: str) -> None:  # a line in one write: print's text and newline, from two threads, interleave
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
     if all(v is not None for v in estimates.values()):
         total = time_left(estimates, set(), {}, jobs)
-        print(f"[reproduce] {len(paths)} notebook(s) at preset {preset}, {jobs} at a time: about {total / 60:.0f} min "
-              "(estimated from this run dir's last times, else from the README's measured run)", flush=True)
+        say(f"[reproduce] {len(paths)} notebook(s) at preset {preset}, {jobs} at a time: about {total / 60:.0f} min "
+            "(estimated from this run dir's last times, else from the README's measured run)")
 
     def run_one(path: Path) -> Path:
         t0 = time.perf_counter()
@@ -452,13 +456,13 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
         if not force and (finished(path, kept, parameters) or finished(path, kept, before)):
             with lock:
                 done.add(_number(path))
-            print(f"[reproduce] {path.name}: finished in an earlier run, kept (--force runs it again)", flush=True)
+            say(f"[reproduce] {path.name}: finished in an earlier run, kept (--force runs it again)")
             return run_dir / "notebooks" / path.name
         with lock:
             started[_number(path)] = t0
         threads = cores if _number(path) in alone else max(1, cores // jobs)
         side = f", {threads} thread(s), side by side" if jobs > 1 else ""
-        print(f"[reproduce] {path.name} (preset={preset}{side}) ...", flush=True)
+        say(f"[reproduce] {path.name} (preset={preset}{side}) ...")
         if jobs > 1:
             out = _run_in_child(path, run_dir / "notebooks", parameters, threads)
         else:
@@ -467,8 +471,8 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
         with lock:
             done.add(_number(path))
             started.pop(_number(path), None)
-        print(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s "
-              f"({time.perf_counter() - start:.0f} s since the start{left()})", flush=True)
+        say(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s "
+            f"({time.perf_counter() - start:.0f} s since the start{left()})")
         return out
 
     executed = schedule(paths, jobs, run_one, estimates=estimates)

@@ -87,8 +87,22 @@ def test_side_by_side_kernels_get_their_share_of_the_cores_and_wait_for_their_ne
     for name in ("01_first", "02_second", "03_third"):
         _notebook(folder / f"{name}.ipynb", record + f"(Path(run_dir) / '{name[:2]}.json').write_text(json.dumps(info))")
     monkeypatch.setattr("shortened_llm.reproduce.os.cpu_count", lambda: 4)
+
+    class Writes(list):  # each write a stream gets: a progress line split over two can interleave with another's
+        def write(self, text):
+            self.append(text)
+
+        def flush(self):
+            pass
+
+    writes = Writes()
+    monkeypatch.setattr("sys.stdout", writes)
     executed = run_notebooks("tiny", "smollm2-135m", tmp_path / "run", figures_dir=None, folder=folder, jobs=2)
+    monkeypatch.undo()
     assert [p.name for p in executed] == ["01_first.ipynb", "02_second.ipynb", "03_third.ipynb"]
+    progress = [w for w in writes if "[reproduce]" in w]
+    assert len(progress) >= 6 and all(w.startswith("[reproduce]") and w.endswith("\n") and w.count("\n") == 1
+                                      for w in progress), progress  # one whole line per write, from every thread
     first, second, third = (json.loads((tmp_path / "run" / f"{n}.json").read_text()) for n in ("01", "02", "03"))
     assert first["threads"] == "4"  # every other notebook waits for it
     assert second["threads"] == third["threads"] == "2"  # 4 cores, 2 jobs
