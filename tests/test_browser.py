@@ -336,12 +336,30 @@ def test_jupyterlab_explorer_by_keyboard(page, prepared, tmp_path):
 
 # ---- Voila ------------------------------------------------------------------------------------
 
+def _wait_for_the_listing(page, name: str) -> None:
+    """Wait for ``name`` in Voila's app list, reloading once if the list comes up empty.
+
+    Voila's tree front end now and then shows its header over an empty list (seen once in three
+    suite runs here, with the notebook in the dir and no error in the server's log; voici, built on
+    the same tree, has it on record: voila-dashboards/voici#162, #168). A person reloads the page,
+    and so does this, once and saying so; a list that stays empty still fails the test.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.get_by_text(name).first.wait_for(state="visible", timeout=60_000)
+    except PlaywrightTimeout:
+        print(f"Voila's app list did not show {name} within 60 s; reloading it once")
+        page.reload()
+        page.get_by_text(name).first.wait_for(state="visible")
+
+
 def test_voila_explorer_by_keyboard(page, prepared, tmp_path):
     t0 = time.perf_counter()
     with serve.start_voila(prepared.parent, log_dir=tmp_path / "logs", env=_kernels_that_dump_stacks(tmp_path)) as server:
         with _shot_on_failure(page, "voila", server, tmp_path):
             page.goto(server.url("/"))  # the app list `make demo` shows
-            page.get_by_text(prepared.name).first.wait_for(state="visible")
+            _wait_for_the_listing(page, prepared.name)
             page.goto(server.url(f"/voila/render/{prepared.name}"))
             timings = _exercise_explorer(page, "voila")
             _assert_no_error_shown(page, "Voila")
