@@ -318,12 +318,11 @@ def read_gguf_metadata(gguf_file: str | os.PathLike) -> dict:
     Read with ``llamacpp.read_gguf_header``, which steps over the 49k-entry vocabulary rather than
     parse it: milliseconds, where ``gguf.GGUFReader`` (same values) takes ~6 s for the embedded model.
     """
-    keys = ["general.architecture", f"{META_PREFIX}.original_block_count", f"{META_PREFIX}.removed_blocks",
-            f"{META_PREFIX}.criterion", "general.file_type", "tokenizer.ggml.pre"]
-    values, types = read_gguf_header(gguf_file, keys)
+    keys = {"general.architecture", f"{META_PREFIX}.original_block_count", f"{META_PREFIX}.removed_blocks",
+            f"{META_PREFIX}.criterion", "general.file_type", "tokenizer.ggml.pre"}
+    # "<arch>.block_count" names the architecture, which the same walk reads: take every such key, one pass
+    values, types = read_gguf_header(gguf_file, lambda key: key in keys or key.endswith(".block_count"))
     arch = values.get("general.architecture")
-    if arch is not None:
-        values.update(read_gguf_header(gguf_file, [f"{arch}.block_count"])[0])
     return {
         "architecture": arch,
         "block_count": values.get(f"{arch}.block_count"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from .errors import NonFiniteError
 
 __all__ = ["check_finite_scores", "check_finite_logs"]

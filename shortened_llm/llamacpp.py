@@ -20,7 +20,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,9 +118,9 @@ def check_out_file(out_file: Path, overwrite: bool) -> None:
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
-def _walk_gguf_header(buf, wanted: frozenset = frozenset()) -> tuple[dict, list[int], int]:
+def _walk_gguf_header(buf, wanted: Callable[[str], bool] = lambda key: False) -> tuple[dict, list[int], int]:
     """Walk a GGUF's header (kv pairs, tensor infos) in ``buf`` (the file's bytes, mapped): the
-    values of the ``wanted`` keys (str), every tensor's ggml type id, and the byte where the
+    values of the keys ``wanted`` accepts, every tensor's ggml type id, and the byte where the
     tensor data ends.
 
     Raises ``ValueError`` / ``struct.error`` / ``KeyError`` where the header is cut or not GGUF.
@@ -183,16 +183,17 @@ def _walk_gguf_header(buf, wanted: frozenset = frozenset()) -> tuple[dict, list[
     version, n_tensors, n_kv = read("I"), read("Q"), read("Q")
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not one llama.cpp reads (2, 3)")
-    values = {}
+    values, alignment = {}, 32
     for _ in range(n_kv):
         key, kind = string(), read("I")
-        if key in wanted or key == "general.alignment":
+        if key == "general.alignment":  # where the tensor data starts, wanted or not
+            alignment = value(kind)
+            if wanted(key):
+                values[key] = alignment
+        elif wanted(key):
             values[key] = value(kind)
         else:
             skip(kind)
-    alignment = values.get("general.alignment", 32)
-    if "general.alignment" not in wanted:
-        values.pop("general.alignment", None)
     types, end = [], 0
     for _ in range(n_tensors):
         take(read("Q"))  # the tensor's name
@@ -205,7 +206,7 @@ def _walk_gguf_header(buf, wanted: frozenset = frozenset()) -> tuple[dict, list[
     return values, types, start + end
 
 
-def _gguf_header(gguf_file: Path, wanted: frozenset = frozenset()) -> tuple[dict, list[int]]:
+def _gguf_header(gguf_file: Path, wanted: Callable[[str], bool] = lambda key: False) -> tuple[dict, list[int]]:
     """``_walk_gguf_header`` of a file that must hold all of its tensor data; else ``CorruptFileError``."""
     fix = "export it again (shortened-llm export gguf --overwrite) or copy it again"
     try:
@@ -219,12 +220,13 @@ def _gguf_header(gguf_file: Path, wanted: frozenset = frozenset()) -> tuple[dict
     return values, types
 
 
-def read_gguf_header(gguf_file: str | os.PathLike, keys: Sequence[str]) -> tuple[dict, list[str]]:
-    """The values of ``keys`` in a GGUF's header (those it has) and the names of its tensors' types
-    (``F16``, ``Q4_K`` ...), after ``check_gguf_file``'s check; fast enough to call on every export."""
+def read_gguf_header(gguf_file: str | os.PathLike, keys: Sequence[str] | Callable[[str], bool]) -> tuple[dict, list[str]]:
+    """The values of ``keys`` in a GGUF's header (those it has; ``keys`` may also be a test a key
+    passes) and the names of its tensors' types (``F16``, ``Q4_K`` ...), after ``check_gguf_file``'s
+    check, in one walk; fast enough to call on every export."""
     from gguf import GGMLQuantizationType
 
-    values, types = _gguf_header(Path(gguf_file), frozenset(keys))
+    values, types = _gguf_header(Path(gguf_file), keys if callable(keys) else frozenset(keys).__contains__)
     return values, [GGMLQuantizationType(t).name for t in types]
 
 
