@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import eval_cache
 from .artifacts import atomic_file
 from .errors import CorruptFileError, unknown_name
 from .gguf_layout import IMATRIX_REQUIRED, LLAMA_CPP_TYPES, QUANT_TYPES
@@ -44,6 +45,7 @@ __all__ = [
     "load_gguf",
     "gguf_token_nll",
     "gguf_perplexity",
+    "gguf_ppl_key",
     "tokenizer_agreement",
     "gguf_generate",
     "hf_generate",
@@ -326,9 +328,34 @@ def gguf_token_nll(llm, input_ids: torch.Tensor, progress: bool | str = False) -
     return torch.cat(losses)
 
 
-def gguf_perplexity(llm, input_ids: torch.Tensor, progress: bool | str = False) -> float:
-    """exp(mean NLL) over ``input_ids`` (from ``evaluate.ppl_segments``): the paper's protocol in llama.cpp."""
-    return math.exp(gguf_token_nll(llm, input_ids, progress).double().mean().item())
+def gguf_perplexity(llm, input_ids: torch.Tensor, progress: bool | str = False, cache=None) -> float:
+    """exp(mean NLL) over ``input_ids`` (from ``evaluate.ppl_segments``): the paper's protocol in llama.cpp.
+
+    ``cache`` (``eval_cache.resolve``: ``None`` = the active cache, if any; ``False`` = none) reads the
+    number back when these bytes were scored on these token ids before (``gguf_ppl_key``). Notebook 08
+    scores the f16, Q8_0 and Q4_K_M files of each model in its format table (``export.compare_formats``)
+    and again in its quantisation table, which remakes them from the same f16 file under other names:
+    the second reads the first's numbers.
+    """
+    def measure() -> float:
+        return math.exp(gguf_token_nll(llm, input_ids, progress).double().mean().item())
+
+    store = eval_cache.resolve(cache)
+    return measure() if store is None else float(store.get_or_compute(gguf_ppl_key(llm, input_ids), measure))
+
+
+def gguf_ppl_key(llm, input_ids: torch.Tensor) -> dict:
+    """The evaluation-cache key of one llama.cpp PPL: the digest of the file's bytes (never its name),
+    of the token ids, and what picks llama.cpp's kernels (its version, the build's CPU features, the
+    threads, the context, the repacked "extra" buffers), since other kernels round the last digits
+    differently."""
+    import llama_cpp
+
+    return {"kind": "gguf_ppl", "file": eval_cache.file_digest(llm.model_path),
+            "inputs": eval_cache.tensor_digest(input_ids), "llama_cpp": llama_cpp.__version__,
+            "build": llama_cpp.llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+            "threads": llm.context_params.n_threads_batch, "n_ctx": llm.n_ctx(),
+            "extra_bufts": bool(llm.model_params.use_extra_bufts)}
 
 
 def tokenizer_agreement(llm, tokenizer, texts: Sequence[str]) -> dict:

@@ -2,6 +2,8 @@
 types and the imatrix in quantize_gguf, and the size/quality/speed table of every release type."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -319,6 +321,36 @@ def test_a_rerun_measures_only_the_missing_rows(table_run, monkeypatch):
     assert set(alias.same_file_as) == {"q4_k_m"}
     assert (alias.ppl.values == table[table.type == "q4_k_m"].ppl.values).all()
     assert len(pd.read_csv(out)) == len(again) == len(table) + 8
+
+
+def test_a_file_the_format_table_scored_is_not_scored_again_by_the_quant_table(tokenizer, tmp_path, monkeypatch):
+    """Notebook 08's two tables under one evaluation cache: the table's f16, Q8_0 and Q4_K_M files are
+    remade under other names, byte for byte, and read compare_formats' numbers back; a file of other
+    bytes (Q4_K_M with an importance matrix) and a run without the cache are scored."""
+    from shortened_llm import eval_cache, llamacpp, remove_blocks
+    from shortened_llm.export import compare_formats
+    from shortened_llm.quant_table import quant_table
+
+    pytest.importorskip("llama_cpp")
+    model = _tiny(tokenizer, layers=4, seed=3)
+    remove_blocks(model, [1])
+    pruned = save_model(model, tokenizer, tmp_path / "tiny-pruned")
+    scored = []
+    real = llamacpp.gguf_token_nll
+    monkeypatch.setattr(llamacpp, "gguf_token_nll", lambda llm, *a, **k: scored.append(Path(llm.model_path).name) or real(llm, *a, **k))
+    args = dict(label="m", seq_len=32, max_segments=2)
+    table_args = {**args, "prompt_tokens": 16, "gen_tokens": 4, "repeats": 1, "imatrix_samples": 2, "progress": False}
+    with eval_cache.use(tmp_path / "run"):
+        formats = compare_formats(pruned, tmp_path / "gguf", ("f16", "q8_0", "q4_k_m"), progress=False, **args)
+        assert scored == ["m-f16.gguf", "m-q8_0.gguf", "m-q4_k_m.gguf"]
+        table = quant_table(pruned, tmp_path / "t.csv", types=("q8_0", "q4_k_m"), work_dir=tmp_path / "gguf", **table_args)
+    assert scored[3:] == [".m-q4_k_m-imatrix.gguf.measuring"]  # only the file compare_formats never made
+    by_format = {r["format"].removeprefix("GGUF "): r["ppl"] for r in formats}
+    for r in table[~table.imatrix].itertuples():
+        assert r.ppl == by_format[r.type]  # the very number, read back
+    with eval_cache.use(None):
+        quant_table(pruned, tmp_path / "t2.csv", types=("q8_0",), imatrix="without", work_dir=tmp_path / "gguf", **table_args)
+    assert scored[4:] == ["m-f16.gguf", ".m-q8_0.gguf.measuring"]
 
 
 @ON_THE_TABLE_S_WORKER
