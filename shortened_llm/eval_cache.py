@@ -17,6 +17,9 @@ atomically; a key is computed under ``artifacts.artifact_lock``, so two kernels 
 number at once compute it once and the second reads it. The cache is off unless asked for:
 ``use(run_dir)`` for the process (a notebook's first cell), or ``$SHORTENED_LLM_EVAL_CACHE`` (a dir).
 Whole training runs are keyed in the same store, by the same digests (``train_cache``, kind "training").
+So are a criterion's block scores (``importance.scores_key``, kind "scores": notebooks 09 and 10 score
+the same dense model on the same calibration ids) and a GGUF's PPL in llama.cpp
+(``llamacpp.gguf_ppl_key``, kind "gguf_ppl": keyed by the file's bytes, not its name).
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import eval_cache
 from .artifacts import fault_point
 from .errors import unknown_name
 from .evaluate import shifted_nll
@@ -55,6 +56,7 @@ __all__ = [
     "check_criterion",
     "criterion_options",
     "block_importance",
+    "scores_key",
     "sublayer_importance",
     "check_removable",
     "to_remove",
@@ -137,7 +139,7 @@ def _check_input(input_ids) -> torch.Tensor:
 
 
 def block_importance(model, input_ids: torch.Tensor | None, criterion: str = "ppl", fp32: bool = True,
-                     unit: str = "block", **options) -> torch.Tensor:
+                     unit: str = "block", cache=None, **options) -> torch.Tensor:
     """One float per block of ``model``, higher = more important, by ``criterion``, for ``unit``.
 
     ``unit="block"`` scores whole blocks (the paper); ``"attn"`` / ``"mlp"`` score each block's
@@ -148,6 +150,12 @@ def block_importance(model, input_ids: torch.Tensor | None, criterion: str = "pp
     fp32 model with the same weights. In bf16 the ``ppl`` scores of the embedded model move by up
     to 11 % and the six blocks removed change (FINDINGS, "bf16 on this CPU"). ``fp32=False``: the
     model's own dtype.
+
+    ``cache`` (``eval_cache.resolve``: ``None`` = the active cache, if any; ``False`` = none) gives the
+    scores back when these weights were scored on these token ids with these options before
+    (``scores_key``): notebooks 09 and 10 score the same dense model on the same calibration
+    batches, and 09 scores its blocks twice (its pruned models, then the equal-parameter units).
+    Data-free criteria take no cache: they cost less than the weights' digest.
     """
     base = check_criterion(criterion, unit)
     get_unit(unit).check(model)
@@ -164,11 +172,32 @@ def block_importance(model, input_ids: torch.Tensor | None, criterion: str = "pp
         raise ValueError(f"criterion {base!r} takes no option(s) {unknown}; it takes: {', '.join(takes) or 'none'}")
     if base not in DATA_FREE or input_ids is not None:
         input_ids = _check_input(input_ids)
-    with _in_fp32(model, fp32 and base not in DATA_FREE):  # data-free ones sum |w| in float64 already
-        scores = CRITERIA[base](model, input_ids, **options)
-    assert scores.shape == (len(get_blocks(model)),), (base, scores.shape)
-    fault_point("compute")  # a test hook (artifacts.FAULT_ENV): killed with the scores computed, nothing written
+
+    def compute() -> torch.Tensor:
+        with _in_fp32(model, fp32 and base not in DATA_FREE):  # data-free ones sum |w| in float64 already
+            scores = CRITERIA[base](model, input_ids, **options)
+        assert scores.shape == (len(get_blocks(model)),), (base, scores.shape)
+        fault_point("compute")  # a test hook (artifacts.FAULT_ENV): killed with the scores computed, nothing written
+        return scores
+
+    store = None if base in DATA_FREE else eval_cache.resolve(cache)
+    if store is None:
+        scores = compute()
+    else:  # float64 through JSON's repr is exact, inf included
+        key = scores_key(model, input_ids, criterion=base, unit=unit, fp32=fp32, options=options)
+        scores = torch.tensor(store.get_or_compute(key, lambda: compute().double().tolist()), dtype=torch.float64)
     return check_finite_scores(scores, criterion, get_unit(unit).alive(model))
+
+
+def scores_key(model, input_ids: torch.Tensor, **protocol) -> dict:
+    """The evaluation-cache key of one criterion's scores: the model (``eval_cache.model_key``), the
+    digest of the calibration token ids, the criterion, unit and options spelled out (``progress``
+    left out: it changes what is shown, not what is computed), and torch's thread count: Taylor's
+    gradients sum in another order on 2 threads than on 1 (the embedded model's scores move by
+    3e-16), so notebook 01 (both cores) and 09 (one) each keep their own."""
+    options = {k: v for k, v in protocol.pop("options").items() if k != "progress"}
+    return {"kind": "scores", **eval_cache.model_key(model), "inputs": eval_cache.tensor_digest(input_ids),
+            **protocol, "options": options, "threads": torch.get_num_threads()}
 
 
 def sublayer_importance(model, input_ids: torch.Tensor | None, unit: str, criterion: str = "ppl",

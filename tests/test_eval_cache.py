@@ -199,3 +199,52 @@ def test_notebook_09s_quick_eval_reads_notebook_06s_rows(tiny_pair, tmp_path, mo
         row = quick_eval(model, tok, recovery_grid(cfg).measured(cfg))
     once = ppl[ppl.bos == "once"].ppl.iloc[0]
     assert row["wikitext2_ppl"] == once and row["zero_shot_avg"] == pytest.approx(zs.value.mean())
+
+
+def test_block_scores_are_read_back_and_any_change_of_model_ids_or_options_misses(tiny_pair, tmp_path, monkeypatch):
+    """Notebooks 09 and 10 score the same dense model on the same calibration ids: once. The scores
+    read back are the computed ones to the bit; data-free criteria are never stored."""
+    import functools
+
+    from shortened_llm import importance
+    from shortened_llm.pipeline import prune_model
+
+    model, tok = tiny_pair
+    calls = []
+
+    def counting(name):
+        real = importance.CRITERIA[name]
+
+        @functools.wraps(real)  # block_importance reads the criterion's signature
+        def criterion(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        monkeypatch.setitem(importance.CRITERIA, name, criterion)
+
+    for name in ("ppl", "sleb", "reverse"):
+        counting(name)
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    uncached = importance.block_importance(model, ids, "ppl", cache=False, progress=False)
+    cache = run_dir_cache(tmp_path)  # what eval_cache.use(tmp_path) turns on
+    first = importance.block_importance(model, ids, "ppl", cache=cache, progress=False)
+    again = importance.block_importance(model, ids, "ppl", cache=cache)  # progress shown or not: one entry
+    assert calls == ["ppl", "ppl"] and torch.equal(first, uncached) and torch.equal(again, uncached)
+    assert again.dtype == torch.float64 and len(list(cache.root.glob("scores-*.json"))) == 1
+    with eval_cache.use(tmp_path):  # the active cache, as in a notebook: prune_model removes the same blocks
+        _, removed, scores = prune_model(model, ids, "ppl", 1)
+    assert calls == ["ppl", "ppl"] and torch.equal(scores, uncached)
+    assert removed == [int(uncached.argmin())]
+    importance.block_importance(model, ids[:1], "ppl", cache=cache)  # other ids
+    importance.block_importance(model, ids, "ppl", unit="attn", cache=cache)  # another unit
+    importance.block_importance(model, ids, "sleb", cache=cache, n=1)
+    importance.block_importance(model, ids, "sleb", cache=cache, n=2)  # another option
+    with torch.no_grad():
+        next(model.parameters()).data.view(-1)[0] += 1e-3
+    importance.block_importance(model, ids, "ppl", cache=cache)  # another weight
+    importance.block_importance(model, ids, "reverse", cache=cache)
+    importance.block_importance(model, ids, "reverse", cache=cache)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)  # another thread count: sums in another order
+    importance.block_importance(model, ids, "ppl", cache=cache)
+    assert calls == ["ppl", "ppl", "ppl", "ppl", "sleb", "sleb", "ppl", "reverse", "reverse", "ppl"]
+    assert len(list(cache.root.glob("scores-*.json"))) == 7  # the data-free one costs less than its key
