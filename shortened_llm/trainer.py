@@ -42,6 +42,7 @@ __all__ = [
     "ADAPTER_DIR",
     "BASE_FILE",
     "RetrainResult",
+    "back_to_half",
     "checkpoints_dir",
     "check_causal_lm",
     "resolve_model",
@@ -340,6 +341,25 @@ def master_weights(model, mixed_precision: str = "none", cuda: bool | None = Non
     return half, bf16_autocast
 
 
+def back_to_half(model, half: torch.dtype, buffer_dtypes: dict[str, torch.dtype]) -> None:
+    """After training, every floating parameter back to ``half`` and every buffer to the dtype it had
+    before (``buffer_dtypes``, by name), so the model in memory is the one its saved dir loads.
+
+    Not ``model.to(half)``: that also casts what ``from_pretrained`` keeps in fp32 whatever the
+    dtype, such as RoPE's ``inv_freq``. A trained model then rotated its positions by bf16 angles
+    and scored WikiText-2 PPL 118.14 where the same weights saved and loaded scored 118.21
+    (notebook 09's LoRA row), so a number depended on which notebook happened to train first.
+    """
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != half:
+            p.data = p.data.to(half)
+    for name, b in model.named_buffers():
+        was = buffer_dtypes.get(name)
+        if was is not None and b.dtype != was:
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module) if module else model, attr, b.to(was))
+
+
 def training_precision(args) -> str:
     """What a run's arithmetic was, for ``training.json``: the weights the optimizer updated and the autocast."""
     return ("bf16 autocast, fp32 master weights" if args.bf16 else
@@ -432,6 +452,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     ``eval_steps``, ``best_checkpoint`` and ``mixed_precision`` are ``training_arguments``'s;
     ``padding_side`` is ``padding_collator``'s; ``weight_decay`` and ``adam_beta2`` are AdamW's.
     """
+    from accelerate.utils import extract_model_from_parallel
     from transformers import PrinterCallback, Trainer
 
     work = checkpoints_dir(out_dir)
@@ -445,6 +466,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
         check_fingerprint(model, work / BASE_FILE, f"checkpoint dir {str(work)!r}",
                           "Delete it, or pass resume=False (CLI: --no-resume) to start over.")
     model.config.use_cache = False  # no KV cache while training
+    buffer_dtypes = {name: b.dtype for name, b in model.named_buffers()}  # before master_weights may cast them
     half, bf16_autocast = master_weights(model, mixed_precision)
     args = training_arguments(
         work, lr=lr, batch=batch, micro=micro, max_steps=max_steps, epochs=epochs, warmup=warmup, scheduler=scheduler,
@@ -466,8 +488,11 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     model.config.use_cache = True
+    # accelerate ran the model's forward under autocast with fp32 outputs (its mixed-precision wrapper);
+    # taken off, the trained model computes as its reload does, not in another precision
+    extract_model_from_parallel(model, keep_fp32_wrapper=False)
     if half is not None:
-        model.to(half)
+        back_to_half(model, half, buffer_dtypes)
     return trainer, time.perf_counter() - t0, work
 
 

@@ -202,6 +202,28 @@ def test_master_weights_follow_the_one_autocast_rule(tok, mixed_precision, cuda,
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
+@pytest.mark.parametrize("method", ["lora", "cpt"])
+def test_a_model_trained_in_bf16_is_in_memory_what_its_saved_dir_loads(method, tmp_path, tok):
+    """A bf16 model as load_model gives it keeps RoPE's inv_freq in fp32; training must hand it back so,
+    or a number measured on the trained model in memory differs from one measured on its reload (the
+    run that trained first would score otherwise than the runs that reuse its dir)."""
+    from shortened_llm import load_model, save_model
+    from shortened_llm.eval_cache import weights_digest
+
+    base, _ = load_model(save_model(tiny(tok), tok, tmp_path / "base"), dtype="bfloat16", device="cpu")
+    buffers = {name: b.dtype for name, b in base.named_buffers()}
+    assert torch.float32 in buffers.values()  # what from_pretrained keeps in fp32 whatever the dtype
+    run = {"lora": lora_retrain, "cpt": continued_pretrain}[method]
+    out = run(base, tok, tmp_path / method, max_steps=1, **FAST)
+    reloaded, _ = load_model(tmp_path / method, dtype="bfloat16", device="cpu")
+    assert {name: b.dtype for name, b in out.model.named_buffers()} == buffers
+    assert {p.dtype for p in out.model.parameters()} == {torch.bfloat16}
+    assert weights_digest(out.model) == weights_digest(reloaded)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(out.model(ids).logits, reloaded(ids).logits, rtol=0, atol=0)
+
+
 def test_lora_on_a_bf16_base_keeps_the_base_bf16_and_the_adapters_fp32(tmp_path, tok):
     """The frozen base is not copied to fp32 (half the memory, and bf16 products), the adapters train in fp32."""
     seen = _SeenInTraining()
