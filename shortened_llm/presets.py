@@ -2,10 +2,10 @@
 
 - ``tiny``: tests; seconds per notebook.
 - ``smoke`` (default): the embedded model end to end on a laptop CPU; most notebooks take
-  minutes, all ten 58-61 min in ``make reproduce`` on a 2-core CPU with bf16, an AMD EPYC with
-  AVX512-BF16 and an Intel Xeon with AMX alike (two at a time; 09 alone 36-39 min, 10 17-23 min,
-  08 16-17 min on the Xeon since its table has 5 types scored on 20 segments); about 2.5 h in fp32 on
-  one thread (the cpu budgets took about 6 h).
+  minutes, all ten 47 min in ``make reproduce`` on a 2-core AMD EPYC with AVX512-BF16 and 58 min
+  on an Intel Xeon with AMX (two at a time; 09 alone 32-38 min, 10 15-19 min, 08 7 min on the EPYC
+  and 17 min on the Xeon, whose llama.cpp is built without AMX); about 2.5 h in fp32 on one thread
+  (the cpu budgets took about 6 h).
   Numbers from it show the method's direction, not settled values (40 PPL segments, 20
   documents per zero-shot task, 15 training steps).
 - ``cpu``: the embedded model with budgets large enough for stable numbers (the paper's
