@@ -41,6 +41,7 @@ from .errors import unknown_name
 from .evaluate import shifted_nll
 from .families import family_of, get_blocks, get_path, hooks_removed, unwrap
 from .finite import check_finite_scores
+from .precision import floating_dtypes, restore_dtypes
 from .presets import Preset
 from .prune import num_blocks_for_ratio
 from .units import get_unit
@@ -184,20 +185,19 @@ def block_importance(model, input_ids: torch.Tensor | None, criterion: str = "pp
     if store is None:
         scores = compute()
     else:  # float64 through JSON's repr is exact, inf included
-        key = scores_key(model, input_ids, criterion=base, unit=unit, fp32=fp32, options=options)
+        key = scores_key(model, input_ids, options, criterion=base, unit=unit, fp32=fp32)
         scores = torch.tensor(store.get_or_compute(key, lambda: compute().double().tolist()), dtype=torch.float64)
     return check_finite_scores(scores, criterion, get_unit(unit).alive(model))
 
 
-def scores_key(model, input_ids: torch.Tensor, **protocol) -> dict:
+def scores_key(model, input_ids: torch.Tensor, options: dict, **protocol) -> dict:
     """The evaluation-cache key of one criterion's scores: the model (``eval_cache.model_key``), the
     digest of the calibration token ids, the criterion, unit and options spelled out (``progress``
     left out: it changes what is shown, not what is computed), and torch's thread count: Taylor's
     gradients sum in another order on 2 threads than on 1 (the embedded model's scores move by
     3e-16), so notebook 01 (both cores) and 09 (one) each keep their own."""
-    options = {k: v for k, v in protocol.pop("options").items() if k != "progress"}
-    return {"kind": "scores", **eval_cache.model_key(model), "inputs": eval_cache.tensor_digest(input_ids),
-            **protocol, "options": options, "threads": torch.get_num_threads()}
+    return {"kind": "scores", **eval_cache.model_key(model), "inputs": eval_cache.tensor_digest(input_ids), **protocol,
+            "options": {k: v for k, v in options.items() if k != "progress"}, "threads": torch.get_num_threads()}
 
 
 def sublayer_importance(model, input_ids: torch.Tensor | None, unit: str, criterion: str = "ppl",
@@ -455,27 +455,24 @@ def _in_fp32(model, enabled: bool = True):
 
     Parameters are cast in place (``.data`` swapped: same objects, tied weights stay tied), so
     the model costs 4 bytes per parameter while inside, not 6; every fp16 and bf16 value is
-    exact in fp32, so casting back restores the weights bit for bit. Buffers (RoPE's
-    ``inv_freq``) are small: the originals are put back as they were. An fp32 model is untouched.
+    exact in fp32, so casting back (``precision.restore_dtypes``) restores the weights bit for
+    bit, buffers (RoPE's ``inv_freq``) too. An fp32 model is untouched.
     """
     if not enabled:
         yield
         return
-    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32]
-    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
-               if b is not None and b.is_floating_point() and b.dtype != torch.float32]
-    dtypes = [p.dtype for p in params]
+    dtypes = floating_dtypes(model)
     try:
-        for p in params:
-            p.data = p.data.float()
-        for m, name, b in buffers:
-            m._buffers[name] = b.float()
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                    m._buffers[name] = b.float()
         yield
     finally:
-        for p, dtype in zip(params, dtypes):
-            p.data = p.data.to(dtype)
-        for m, name, b in buffers:
-            m._buffers[name] = b
+        restore_dtypes(model, dtypes)
 
 
 @register_criterion("taylor")

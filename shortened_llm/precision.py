@@ -32,7 +32,8 @@ import torch
 from .dtypes import ALIASES, DTYPES, dtype_name, parse_dtype
 
 __all__ = ["DTYPES", "ALIASES", "ENV_VAR", "DtypeChoice", "dtype_name", "parse_dtype", "hardware_dtype",
-           "choose_dtype", "forced_dtype", "precision_record", "training_autocast"]
+           "choose_dtype", "forced_dtype", "precision_record", "training_autocast", "floating_dtypes",
+           "restore_dtypes"]
 
 ENV_VAR = "SHORTENED_LLM_DTYPE"
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -186,3 +187,27 @@ def training_autocast(model_dtype: torch.dtype, mixed_precision: str = "none", c
     if mixed_precision == "fp16" and cuda:
         return torch.float16
     return torch.bfloat16 if model_dtype == torch.bfloat16 else None
+
+
+def floating_dtypes(model) -> dict[str, torch.dtype]:
+    """The dtype of every floating parameter and buffer of ``model``, by name: what ``restore_dtypes`` puts back."""
+    tensors = (*model.named_parameters(), *model.named_buffers(remove_duplicate=False))
+    return {name: t.dtype for name, t in tensors if t.is_floating_point()}
+
+
+def restore_dtypes(model, dtypes: dict[str, torch.dtype]) -> None:
+    """Every parameter and buffer named in ``dtypes`` (``floating_dtypes``, taken before a cast) back to its dtype there.
+
+    Parameters are cast in place (``.data`` swapped: same objects, tied weights stay tied); every
+    fp16 and bf16 value is exact in fp32, so a round trip through fp32 restores them bit for bit.
+    Not ``model.to(dtype)``: that also casts what ``from_pretrained`` keeps in fp32 whatever the
+    dtype, such as RoPE's ``inv_freq``, and a model so cast computes otherwise than its reload.
+    """
+    for name, p in model.named_parameters():
+        if name in dtypes and p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if name in dtypes and b.dtype != dtypes[name]:
+            module, _, attr = name.rpartition(".")
+            owner = model.get_submodule(module) if module else model
+            owner._buffers[attr] = b.to(dtypes[name])

@@ -36,13 +36,13 @@ from .data import encoded_once
 from .errors import MismatchError
 from .finite import check_finite_logs
 from .models import get_blocks, load_model
+from .precision import floating_dtypes, restore_dtypes
 from .presets import Preset, get_preset
 
 __all__ = [
     "ADAPTER_DIR",
     "BASE_FILE",
     "RetrainResult",
-    "back_to_half",
     "checkpoints_dir",
     "check_causal_lm",
     "resolve_model",
@@ -325,7 +325,8 @@ def master_weights(model, mixed_precision: str = "none", cuda: bool | None = Non
     the speed is, and the gradients land in fp32. Measured in ``benchmarks/bench_dtype.py``
     ("package" rows). An fp16 model, or a run under fp16 AMP (the official LoRA on CUDA), trains all
     in fp32 as before: fp16 frozen weights need fp16 autocast, which only CUDA has.
-    ``run_trainer`` casts the model back to the returned dtype.
+    ``run_trainer`` casts the parameters back to the returned dtype and every buffer to its own
+    (``precision.restore_dtypes``).
     """
     from .precision import training_autocast
 
@@ -339,25 +340,6 @@ def master_weights(model, mixed_precision: str = "none", cuda: bool | None = Non
     elif half is not None:
         model.float()
     return half, bf16_autocast
-
-
-def back_to_half(model, half: torch.dtype, buffer_dtypes: dict[str, torch.dtype]) -> None:
-    """After training, every floating parameter back to ``half`` and every buffer to the dtype it had
-    before (``buffer_dtypes``, by name), so the model in memory is the one its saved dir loads.
-
-    Not ``model.to(half)``: that also casts what ``from_pretrained`` keeps in fp32 whatever the
-    dtype, such as RoPE's ``inv_freq``. A trained model then rotated its positions by bf16 angles
-    and scored WikiText-2 PPL 118.14 where the same weights saved and loaded scored 118.21
-    (notebook 09's LoRA row), so a number depended on which notebook happened to train first.
-    """
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != half:
-            p.data = p.data.to(half)
-    for name, b in model.named_buffers():
-        was = buffer_dtypes.get(name)
-        if was is not None and b.dtype != was:
-            module, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module) if module else model, attr, b.to(was))
 
 
 def training_precision(args) -> str:
@@ -466,7 +448,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
         check_fingerprint(model, work / BASE_FILE, f"checkpoint dir {str(work)!r}",
                           "Delete it, or pass resume=False (CLI: --no-resume) to start over.")
     model.config.use_cache = False  # no KV cache while training
-    buffer_dtypes = {name: b.dtype for name, b in model.named_buffers()}  # before master_weights may cast them
+    dtypes = floating_dtypes(model)  # before master_weights casts to fp32: what the buffers go back to
     half, bf16_autocast = master_weights(model, mixed_precision)
     args = training_arguments(
         work, lr=lr, batch=batch, micro=micro, max_steps=max_steps, epochs=epochs, warmup=warmup, scheduler=scheduler,
@@ -492,7 +474,10 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
     # taken off, the trained model computes as its reload does, not in another precision
     extract_model_from_parallel(model, keep_fp32_wrapper=False)
     if half is not None:
-        back_to_half(model, half, buffer_dtypes)
+        # every parameter to half, LoRA's fp32 adapters too (merged in bf16, as every saved run was), but every
+        # buffer to its own dtype: after model.to(half) the trained model rotated positions by bf16 angles (RoPE's
+        # inv_freq) and scored 118.14 where its reload scores 118.21 (notebook 09's LoRA row)
+        restore_dtypes(model, {**dtypes, **{name: half for name, p in model.named_parameters() if p.is_floating_point()}})
     return trainer, time.perf_counter() - t0, work
 
 
