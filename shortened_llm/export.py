@@ -27,7 +27,6 @@ files too. Import the llama.cpp side from ``shortened_llm.llamacpp`` and the typ
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -345,23 +344,27 @@ def file_size_mb(path: str | os.PathLike) -> float:
 
 def compare_formats(model_dir: str | os.PathLike, out_dir: str | os.PathLike, quants: Sequence[str] = ("f16", "q8_0", "q4_k_m"),
                     label: str | None = None, dataset: str = "wikitext2", seq_len: int = 128,
-                    max_segments: int | None = None, batch_size: int = 8, progress: bool = True) -> list[dict]:
+                    max_segments: int | None = None, batch_size: int = 8, progress: bool = True, cache=None) -> list[dict]:
     """One row per format of one model: the HF model, then each GGUF, on the same PPL segments.
 
     GGUF files are ``out_dir/<label>-<quant>.gguf``, reused when already there (train-or-load);
     every quantised type is made from ``<label>-f16.gguf``.
     Columns: model, format, size_mb, ppl, ppl_change_pct (vs HF), block_count. Without
     llama.cpp the GGUF rows have ``ppl=None`` (only f32/f16 can be written then).
+    The HF row is ``evaluate.perplexity`` on those segments and each GGUF row ``gguf_perplexity``,
+    both through the evaluation cache (``cache``: ``None`` = the active one, ``False`` = none), so a
+    model or file already measured on these token ids is read back.
     """
-    from .evaluate import default_bos, ppl_segments, token_nll
+    from .evaluate import default_bos, perplexity, ppl_segments
     from .models import resolve_model_path, load_model, num_blocks
 
     model_dir = Path(resolve_model_path(model_dir))
     label = label or model_dir.name
     model, tokenizer = load_model(model_dir)
-    segments = ppl_segments(tokenizer, dataset, seq_len, default_bos(model), max_segments)
-    hf_ppl = math.exp(token_nll(model, segments, batch_size, progress=f"{label} HF" if progress else False)
-                      .double().mean().item())
+    bos = default_bos(model)
+    segments = ppl_segments(tokenizer, dataset, seq_len, bos, max_segments)  # the ids every row is scored on
+    hf_ppl = perplexity(model, tokenizer, dataset, seq_len, bos=bos, max_segments=max_segments,
+                        batch_size=batch_size, progress=progress, cache=cache)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     rows = [{"model": label, "format": f"HF {dtype}", "size_mb": file_size_mb(model_dir), "ppl": hf_ppl,
              "ppl_change_pct": 0.0, "block_count": num_blocks(model), "segments": len(segments)}]
@@ -378,7 +381,7 @@ def compare_formats(model_dir: str | os.PathLike, out_dir: str | os.PathLike, qu
         ppl = None
         if can_run:
             llm = load_gguf(path, n_ctx=segments.shape[1])
-            ppl = gguf_perplexity(llm, segments, progress=f"{label} {quant}" if progress else False)
+            ppl = gguf_perplexity(llm, segments, progress=f"{label} {quant}" if progress else False, cache=cache)
             meta = llm.metadata  # llama.cpp's parsed header: instant, where gguf.GGUFReader takes seconds
             blocks = int(meta[f"{meta['general.architecture']}.block_count"])
             del llm

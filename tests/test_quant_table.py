@@ -353,6 +353,27 @@ def test_a_file_the_format_table_scored_is_not_scored_again_by_the_quant_table(t
     assert scored[4:] == ["m-f16.gguf", ".m-q8_0.gguf.measuring"]
 
 
+def test_the_format_table_s_hf_row_is_the_paper_perplexity_and_comes_from_the_cache(tokenizer, tmp_path, monkeypatch):
+    """compare_formats' HF row is ``evaluate.perplexity`` of that model on those segments, to the bit,
+    and under an evaluation cache a model another notebook measured there is not measured again."""
+    from shortened_llm import eval_cache, evaluate
+    from shortened_llm.export import compare_formats
+    from shortened_llm.models import load_model
+
+    path = save_model(_tiny(tokenizer, layers=2, seed=5), tokenizer, tmp_path / "tiny")
+    args = dict(seq_len=32, max_segments=3, batch_size=2)
+    expected = evaluate.perplexity(*load_model(path), "wikitext2", progress=False, cache=False, **args)
+    forwards = []
+    real = evaluate.token_nll
+    monkeypatch.setattr(evaluate, "token_nll", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    with eval_cache.use(tmp_path / "run"):
+        (row,) = compare_formats(path, tmp_path / "gguf", quants=(), progress=False, **args)
+        assert row["ppl"] == expected and row["format"].startswith("HF ") and len(forwards) == 1
+        assert evaluate.perplexity(*load_model(path), "wikitext2", progress=False, **args) == expected
+        (again,) = compare_formats(path, tmp_path / "gguf", quants=(), progress=False, **args)
+    assert again["ppl"] == expected and len(forwards) == 1  # both read the first measurement back
+
+
 @ON_THE_TABLE_S_WORKER
 def test_the_figure_labels_every_file_once_and_never_on_top_of_another(table_run):
     from shortened_llm.lessons.plots import plot_quant_table
