@@ -156,6 +156,28 @@ class EvalCache:
                  "seconds": None if seconds is None else round(seconds, 3), "written": time.strftime("%Y-%m-%d %H:%M:%S")}
         return atomic_write_text(path, json.dumps(entry, indent=1, default=str) + "\n")
 
+    def seconds_by_kind(self, since: float | None = None) -> dict[str, float]:
+        """The seconds of work behind the entries written at ``since`` (epoch seconds) or later
+        (``None``: every entry), summed per kind ("ppl", "zero_shot", "scores", "gguf_ppl",
+        "training"): a measurement's own time, a training run's training time (in its value).
+
+        A number read back adds nothing, so this is what a run really measured and trained: what
+        ``reproduce`` reports its notebook time went to. Files that are not entries are left out
+        (``get`` refuses them where a number is read)."""
+        totals: dict[str, float] = {}
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                entry = json.loads(path.read_text())
+                kind, value = entry["key"]["kind"], entry["value"]
+                written = time.mktime(time.strptime(entry["written"], "%Y-%m-%d %H:%M:%S"))  # put()'s local time
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if since is not None and written < int(since):  # put() writes whole seconds
+                continue
+            seconds = value.get("seconds") if kind == "training" and isinstance(value, dict) else entry.get("seconds")
+            totals[kind] = totals.get(kind, 0.0) + float(seconds or 0.0)
+        return totals
+
     def get_or_compute(self, key: dict, compute: Callable[[], object]):
         """The cached value of ``key``, else ``compute()``'s, stored. The check and the compute
         run under the key's lock: a second process asking for it meanwhile waits and reads it."""

@@ -39,7 +39,7 @@ from pathlib import Path
 from unittest import mock
 
 __all__ = ["NOTEBOOKS_DIR", "NEEDS", "MEASURED_SECONDS", "chain_seconds", "estimated_seconds", "finished", "notebook_paths",
-           "run_notebook", "run_notebooks", "schedule", "start_order", "time_left"]
+           "run_notebook", "run_notebooks", "schedule", "start_order", "time_left", "where_time_went"]
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO / "notebooks"
@@ -409,6 +409,22 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+# what each kind of evaluation-cache entry is, in the run's closing line
+WORK_KINDS = {"training": "training", "zero_shot": "zero-shot (lm-eval)", "ppl": "PPL",
+              "scores": "block scores", "gguf_ppl": "PPL in llama.cpp"}
+
+
+def where_time_went(work: dict[str, float], notebook_seconds: float) -> str:
+    """One line: the notebook time of a run, and how much of it went to each kind of work the
+    evaluation cache recorded (``EvalCache.seconds_by_kind``), largest first, the rest (loading,
+    pruning, timing sweeps, quantising, figures) last. It says what a smaller budget would save."""
+    parts = [f"{WORK_KINDS.get(kind, kind)} {seconds / 60:.1f}"
+             for kind, seconds in sorted(work.items(), key=lambda kv: -kv[1]) if seconds > 0]
+    rest = max(0.0, notebook_seconds - sum(work.values()))
+    parts.append(f"the rest {rest / 60:.1f} (loading, pruning, timing sweeps, quantising, figures)")
+    return f"[reproduce] {notebook_seconds / 60:.1f} min of notebook time, in minutes: " + ", ".join(parts)
+
+
 def _relative(path: Path, start: Path) -> str:
     """``path`` relative to ``start``, the absolute path where none exists (another drive on Windows).
 
@@ -423,6 +439,7 @@ def _relative(path: Path, start: Path) -> str:
 
 def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: Path, jobs: int = 1,
              force: bool = False) -> list[Path]:
+    from . import eval_cache
     from .artifacts import fault_point
 
     paths = notebook_paths(folder, only)
@@ -435,7 +452,9 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
     estimates = {_number(p): estimated_seconds(p, run_dir, preset) for p in paths}
     done: set[str] = set()
     started: dict[str, float] = {}
+    ran: dict[str, float] = {}  # seconds of each notebook run (not kept) in this call
     lock = threading.Lock()
+    since = time.time()  # evaluation-cache entries written from now on are this run's work
 
     def left() -> str:
         with lock:
@@ -473,11 +492,15 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
         with lock:
             done.add(_number(path))
             started.pop(_number(path), None)
+            ran[_number(path)] = time.perf_counter() - t0
         say(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s "
             f"({time.perf_counter() - start:.0f} s since the start{left()})")
         return out
 
     executed = schedule(paths, jobs, run_one, estimates=estimates)
+    if ran and os.environ.get(eval_cache.ENV_VAR):  # run_notebooks points every kernel at one cache
+        work = eval_cache.EvalCache(os.environ[eval_cache.ENV_VAR]).seconds_by_kind(since)
+        say(where_time_went(work, sum(ran.values())))
     if figures_dir is not None and (run_dir / "figures").is_dir():
         target = Path(figures_dir)
         target = target if target.is_absolute() else REPO / target

@@ -159,6 +159,21 @@ def test_a_corrupt_entry_is_refused_with_its_path(tmp_path):
         cache.get({"kind": "x"})
 
 
+def test_the_work_of_a_run_is_summed_per_kind_from_its_own_entries(tmp_path):
+    """A measurement counts its own seconds, a training run the training's (in its value); an entry
+    written before ``since`` (an earlier run) and a file that is no entry count nothing."""
+    cache = EvalCache(tmp_path)
+    cache.put({"kind": "ppl", "model": 1}, 60.5, seconds=12.0)
+    cache.put({"kind": "ppl", "model": 2}, 70.1, seconds=3.0)
+    cache.put({"kind": "training", "model": 1}, {"out_dir": "x", "seconds": 100.0})  # as train_cache stores it
+    earlier = cache.put({"kind": "zero_shot", "model": 1}, {"value": 0.5}, seconds=50.0)
+    entry = json.loads(earlier.read_text())
+    earlier.write_text(json.dumps({**entry, "written": "2020-01-01 00:00:00"}))
+    (tmp_path / "notes.json").write_text("{not an entry")
+    assert cache.seconds_by_kind() == {"ppl": 15.0, "training": 100.0, "zero_shot": 50.0}
+    assert cache.seconds_by_kind(since=time.time() - 60) == {"ppl": 15.0, "training": 100.0}
+
+
 @needs_pack
 def test_zero_shot_rows_are_cached_per_task_and_limit(tiny_pair, tmp_path, monkeypatch):
     model, tok = tiny_pair

@@ -317,6 +317,27 @@ def test_a_copy_records_how_long_it_took_and_the_next_run_estimates_from_it(tmp_
     assert not reproduce.finished(folder / "01_one.ipynb", out, {**params, "preset": "smoke"})
 
 
+def test_a_run_ends_with_where_its_notebook_time_went(tmp_path, capsys):
+    """The closing line: the notebook time, then the work the run's notebooks recorded in the shared
+    evaluation cache, largest first, and the rest; work of an earlier run in that cache is left out."""
+    from shortened_llm.eval_cache import EvalCache
+    from shortened_llm.reproduce import where_time_went
+
+    assert where_time_went({"ppl": 600.0, "training": 1800.0, "scores": 0.0}, 3600.0) == (
+        "[reproduce] 60.0 min of notebook time, in minutes: training 30.0, PPL 10.0, "
+        "the rest 20.0 (loading, pruning, timing sweeps, quantising, figures)")
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(folder / "01_one.ipynb", "from shortened_llm.eval_cache import active\n"
+                                       "active().put({'kind': 'zero_shot', 'task': 'x'}, 0.5, seconds=90.0)")
+    old = EvalCache(tmp_path / "run" / "eval_cache").put({"kind": "ppl", "model": 1}, 60.5, seconds=600.0)
+    old.write_text(old.read_text().replace(json.loads(old.read_text())["written"], "2020-01-01 00:00:00"))
+    run_notebooks("tiny", "smollm2-135m", tmp_path / "run", figures_dir=None, folder=folder)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("[reproduce] ") and ", in minutes: zero-shot (lm-eval) 1.5, the rest 0.0" in last, last
+    assert "PPL" not in last  # the earlier run's entry
+
+
 def test_copies_show_the_run_dir_relative_to_the_notebooks_and_old_absolute_ones_still_count(tmp_path, capsys):
     """No machine's path in an executed copy (the course site shows them); a copy stamped with the
     absolute run dir, as before 2026-12-01, is still a finished run."""
