@@ -159,7 +159,12 @@ def method_pruned(method: str, model: str, out_dir: str | os.PathLike, preset: s
     """Train-or-load for notebooks: ``out_dir`` if it holds a finished model, else ``model`` (a name or dir) loaded,
     pruned by the registered ``method`` (``ratio=`` or ``target_params=``, and the method's options) and saved
     there. Returns ``(model, tokenizer)``; a sheared dir reloads as a plain model (its ``pruning.json`` keeps
-    what was kept: ``shear.ShearRecord.from_json``)."""
+    what was kept: ``shear.ShearRecord.from_json``).
+
+    A method that trains (``shear``: its masks learn over fp32 weights) hands back its saved dir reloaded,
+    as every later call gets it: the same weights, dtype and config, so the first run measures, and keys in
+    the evaluation cache, the very model a re-run loads (the fp32 model cast down kept an fp32 config, and a
+    re-run measured it again)."""
     from .pruning_methods import get_pruning_method
 
     runner = get_pruning_method(method)  # a bad name fails before any load
@@ -170,7 +175,7 @@ def method_pruned(method: str, model: str, out_dir: str | os.PathLike, preset: s
         dense, tokenizer = load_model(model, dtype="float32") if runner.trains else load_model(model)
         pruned = runner(dense, tokenizer, preset=preset, **size_and_options)
         save_model(pruned, tokenizer, out_dir, overwrite=True)
-    return pruned, tokenizer
+    return load_model(out_dir) if runner.trains else (pruned, tokenizer)
 
 
 METHODS = tuple(register_pruning_method(m).name for m in (

@@ -199,6 +199,25 @@ def test_cli_shear_writes_a_plain_smaller_model_and_prints_the_summary(tmp_path,
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_a_sheared_model_the_notebook_gets_is_the_one_its_dir_reloads(tmp_path, monkeypatch, tiny_llama_dir):
+    """method_pruned("shear") learns masks over fp32 weights; what it hands back is what a re-run loads
+    from its dir: the same evaluation-cache key (weights, dtype, config), so a re-run of notebook 10
+    reads the first run's numbers of it instead of measuring them again."""
+    from shortened_llm.eval_cache import model_key
+    from shortened_llm.models import load_model
+    from shortened_llm.pipeline import method_pruned
+
+    monkeypatch.setenv("SHORTENED_LLM_DTYPE", "bfloat16")  # a half dtype whatever this CPU has
+    settings = ShearSettings(lambda_lr=50, droprate_init=0.01, target_warmup=0.5, weights_lr=0)
+    dense, _ = load_model(tiny_llama_dir)
+    out = tmp_path / "shear"
+    first, _ = method_pruned("shear", str(tiny_llama_dir), out, preset="tiny", data=TEXTS, settings=settings,
+                             target_params=int(0.8 * count_params(dense)))
+    again, _ = method_pruned("shear", str(tiny_llama_dir), out, preset="tiny")  # the saved dir, loaded
+    assert next(first.parameters()).dtype == torch.bfloat16
+    assert model_key(first) == model_key(again)
+
+
 def test_the_tiny_presets_defaults_reach_a_20_percent_target_without_flags():
     """The CLI's shear defaults come from the preset (steps, batches, learning rates): at tiny they must reach the
     target, so a run without flags cuts instead of raising (on the embedded model the paper's multiplier lr, meant
