@@ -41,7 +41,7 @@ from .errors import unknown_name
 from .evaluate import shifted_nll
 from .families import family_of, get_blocks, get_path, hooks_removed, unwrap
 from .finite import check_finite_scores
-from .precision import floating_dtypes, restore_dtypes
+from .precision import cast_dtypes, floating_dtypes
 from .presets import Preset
 from .prune import num_blocks_for_ratio
 from .units import get_unit
@@ -455,7 +455,7 @@ def _in_fp32(model, enabled: bool = True):
 
     Parameters are cast in place (``.data`` swapped: same objects, tied weights stay tied), so
     the model costs 4 bytes per parameter while inside, not 6; every fp16 and bf16 value is
-    exact in fp32, so casting back (``precision.restore_dtypes``) restores the weights bit for
+    exact in fp32, so casting back (``precision.cast_dtypes``) restores the weights bit for
     bit, buffers (RoPE's ``inv_freq``) too. An fp32 model is untouched.
     """
     if not enabled:
@@ -463,16 +463,10 @@ def _in_fp32(model, enabled: bool = True):
         return
     dtypes = floating_dtypes(model)
     try:
-        for p in model.parameters():
-            if p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
-        for m in model.modules():
-            for name, b in m._buffers.items():
-                if b is not None and b.is_floating_point() and b.dtype != torch.float32:
-                    m._buffers[name] = b.float()
+        cast_dtypes(model, dict.fromkeys(dtypes, torch.float32))
         yield
     finally:
-        restore_dtypes(model, dtypes)
+        cast_dtypes(model, dtypes)
 
 
 @register_criterion("taylor")

@@ -33,7 +33,7 @@ from .dtypes import ALIASES, DTYPES, dtype_name, parse_dtype
 
 __all__ = ["DTYPES", "ALIASES", "ENV_VAR", "DtypeChoice", "dtype_name", "parse_dtype", "hardware_dtype",
            "choose_dtype", "forced_dtype", "precision_record", "training_autocast", "floating_dtypes",
-           "restore_dtypes"]
+           "cast_dtypes"]
 
 ENV_VAR = "SHORTENED_LLM_DTYPE"
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -190,13 +190,15 @@ def training_autocast(model_dtype: torch.dtype, mixed_precision: str = "none", c
 
 
 def floating_dtypes(model) -> dict[str, torch.dtype]:
-    """The dtype of every floating parameter and buffer of ``model``, by name: what ``restore_dtypes`` puts back."""
+    """The dtype of every floating parameter and buffer of ``model``, by name: what ``cast_dtypes`` puts back."""
     tensors = (*model.named_parameters(), *model.named_buffers(remove_duplicate=False))
     return {name: t.dtype for name, t in tensors if t.is_floating_point()}
 
 
-def restore_dtypes(model, dtypes: dict[str, torch.dtype]) -> None:
-    """Every parameter and buffer named in ``dtypes`` (``floating_dtypes``, taken before a cast) back to its dtype there.
+def cast_dtypes(model, dtypes: dict[str, torch.dtype]) -> None:
+    """Every parameter and buffer named in ``dtypes`` to its dtype there: into fp32 with
+    ``dict.fromkeys(floating_dtypes(model), torch.float32)``, back with ``floating_dtypes``'s own
+    record, taken before.
 
     Parameters are cast in place (``.data`` swapped: same objects, tied weights stay tied); every
     fp16 and bf16 value is exact in fp32, so a round trip through fp32 restores them bit for bit.

@@ -36,7 +36,7 @@ from .data import encoded_once
 from .errors import MismatchError
 from .finite import check_finite_logs
 from .models import get_blocks, load_model
-from .precision import floating_dtypes, restore_dtypes
+from .precision import cast_dtypes, floating_dtypes
 from .presets import Preset, get_preset
 
 __all__ = [
@@ -326,7 +326,7 @@ def master_weights(model, mixed_precision: str = "none", cuda: bool | None = Non
     ("package" rows). An fp16 model, or a run under fp16 AMP (the official LoRA on CUDA), trains all
     in fp32 as before: fp16 frozen weights need fp16 autocast, which only CUDA has.
     ``run_trainer`` casts the parameters back to the returned dtype and every buffer to its own
-    (``precision.restore_dtypes``).
+    (``precision.cast_dtypes``).
     """
     from .precision import training_autocast
 
@@ -477,7 +477,7 @@ def run_trainer(model, tokenizer, train_rows, eval_rows, *, out_dir: Path, lr: f
         # every parameter to half, LoRA's fp32 adapters too (merged in bf16, as every saved run was), but every
         # buffer to its own dtype: after model.to(half) the trained model rotated positions by bf16 angles (RoPE's
         # inv_freq) and scored 118.14 where its reload scores 118.21 (notebook 09's LoRA row)
-        restore_dtypes(model, {**dtypes, **{name: half for name, p in model.named_parameters() if p.is_floating_point()}})
+        cast_dtypes(model, {**dtypes, **{name: half for name, p in model.named_parameters() if p.is_floating_point()}})
     return trainer, time.perf_counter() - t0, work
 
 
