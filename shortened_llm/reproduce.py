@@ -489,11 +489,12 @@ def _run_all(preset: str, model: str, run_dir: Path, only, figures_dir, folder: 
         else:
             out = run_notebook(path, run_dir / "notebooks", parameters)
         fault_point("notebook")  # a test hook (artifacts.FAULT_ENV): killed with this notebook's copy in place
+        took = time.perf_counter() - t0
         with lock:
             done.add(_number(path))
             started.pop(_number(path), None)
-            ran[_number(path)] = time.perf_counter() - t0
-        say(f"[reproduce] {path.name} done in {time.perf_counter() - t0:.0f} s "
+            ran[_number(path)] = took
+        say(f"[reproduce] {path.name} done in {took:.0f} s "
             f"({time.perf_counter() - start:.0f} s since the start{left()})")
         return out
 
