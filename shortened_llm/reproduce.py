@@ -45,6 +45,11 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO / "notebooks"
 
 
+# what each kind of evaluation-cache entry is, in the run's closing line
+WORK_KINDS = {"training": "training", "zero_shot": "zero-shot (lm-eval)", "ppl": "PPL",
+              "scores": "block scores", "gguf_ppl": "PPL in llama.cpp"}
+
+
 # The notebooks whose artifacts in run_dir each one reuses (scores, pruned and retrained models):
 # 02 and 03 read 01's scores; 04 starts from the pruned model 02/03 saved (and picks its criterion
 # by whether it exists); 05 reuses 04's LoRA run; 06 evaluates what 04 and 05 trained, and its claims
@@ -407,11 +412,6 @@ def _die_with_parent(parent: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(1)
-
-
-# what each kind of evaluation-cache entry is, in the run's closing line
-WORK_KINDS = {"training": "training", "zero_shot": "zero-shot (lm-eval)", "ppl": "PPL",
-              "scores": "block scores", "gguf_ppl": "PPL in llama.cpp"}
 
 
 def where_time_went(work: dict[str, float], notebook_seconds: float) -> str:
