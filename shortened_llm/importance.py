@@ -193,11 +193,12 @@ def block_importance(model, input_ids: torch.Tensor | None, criterion: str = "pp
 def scores_key(model, input_ids: torch.Tensor, options: dict, **protocol) -> dict:
     """The evaluation-cache key of one criterion's scores: the model (``eval_cache.model_key``), the
     digest of the calibration token ids, the criterion, unit and options spelled out (``progress``
-    left out: it changes what is shown, not what is computed), and torch's thread count: Taylor's
-    gradients sum in another order on 2 threads than on 1 (the embedded model's scores move by
-    3e-16), so notebook 01 (both cores) and 09 (one) each keep their own."""
+    left out: it changes what is shown, not what is computed). Torch's thread count is left out too,
+    as from every key of the cache: Taylor's gradients sum in another order on 2 threads than on 1
+    (the embedded model's scores move by 3e-16), and a notebook pruning on one core after notebook 01
+    scored on two must remove the blocks 01 showed, not score them again to the last bit."""
     return {"kind": "scores", **eval_cache.model_key(model), "inputs": eval_cache.tensor_digest(input_ids), **protocol,
-            "options": {k: v for k, v in options.items() if k != "progress"}, "threads": torch.get_num_threads()}
+            "options": {k: v for k, v in options.items() if k != "progress"}}
 
 
 def sublayer_importance(model, input_ids: torch.Tensor | None, unit: str, criterion: str = "ppl",
