@@ -2,8 +2,8 @@
 
 - ``tiny``: tests; seconds per notebook.
 - ``smoke`` (default): the embedded model end to end on a laptop CPU; most notebooks take
-  minutes, all ten 44 min in ``make reproduce`` on a 2-core AMD EPYC with AVX512-BF16 and 58 min
-  on an Intel Xeon with AMX (two at a time; 09 alone 31-38 min, 10 15-19 min, 08 7 min on the EPYC
+  minutes, all ten 41 min in ``make reproduce`` on a 2-core AMD EPYC with AVX512-BF16 and 58 min
+  on an Intel Xeon with AMX (two at a time; 09 alone 29-38 min, 10 16-19 min, 08 7 min on the EPYC
   and 17 min on the Xeon, whose llama.cpp is built without AMX); about 2.5 h in fp32 on one thread
   (the cpu budgets took about 6 h). Re-run on that run dir, a notebook reads its trainings and
   numbers back: at most 3.5 min each on the EPYC, all ten 11 min.
