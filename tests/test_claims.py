@@ -49,8 +49,14 @@ def test_depth_vs_width_is_judged_on_the_fastest_runs_where_the_table_has_them()
     eff = pd.DataFrame({"model": ["dense", "depth-0.20", "width-0.20"], "batch_size": [1, 1, 1],
                         "latency_s": [4.88, 4.19, 4.02], "latency_min_s": [4.69, 3.23, 3.47]})
     row = claims_table(efficiency=eff).set_index("claim").loc["depth_faster_batch1"]
-    assert row.held == "yes" and row.numbers == ("batch-1 latency (fastest run) depth: 3230 ms, width: 3470 ms, "
-                                                 "dense: 4690 ms; medians 4190 ms, 4020 ms")
+    # depth's calls spread over 960 ms (4.19 - 3.23 s): a 240 ms gap is inside it
+    assert row.held == "yes (within noise)" and row.numbers == (
+        "batch-1 latency (fastest run) depth: 3230 ms, width: 3470 ms, dense: 4690 ms; medians 4190 ms, 4020 ms; "
+        "the gap 240 ms is under the calls' spread 960 ms")
+    quiet = eff.assign(latency_s=[4.80, 3.30, 3.55])  # spreads 70 and 80 ms: the 240 ms gap stands
+    assert claims_table(efficiency=quiet).set_index("claim").held["depth_faster_batch1"] == "yes"
+    width_ahead = eff.assign(latency_s=[4.80, 3.55, 3.30], latency_min_s=[4.69, 3.47, 3.23])
+    assert claims_table(efficiency=width_ahead).set_index("claim").held["depth_faster_batch1"] == "no"
     old_table = eff.drop(columns="latency_min_s")  # a run dir from before latency_min_s: the medians
     row = claims_table(efficiency=old_table).set_index("claim").loc["depth_faster_batch1"]
     assert row.held == "no" and row.numbers.startswith("batch-1 latency (median) depth: 4190 ms, width: 4020 ms")

@@ -264,7 +264,10 @@ def _depth_faster(ppl, zs, eff):
     measured the dense model's batch-1 median (4.88 s) above its batch-4 one (4.13 s), and
     width's batch-1 median under depth's (4.02 vs 4.19 s), while their fastest runs were
     3.47 and 3.23 s: depth ahead. The fastest run is the least disturbed (Python's ``timeit`` advice); the
-    line gives both.
+    line gives both. A gap between the two fastest runs smaller than either model's spread (its median
+    minus its fastest run) is flagged "(within noise)", as ``_taylor_best_zero_shot`` flags a gap under
+    two standard errors: on the embedded model on a CPU the two sit within a few percent, and a neighbour's
+    work decides the sign.
     """
     if eff is None or eff.empty or not {"model", "batch_size", "latency_s"} <= set(eff.columns):
         return MISSING, "needs run_dir/efficiency/*.csv with batch-1 latency of depth- and width-pruned models (notebook 07)"
@@ -285,9 +288,17 @@ def _depth_faster(ppl, zs, eff):
     line = f"batch-1 latency ({statistic}) depth: {ms(fastest, depth)}, width: {ms(fastest, width)}"
     if "dense" in median.index:
         line += f", dense: {ms(fastest, ['dense'])}"
+    held = _held(fastest[depth].min() < fastest[width].min())
     if has_fastest:
         line += f"; medians {ms(median, depth)}, {ms(median, width)}"
-    return _held(fastest[depth].min() < fastest[width].min()), line
+        # the calls' own spread (median - fastest) of the two contenders: a gap inside it is what another
+        # run may reverse (a 2-core make reproduce measured depth 1710 vs 1848 ms, then 1734 vs 1567)
+        d, w = fastest[depth].idxmin(), fastest[width].idxmin()
+        spread = max(median[d] - fastest[d], median[w] - fastest[w])
+        if abs(fastest[d] - fastest[w]) < spread:
+            held += " (within noise)"
+            line += f"; the gap {abs(fastest[d] - fastest[w]) * 1000:.0f} ms is under the calls' spread {spread * 1000:.0f} ms"
+    return held, line
 
 
 CLAIMS = [
