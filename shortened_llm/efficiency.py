@@ -328,7 +328,10 @@ def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = 
 
     Models are measured interleaved for every setting (dense, depth, width, dense, ...), so a
     slow spell of a shared machine hits all of them alike; ``rounds`` repeats the
-    interleaving. A setting that runs out of memory is recorded with ``status="oom"`` and
+    interleaving over the whole sweep, the ``warmup`` calls in the first round only (later
+    rounds find each model warm), so ``rounds=5, repeats=1`` times the same five calls a point
+    as ``repeats=5`` spread over the sweep's length (``generation_protocol`` does that for a
+    preset with ``timing_interleave``). A setting that runs out of memory is recorded with ``status="oom"`` and
     the sweep goes on. With ``csv_path`` the table so far is rewritten (atomically) after
     every run, so a sweep cut short by a time limit keeps the rows it finished. ``tags`` are
     constant columns put first in every row (such as ``{"shape": "llama-1-7b"}``), so the
@@ -358,7 +361,8 @@ def sweep_generation(models: Mapping[str, object], batch_sizes: Iterable[int] = 
             rows.append({**base, "status": "oom (skipped)"})
             continue
         try:
-            row = measure_generation(model, b, prompt_len, n, warmup, repeats, seed, tokenizer=tokenizer, **protocol)
+            row = measure_generation(model, b, prompt_len, n, warmup if r == 0 else 0, repeats, seed,
+                                     tokenizer=tokenizer, **protocol)
         except Exception as err:  # noqa: BLE001 - only memory errors are recorded, others re-raised
             if not is_oom(err):
                 raise
@@ -379,9 +383,11 @@ def generation_protocol(preset) -> dict:
     """``sweep_generation``'s settings from a preset: the official timing protocol in ``paper``
     (``script/measure_time.sh``: the Pisa prompt, batches 1-256, 128 and 512 forced tokens, top-k 50 /
     top-p 0.95 sampling, fp16, 10 warm-up and the mean of 20 runs, GPU sampled every 0.5 s), the
-    cheap one (random ids, greedy, 1 warm-up, median of 3) in the CPU presets."""
+    cheap one in the CPU presets (random ids, greedy, 1 warm-up, the median of 5 calls, each call a round
+    of its own: ``timing_interleave``)."""
+    calls = {"repeats": 1, "rounds": preset.repeats} if preset.timing_interleave else {"repeats": preset.repeats}
     return {"batch_sizes": preset.batch_sizes, "new_tokens": preset.new_tokens, "prompt_len": preset.prompt_len,
-            "warmup": preset.timing_warmup, "repeats": preset.repeats, "prompt": preset.timing_prompt,
+            "warmup": preset.timing_warmup, **calls, "prompt": preset.timing_prompt,
             "sampling": preset.timing_sampling, "top_k": preset.timing_top_k, "top_p": preset.timing_top_p,
             "statistic": preset.timing_statistic, "util_period": preset.gpu_util_period, "dtype": preset.timing_dtype}
 

@@ -324,17 +324,39 @@ def test_paper_timing_settings_reach_generate(monkeypatch):
 
 
 def test_cpu_presets_keep_the_cheap_timing(monkeypatch):
-    from shortened_llm.efficiency import generation_protocol, sweep_generation
+    from shortened_llm.efficiency import generation_protocol, speedup_table, sweep_generation
 
     model = make_tiny_llama(vocab_size=100)
     model.generate = recorder = _Recorder(model)
-    _timed(monkeypatch, [1.0, 2.0, 6.0, 3.0, 4.0])
+    _timed(monkeypatch, [1.0, 0.1, 2.0, 0.1, 6.0, 0.1, 3.0, 0.1, 4.0])  # a round: one timed call, one prefill
     smoke = get_preset("smoke", batch_sizes=(1,))
     assert smoke.repeats == 5  # five timed calls: enough for the figures' spread
-    row = sweep_generation({"m": model}, progress=False, **generation_protocol(smoke)).iloc[0]
+    table = sweep_generation({"m": model}, progress=False, **generation_protocol(smoke))
     assert len(recorder.calls) == 1 + 5 + 5 and recorder.calls[0]["config"].do_sample is False  # warm-up, timed, prefill
     assert len(recorder.calls[0]["input_ids"][0]) == smoke.prompt_len  # random ids, no tokenizer needed
-    assert row.latency_s == 3.0 and row.statistic == "median"
+    assert list(table["round"]) == [0, 1, 2, 3, 4] and set(table.statistic) == {"median"}  # a call per round
+    assert speedup_table(table, baseline="m").latency_s.iloc[0] == 3.0  # the median of the five calls, as before
+
+
+def test_cpu_presets_interleave_the_calls_of_every_model():
+    """dense, depth, dense, depth, ...: a neighbour's busy spell cannot land on one model's calls only."""
+    from shortened_llm.efficiency import generation_protocol, sweep_generation
+
+    class Named(_Recorder):
+        def __call__(self, input_ids, attention_mask, generation_config):
+            order.append((self.name, generation_config.max_new_tokens))
+            return super().__call__(input_ids, attention_mask, generation_config)
+
+    order, models = [], {name: make_tiny_llama(vocab_size=100) for name in ("dense", "depth")}
+    for name, m in models.items():
+        m.generate = Named(m)
+        m.generate.name = name
+    smoke = get_preset("smoke", batch_sizes=(1,), repeats=3)
+    sweep_generation(models, progress=False, **generation_protocol(smoke))
+    timed = [name for name, new in order if new == smoke.new_tokens[0]]  # the prefill calls make 1 token
+    assert timed == ["dense", "dense", "depth", "depth"] + ["dense", "depth"] * 2  # warm-up + call 1, then a call each
+    official = generation_protocol(get_preset("paper", batch_sizes=(1,), repeats=3))
+    assert (official["repeats"], official.get("rounds", 1)) == (3, 1)  # the official order: a model's runs in a row
 
 
 # ---- 7. substitute data --------------------------------------------------------------------------
@@ -423,6 +445,7 @@ CARD = {
     "timing prompt": "The Leaning Tower of Pisa is known for", "timing batch sizes": [1, 8, 16, 32, 64, 128, 256],
     "timing output tokens (forced)": [128, 512], "timing decoding": "sampling top-k 50, top-p 0.95",
     "timing dtype": "float16", "timing KV cache": "on", "timing runs: warm-up + timed": [10, 20],
+    "timing call order": "each model's runs in a row",
     "timing statistic": "mean", "timing VRAM": "max_memory_allocated", "GPU utilisation sampled every (s)": 0.5,
     "calibration data": "BookCorpus", "HellaSwag": "HellaSwag", "LLaMA tokenizer ids": "slow (sentencepiece) ids",
 }
