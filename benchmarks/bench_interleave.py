@@ -46,9 +46,9 @@ while True:
 """
 
 
-def sweep(models, protocol, interleave: bool):
-    calls = {"repeats": 1, "rounds": protocol["repeats"]} if interleave else {"repeats": protocol["repeats"]}
-    table = sweep_generation(models, progress=False, **{**protocol, **calls})
+def sweep(models, preset, interleave: bool):
+    """One sweep in the order ``generation_protocol`` gives a preset with or without ``timing_interleave``."""
+    table = sweep_generation(models, progress=False, **generation_protocol(get_preset(preset, timing_interleave=interleave)))
     b1 = speedup_table(table).query("batch_size == 1").set_index("model")
     return b1.speedup_median["depth"], b1.speedup_median["width"], b1.latency_s["dense"]
 
@@ -64,11 +64,10 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     preset = get_preset("smoke", batch_sizes=(1, 4))
-    protocol = generation_protocol(get_preset(preset, timing_interleave=False))  # repeats=5; sweep() sets the order
     models, _, source = pruned_trio(args.model, preset.ratio, args.run_dir)
     ideal = num_blocks(models["dense"]) / num_blocks(models["depth"])
     print(f"{args.model} (depth: {source}), 1 thread, {cpu_model()}; batch 1 and 4, {preset.new_tokens[0]} new "
-          f"tokens, {protocol['repeats']} calls a point; neighbour busy {args.busy:g} s / idle {args.idle:g} s; "
+          f"tokens, {preset.repeats} calls a point; neighbour busy {args.busy:g} s / idle {args.idle:g} s; "
           f"ideal depth speed-up {ideal:.3f}x")
     neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR.format(busy=args.busy, idle=args.idle)])
     results = {"in a row": [], "interleaved": []}
@@ -76,7 +75,7 @@ def main(argv=None) -> None:
         for pair in range(args.pairs):
             orders = ("in a row", "interleaved") if pair % 2 == 0 else ("interleaved", "in a row")
             for order in orders:
-                depth, width, dense_s = sweep(models, protocol, interleave=order == "interleaved")
+                depth, width, dense_s = sweep(models, preset, interleave=order == "interleaved")
                 results[order].append((depth, width))
                 print(f"pair {pair + 1}, {order:>11}: batch 1, dense {dense_s * 1000:.0f} ms; depth {depth:.3f}x "
                       f"({depth / ideal:.0%} of ideal), width {width:.3f}x, depth / width {depth / width:.3f}", flush=True)
