@@ -216,6 +216,35 @@ def test_notebook_09s_quick_eval_reads_notebook_06s_rows(tiny_pair, tmp_path, mo
     assert row["wikitext2_ppl"] == once and row["zero_shot_avg"] == pytest.approx(zs.value.mean())
 
 
+@needs_pack
+def test_a_grid_without_zero_shot_measures_ppl_alone_and_a_later_call_fills_the_average_in(
+        tiny_llama_dir, tmp_path, monkeypatch):
+    """smoke's grid leaves the zero-shot average out of 09's rows (``RecoveryGrid.zero_shot``): the
+    harness is never called and the row keeps its PPL; a later call that wants the average measures
+    it into the same row, and one that does not reads that row back as it is."""
+    import math
+
+    from shortened_llm.lessons.grids import GRIDS
+    from shortened_llm.lessons.recovery_table import recover
+
+    assert not GRIDS["smoke"].zero_shot and GRIDS["cpu"].zero_shot and GRIDS["paper"].zero_shot
+    real, tasks = zeroshot._task_row, []
+
+    def counting(*args, **kwargs):
+        tasks.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zeroshot, "_task_row", counting)
+    out = tmp_path / "dense"
+    bare = recover(tiny_llama_dir, "none", out, preset="tiny", zero_shot=False)
+    assert tasks == [] and math.isnan(bare["zero_shot_avg"]) and bare["wikitext2_ppl"] > 1
+    full = recover(tiny_llama_dir, "none", out, preset="tiny")
+    assert tasks and 0 <= full["zero_shot_avg"] <= 1 and full["wikitext2_ppl"] == bare["wikitext2_ppl"]
+    measured = len(tasks)
+    again = recover(tiny_llama_dir, "none", out, preset="tiny", zero_shot=False)
+    assert len(tasks) == measured and json.dumps(again) == json.dumps(full)  # as JSON: NaN memory columns compare equal
+    assert json.dumps(json.loads((out / "row.json").read_text())) == json.dumps(full)
+
 def test_block_scores_are_read_back_and_any_change_of_model_ids_or_options_misses(tiny_pair, tmp_path, monkeypatch):
     """Notebooks 09 and 10 score the same dense model on the same calibration ids: once. The scores
     read back are the computed ones to the bit, on any number of cores (notebook 01 scores on two and

@@ -46,6 +46,10 @@ class RecoveryGrid:
                                                                       "None = the preset's"})
     zero_shot_limit: int | None = field(default=None, metadata={"help": "documents per zero-shot task of every row; "
                                                                         "None = the preset's"})
+    zero_shot: bool = field(default=True, metadata={
+        "help": "measure every row's zero-shot average too (the recovery and unit tables); smoke: no, since at its "
+                "20 documents a task the average moves by about 10 points from noise alone and none of 09's claims "
+                "reads it, while it is most of a row's evaluation time"})
     methods: tuple[str, ...] = field(default=RECOVERY, metadata={"help": "recovery methods (recovery_table.RECOVERY) run "
                                                                          "on each retrained model"})
     combos: tuple[str, ...] = field(default=ALL_CRITERIA, metadata={"help": "criteria that also get ReplaceMe then "
@@ -103,7 +107,7 @@ GRIDS: dict[str, RecoveryGrid] = {
                          count_contexts=(16, 64), count_new_tokens=2, cosine_steps=50, fit_sample_counts=(8, 32)),
     "smoke": RecoveryGrid(ratios=(0.2,), retrain=("ppl", "reverse"), retrain_ratios=(0.2,), contexts=(128, 1024),
                           new_tokens=16, methods=tuple(m for m in RECOVERY if m != "replaceme+lora"), combos=("ppl",),
-                          every_method=("ppl",)),
+                          every_method=("ppl",), zero_shot=False),
     "cpu": RecoveryGrid(retrain=("ppl", "reverse"), retrain_ratios=(0.2,), new_tokens=16, eval_segments=50,
                         zero_shot_limit=20, combos=("ppl", "reverse")),
     "paper": RecoveryGrid(),

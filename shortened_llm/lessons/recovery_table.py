@@ -8,6 +8,7 @@ lesson compares them.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -25,8 +26,9 @@ __all__ = ["RECOVERY", "quick_eval", "recover"]
 RECOVERY = ("none", "lora", "partial", "kd", "replaceme", "replaceme+lora", "replaceme+kd")
 
 
-def quick_eval(model, tokenizer, preset: Preset, cache=None) -> dict:
-    """WikiText-2 PPL (paper protocol) and the zero-shot average at the preset's limits.
+def quick_eval(model, tokenizer, preset: Preset, cache=None, zero_shot: bool = True) -> dict:
+    """WikiText-2 PPL (paper protocol) and the zero-shot average at the preset's limits
+    (``zero_shot=False``: PPL alone, the average NaN; notebook 09's ``smoke`` grid).
 
     The same calls, at the same budgets, as notebook 06's tables (``claims.ppl_table``,
     ``zeroshot.zero_shot_table``): with the evaluation cache on (``cache``, ``eval_cache.resolve``;
@@ -34,18 +36,20 @@ def quick_eval(model, tokenizer, preset: Preset, cache=None) -> dict:
     ``taylor+`` pruned ones) is read back, not scored again.
     """
     from ..evaluate import perplexity
-    from ..zeroshot import zero_shot
+    from .. import zeroshot
 
     ppl = perplexity(model, tokenizer, "wikitext2", seq_len=preset.eval_seq_len, max_segments=preset.eval_segments,
                      batch_size=preset.eval_batch_size, progress=False, cache=cache)
+    if not zero_shot:
+        return {"wikitext2_ppl": ppl, "zero_shot_avg": float("nan")}
     tasks = preset.zero_shot_tasks or None
-    table = zero_shot(model, tokenizer, **({"tasks": tasks} if tasks else {}), limit=preset.zero_shot_limit,
-                      batch_size=preset.eval_batch_size, progress=False, cache=cache)
+    table = zeroshot.zero_shot(model, tokenizer, **({"tasks": tasks} if tasks else {}), limit=preset.zero_shot_limit,
+                               batch_size=preset.eval_batch_size, progress=False, cache=cache)
     return {"wikitext2_ppl": ppl, "zero_shot_avg": float(table[table.task == "average"].value.iloc[0])}
 
 
 def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-135m", preset: str | Preset = "smoke",
-            steps: int | None = None, **overrides) -> dict:
+            steps: int | None = None, zero_shot: bool = True, **overrides) -> dict:
     """Train-or-load ``method`` (one of ``RECOVERY``) on a pruned model dir, evaluate it, return one table row.
 
     ``replaceme`` fits ReplaceMe's linear maps (no training; its own calibration, 256 x 128
@@ -56,7 +60,10 @@ def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-13
     ``preset.lora_steps``) of the same global batch and sequence length (the ``cpt_*`` budget is
     set to LoRA's ``lora_batch``/``lora_micro_batch``/``lora_cutoff``). LoRA sees Alpaca
     prompts of at most ``lora_cutoff`` tokens (the paper's recipe), the others packed C4 text.
-    The row (method, seconds, peak memory, PPL, zero-shot average) is cached as ``row.json``.
+    The row (method, seconds, peak memory, PPL, zero-shot average) is cached as ``row.json``;
+    ``zero_shot=False`` leaves the average NaN (``quick_eval``), and a cached row without one
+    is measured again when a later call asks for one (with the evaluation cache on, as in
+    notebook 09, its training is read back, not run again).
     """
     if method not in RECOVERY:
         raise unknown_name("recovery method", method, RECOVERY, note=" (notebook 09's rows)")
@@ -64,7 +71,9 @@ def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-13
     out_dir = Path(out_dir)
     cached = out_dir / "row.json"
     if cached.exists():
-        return json.loads(cached.read_text())
+        row = json.loads(cached.read_text())
+        if not zero_shot or not math.isnan(row["zero_shot_avg"]):
+            return row
     steps = steps or preset.lora_steps or 1
     # one preset for every stage: LoRA reads only its lora_* fields, partial and KD the cpt_* ones set to LoRA's
     equal = get_preset(preset, cpt_batch=preset.lora_batch, cpt_micro_batch=preset.lora_micro_batch,
@@ -87,6 +96,6 @@ def recover(pruned, method: str, out_dir: str | os.PathLike, teacher="smollm2-13
             row.update(teacher_mb=info["teacher_weights_mb"], student_mb=info["student_weights_mb"],
                        trainable_params=info["trainable_params"])
     model.eval()
-    row.update(quick_eval(model, tokenizer, preset), params=count_params(model))
+    row.update(quick_eval(model, tokenizer, preset, zero_shot=zero_shot), params=count_params(model))
     atomic_write_text(cached, json.dumps(row, indent=2) + "\n")
     return row
