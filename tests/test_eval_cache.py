@@ -18,18 +18,23 @@ needs_pack = pytest.mark.skipif(data_dir() is None or not (data_dir() / "zerosho
                                 reason="needs the offline pack (SHORTENED_LLM_DATA)")
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Count the forward passes PPL makes (``evaluate.token_nll``, the compute behind every PPL)."""
+def _count_calls(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` by a wrapper that still calls it; the list grows by one per call."""
     calls = []
-    real = evaluate.token_nll
+    real = getattr(module, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "token_nll", counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count the forward passes PPL makes (``evaluate.token_nll``, the compute behind every PPL)."""
+    return _count_calls(monkeypatch, evaluate, "token_nll")
 
 
 @pytest.fixture(scope="module")
@@ -228,13 +233,7 @@ def test_a_grid_without_zero_shot_measures_ppl_alone_and_a_later_call_fills_the_
     from shortened_llm.lessons.recovery_table import recover
 
     assert not GRIDS["smoke"].zero_shot and GRIDS["cpu"].zero_shot and GRIDS["paper"].zero_shot
-    real, tasks = zeroshot._task_row, []
-
-    def counting(*args, **kwargs):
-        tasks.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(zeroshot, "_task_row", counting)
+    tasks = _count_calls(monkeypatch, zeroshot, "_task_row")  # one per task lm-eval runs
     out = tmp_path / "dense"
     bare = recover(tiny_llama_dir, "none", out, preset="tiny", zero_shot=False)
     assert tasks == [] and math.isnan(bare["zero_shot_avg"]) and bare["wikitext2_ppl"] > 1
