@@ -134,15 +134,15 @@ def finished(path: Path, out: Path, parameters: dict) -> bool:
     return bool(record) and {k: record.get(k) for k in ("source_sha256", "parameters")} == _source_record(path, parameters)
 
 
-# What each notebook took in `make reproduce` on a fresh clone of e72bee9 (AMD EPYC with AVX512-BF16, no AMX,
-# 2 cores, --jobs 2, dtype auto = bf16, training under bf16 autocast; 2026-12-04, README "How long"). They are the
+# What each notebook took in `make reproduce` on a fresh clone of 3ebc2fb (AMD EPYC with AVX512-BF16, no AMX,
+# 2 cores, --jobs 2, dtype auto = bf16, training under bf16 autocast; 2026-12-07, README "How long"). They are the
 # first run's estimate only: once a run dir holds executed copies, their own recorded times replace them. Other
-# CPUs differ (with AMX, bf16 runs about twice as fast again; llama.cpp, built without AMX, slower). The table of
-# 2026-12-02 (08 at 1192 s before its table lost three types, 10 at 1165) planned a start order that, replayed on
-# 2471b83's times, ended 4.4 min later (52.3 min against 47.9).
+# CPUs differ (with AMX, bf16 runs about twice as fast again; llama.cpp, built without AMX, slower). That run
+# planned its order on e72bee9's times (09 at 1717 s, before its smoke grid dropped the zero-shot average) and
+# took 41.1 min; replayed on its own times, that order ends at 41.1 min and the order these plan at 38.5.
 MEASURED_SECONDS = {
-    "smoke": {"01": 254, "02": 75, "03": 64, "04": 160, "05": 399, "06": 396, "07": 230, "08": 389, "09": 1717,
-              "10": 952},
+    "smoke": {"01": 245, "02": 73, "03": 63, "04": 153, "05": 550, "06": 455, "07": 236, "08": 372, "09": 1347,
+              "10": 834},
 }
 
 
