@@ -25,16 +25,7 @@ import argparse
 import copy
 import os
 import statistics
-import subprocess
 import time
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
 
 
 def _timed(fn) -> float:
@@ -100,13 +91,14 @@ def main() -> None:
     from shortened_llm import calibration_batches, load_model
     from shortened_llm.evaluate import perplexity, ppl_segments
     from shortened_llm.importance import block_importance, blocks_to_remove
+    from shortened_llm.llamacpp_guard import cpu_model
     from shortened_llm.precision import choose_dtype
     from shortened_llm.presets import get_preset
     from shortened_llm.prune import num_blocks_for_ratio
     from shortened_llm.zeroshot import zero_shot
 
     choice = choose_dtype("auto", device="cpu", announce=False)
-    print(f"CPU: {_cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"AMX {torch.cpu._is_amx_tile_supported()}, AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}; "
           f"load average at start {os.getloadavg()[0]:.2f}")
     print(f"dtype chosen by auto: {choice.name} ({choice.reason})")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -24,24 +23,15 @@ import sys
 import time
 from pathlib import Path
 
+from shortened_llm.cli import COUNT
+from shortened_llm.llamacpp_guard import cpu_model
+from shortened_llm.reproduce import _read_record
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    """lscpu's model name (what every timing here is quoted with), else platform's."""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def notebook_seconds(run_dir: Path) -> dict[str, float]:
     """Seconds of each executed copy in ``run_dir``, from the record ``reproduce`` stamps on it."""
-    from shortened_llm.reproduce import _read_record
-
     seconds = {}
     for nb in sorted((run_dir / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         took = _read_record(nb).get("seconds")
@@ -67,15 +57,13 @@ def one_run(jobs: int, run_dir: Path, preset: str, model: str, only: list[str] |
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--jobs", type=int, nargs="+", default=[2, 1], help="the --jobs values, run in this order")
+    p.add_argument("--jobs", type=COUNT, nargs="+", default=[2, 1], help="the --jobs values, run in this order")
     p.add_argument("--preset", default="smoke")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--only", nargs="*", default=None, help="notebook prefixes (all by default)")
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs", help="run dirs go here, as bench_jobs<N>")
     args = p.parse_args(argv)
-    if any(j < 1 for j in args.jobs):
-        raise SystemExit(f"--jobs {args.jobs}: every value must be >= 1")
-    print(f"# {cpu_name()}, {os.cpu_count()} cores, preset {args.preset}, model {args.model}")
+    print(f"# {cpu_model()}, {os.cpu_count()} cores, preset {args.preset}, model {args.model}")
     results = [one_run(j, args.runs_dir / f"bench_jobs{j}", args.preset, args.model, args.only) for j in args.jobs]
     print(f"{'jobs':>4} {'wall min':>9} {'CPU min':>8}  per notebook (s)")
     for r in results:
